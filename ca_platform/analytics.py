@@ -1,0 +1,116 @@
+"""The DuckDB analytics database: views over the per-shard parquet the runs write.
+
+Views, not tables: a run only ever writes parquet files, so queries work while runs write, and a new
+shard shows up in a view without anyone touching the database. The database file is written only to
+create or fix a view definition, briefly, with retries against a concurrent writer.
+
+For a data root on S3 the parquet files the views read are mirrored into a local folder first (DuckDB's
+S3 support is an extension it would download from the internet, which this platform never does).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from ca_platform import layout, schemas
+from ca_platform.storage import DataStore
+
+# View name -> the schema of the files it reads, for a typed empty view before any file exists.
+VIEW_SCHEMAS: Mapping[str, Mapping[str, Any]] = {
+    "downloads": schemas.DOWNLOAD_ROWS,
+}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+    def as_text(self) -> str:
+        widths = [max([len(c)] + [len(_cell(r[i])) for r in self.rows]) for i, c in enumerate(self.columns)]
+        lines = [" | ".join(c.ljust(w) for c, w in zip(self.columns, widths))]
+        lines.append("-+-".join("-" * w for w in widths))
+        lines += [" | ".join(_cell(v).ljust(w) for v, w in zip(row, widths)) for row in self.rows]
+        return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return "NULL" if value is None else str(value)
+
+
+def _connect(db_path: Path, read_only: bool, timeout_s: float = 30.0) -> duckdb.DuckDBPyConnection:
+    """Open the database, waiting out another process that holds it for writing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return duckdb.connect(str(db_path), read_only=read_only)
+        except duckdb.IOException as err:
+            if "lock" not in str(err).lower() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _view_sql(name: str, files_root: Path) -> str:
+    glob = files_root / layout.VIEW_GLOBS[name]
+    if any(files_root.glob(layout.VIEW_GLOBS[name])):
+        return f"SELECT * FROM read_parquet('{glob.as_posix()}', union_by_name = true)"
+    return f"SELECT {schemas.duckdb_columns(VIEW_SCHEMAS[name])} WHERE false"
+
+
+def ensure_views(db_path: Path, files_root: Path) -> None:
+    """Create or update every view; writes the database only when a definition changes."""
+    wanted = {name: _view_sql(name, files_root) for name in VIEW_SCHEMAS}
+    current: dict[str, str] = {}
+    if db_path.exists():
+        with _connect(db_path, read_only=True) as con:
+            current = dict(con.execute("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
+    stale = {name: sql for name, sql in wanted.items() if current.get(name) != _fingerprint(sql)}
+    if not stale:
+        return
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with _connect(db_path, read_only=False) as con:
+        for name, sql in stale.items():
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+            con.execute(f"COMMENT ON VIEW {name} IS '{_fingerprint(sql)}'")
+
+
+def _fingerprint(sql: str) -> str:
+    return json.dumps(sql).replace("'", "''")[:1000]
+
+
+def query(db_path: Path, sql: str, params: list[Any] | None = None) -> QueryResult:
+    """Run `sql` against the analytics database, read-only."""
+    with _connect(db_path, read_only=True) as con:
+        cursor = con.execute(sql, params or [])
+        columns = [d[0] for d in cursor.description] if cursor.description else []
+        return QueryResult(columns, cursor.fetchall() if columns else [])
+
+
+def mirror(store: DataStore, mirror_root: Path, keys: list[str] | None = None) -> None:
+    """Copy the parquet files the views read from a remote data root into `mirror_root`.
+
+    With `keys`, only those; otherwise every file matching a view's glob, skipping unchanged ones.
+    """
+    import fnmatch
+
+    stamps_path = mirror_root / ".mirror-fingerprints.json"
+    stamps: dict[str, str] = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
+    wanted = set(keys or [])
+    for obj in store.list():
+        if keys is not None and obj.key not in wanted:
+            continue
+        if keys is None and not any(fnmatch.fnmatch(obj.key, g) for g in layout.VIEW_GLOBS.values()):
+            continue
+        if stamps.get(obj.key) == obj.fingerprint and (mirror_root / obj.key).exists():
+            continue
+        store.get_file(obj.key, mirror_root / obj.key)
+        stamps[obj.key] = obj.fingerprint
+    mirror_root.mkdir(parents=True, exist_ok=True)
+    stamps_path.write_text(json.dumps(stamps, indent=1, sort_keys=True))

@@ -1,0 +1,134 @@
+"""`ca-platform`: run the lineage, register shards, query analytics, run the embedded demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEMO_HOST = "127.0.0.1"
+
+
+def _add_s3(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--s3-endpoint-url",
+        help="S3-compatible endpoint (default: boto3's, e.g. from AWS_ENDPOINT_URL); for s3:// URIs only",
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ca_platform import runner
+
+    resources = runner.build_resources(args.pool, args.data, args.allow_host, args.s3_endpoint_url)
+    run = runner.run_lineage(resources)
+    print(runner.report(run))
+    return 0 if run.success else 1
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+    from dagster_aws.s3 import S3Resource
+
+    from ca_platform import runner
+    from ca_platform.pool import discover_shards
+    from ca_platform.storage import open_store
+
+    s3 = S3Resource(endpoint_url=args.s3_endpoint_url) if args.s3_endpoint_url else S3Resource()
+    pool = open_store(args.pool, s3.get_client)
+    if args.action == "list":
+        for shard in discover_shards(pool):
+            print(f"{shard.key}\t{pool.uri_of(shard.object_key)}")
+        return 0
+    keys = runner.register_shards(pool, DagsterInstance.get())
+    print(f"{len(keys)} shard partitions registered: {', '.join(keys)}")
+    return 0
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    from dagster_aws.s3 import S3Resource
+
+    from ca_platform import analytics
+    from ca_platform.resources import PlatformStorage
+
+    s3 = S3Resource(endpoint_url=args.s3_endpoint_url) if args.s3_endpoint_url else S3Resource()
+    storage = PlatformStorage(pool_uri="", data_uri=args.data, s3=s3, analytics_dir=args.analytics_dir)
+    if args.data.startswith("s3://"):
+        analytics.mirror(storage.data_store(), storage.analytics_root())
+    analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
+    print(analytics.query(storage.analytics_db(), args.query).as_text())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ca_platform import runner
+    from ca_platform.image_server import ImageServer
+    from ca_platform.shapes_world import ShapesWorldConfig, generate_pool
+
+    root = Path(args.dir).resolve()
+    world_dir = root / "world"
+    world_dir.mkdir(parents=True, exist_ok=True)
+    config = ShapesWorldConfig(seed=args.seed, shards=args.shards, rows_per_shard=args.rows)
+    with ImageServer(world_dir, host=DEMO_HOST, port=args.port) as server:
+        world = generate_pool(world_dir, server.base_url, config)
+        print(f"shapes world: {world.rows} rows in {len(world.shard_paths)} shards, served at {server.base_url}")
+        if args.serve:
+            print(f"pool: {world.pool_dir}  (Ctrl-C to stop serving)", flush=True)
+            server.wait()
+            return 0
+        resources = runner.build_resources(
+            str(world.pool_dir), str(root / "data"), [DEMO_HOST], download_options={"thread_count": 16}
+        )
+        run = runner.run_lineage(resources)
+    print(runner.report(run))
+    return 0 if run.success else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ca-platform", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="materialize the lineage for every shard of a pool, in-process")
+    run.add_argument("--pool", required=True, help="folder or s3://bucket/prefix of parquet shards (url, caption[, uid])")
+    run.add_argument("--data", required=True, help="folder or s3://bucket/prefix for the platform's outputs")
+    run.add_argument(
+        "--allow-host", action="append", default=[], metavar="HOST",
+        help="let downloads reach this otherwise refused (private/loopback) host; repeatable",
+    )
+    _add_s3(run)
+    run.set_defaults(func=_cmd_run)
+
+    shards = sub.add_parser("shards", help="list a pool's shards or register them as partitions (DAGSTER_HOME)")
+    shards.add_argument("action", choices=["register", "list"])
+    shards.add_argument("--pool", required=True)
+    _add_s3(shards)
+    shards.set_defaults(func=_cmd_shards)
+
+    sql = sub.add_parser("sql", help="query the DuckDB analytics views (downloads, ...)")
+    sql.add_argument("query")
+    sql.add_argument("--data", required=True, help="the data root the runs wrote to")
+    sql.add_argument("--analytics-dir", help="local folder for the database of an S3 data root")
+    _add_s3(sql)
+    sql.set_defaults(func=_cmd_sql)
+
+    demo = sub.add_parser("demo", help="generate the shapes world, serve it on 127.0.0.1 and run the lineage")
+    demo.add_argument("--dir", default=".demo", help="where the world and the data root go (default .demo)")
+    demo.add_argument("--shards", type=int, default=4)
+    demo.add_argument("--rows", type=int, default=200, help="rows per shard")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
+    demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

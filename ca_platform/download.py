@@ -1,0 +1,212 @@
+"""Downloading one pool shard with img2dataset into webdataset tars plus a per-row ledger.
+
+img2dataset's own `download()` spawns worker processes, where our guarded urllib opener would not be
+installed; the platform's unit of parallelism is the shard (one Dagster step each), so here a shard is
+fed straight to img2dataset's `Downloader` in this process, with its threads, behind the guard. Its
+per-row parquet is then reconciled with the input so every input row appears exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from ca_platform import download_guard, schemas
+from ca_platform.download_guard import GuardPolicy, guarded_urlopen
+from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, STATUS, UID, URL, Status
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+
+from img2dataset.downloader import Downloader  # noqa: E402 - after download_guard lowers OpenCV's pixel cap
+from img2dataset.resizer import Resizer  # noqa: E402
+from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
+
+# img2dataset's defaults: the opt-out directives it honours stay on.
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+_OPT_OUT_MESSAGE = "disallowed by X-Robots-Tag"
+_URLOPEN_WRAPPER = "<urlopen error "
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    thread_count: int = 32
+    timeout_s: float = 10.0
+    retries: int = 0
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"  # img2dataset's: no, keep_ratio, keep_ratio_largest, center_crop, border
+    resize_only_if_bigger: bool = True
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    samples_per_tar: int = 10_000
+    user_agent_token: str | None = "ca-platform"
+    opt_out_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES
+    policy: GuardPolicy = field(default_factory=GuardPolicy)
+
+
+@dataclass(frozen=True)
+class ShardDownload:
+    rows: pl.DataFrame  # schemas.DOWNLOAD_ROWS, one row per input row
+    tars: dict[str, Path]  # tar file name -> local path
+
+
+def unwrap_error(error: str | None) -> str | None:
+    """The reason itself, without the `<urlopen error ...>` wrapper urllib puts around connect-time errors."""
+    if error and error.startswith(_URLOPEN_WRAPPER) and error.endswith(">"):
+        return error[len(_URLOPEN_WRAPPER) : -1]
+    return error
+
+
+def classify(img2dataset_status: str | None, error: str | None) -> str:
+    """Our status word for an img2dataset outcome (see schemas.Status)."""
+    if img2dataset_status == "success":
+        return Status.SUCCESS
+    message = unwrap_error(error) or ""
+    if message.startswith(download_guard.REFUSED_PREFIX):
+        return Status.REFUSED
+    if message.startswith(download_guard.TOO_LARGE_PREFIX) or message == "image area too large":
+        return Status.TOO_LARGE
+    if _OPT_OUT_MESSAGE in message:
+        return Status.OPTED_OUT
+    if img2dataset_status == "failed_to_resize":
+        return Status.FAILED_TO_DECODE
+    return Status.FAILED_TO_DOWNLOAD
+
+
+def _tar_member_sizes(tar_path: Path, extension: str) -> dict[str, int]:
+    sizes = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            if ext == extension:
+                sizes[key] = member.size
+    return sizes
+
+
+def _run_downloader(chunk: pl.DataFrame, chunk_id: int, work_dir: Path, settings: DownloadSettings,
+                    oom_shard_count: int) -> None:
+    feather = work_dir / f"_input_{chunk_id:05d}.feather"
+    table = pa.table({URL: chunk[URL].to_list(), CAPTION: chunk[CAPTION].to_list(), UID: chunk[UID].to_list()})
+    with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    resizer = Resizer(
+        image_size=settings.image_size,
+        resize_mode=settings.resize_mode,
+        resize_only_if_bigger=settings.resize_only_if_bigger,
+        encode_format=settings.encode_format,
+        encode_quality=settings.encode_quality,
+        max_image_area=settings.policy.max_pixels,
+    )
+    downloader = Downloader(
+        sample_writer_class=WebDatasetSampleWriter,
+        resizer=resizer,
+        thread_count=settings.thread_count,
+        save_caption=True,
+        extract_exif=False,
+        output_folder=str(work_dir),
+        column_list=[URL, CAPTION, UID],
+        timeout=settings.timeout_s,
+        number_sample_per_shard=max(settings.samples_per_tar, 2),
+        oom_shard_count=oom_shard_count,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format=settings.encode_format,
+        retries=settings.retries,
+        user_agent_token=settings.user_agent_token,
+        disallowed_header_directives=list(settings.opt_out_directives) or None,
+    )
+    ok, _ = downloader((chunk_id, str(feather)))
+    feather.unlink(missing_ok=True)  # img2dataset removes its input itself
+    if not ok:
+        raise RuntimeError(f"img2dataset failed on chunk {chunk_id} of {work_dir} (see the log above)")
+
+
+def download_shard(raw: pl.DataFrame, work_dir: Path, settings: DownloadSettings, tar_prefix: str = "") -> ShardDownload:
+    """Download the usable rows of a RAW_SHARD frame into `work_dir`; return the ledger and the tars.
+
+    `tar_prefix` is prepended to tar names (a run token), so a re-run never overwrites files that a
+    published ledger still points at.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    shard = raw[SHARD][0] if raw.height else ""
+    to_fetch = raw.filter(pl.col("skip_reason").is_null())
+    chunks = max(1, math.ceil(to_fetch.height / settings.samples_per_tar))
+    oom_shard_count = max(5, len(str(chunks)))
+    results = []
+    tars: dict[str, Path] = {}
+    with guarded_urlopen(settings.policy):
+        for chunk_id in range(chunks if to_fetch.height else 0):
+            chunk = to_fetch.slice(chunk_id * settings.samples_per_tar, settings.samples_per_tar)
+            _run_downloader(chunk, chunk_id, work_dir, settings, oom_shard_count)
+            stem = f"{chunk_id:0{oom_shard_count}d}"
+            tar_name = f"{tar_prefix}{stem}.tar"
+            tar_path = work_dir / f"{stem}.tar"
+            if tar_prefix:
+                tar_path = tar_path.rename(work_dir / tar_name)
+            tars[tar_name] = tar_path
+            sizes = _tar_member_sizes(tar_path, settings.encode_format)
+            part = pl.read_parquet(work_dir / f"{stem}.parquet")
+            results.append(
+                part.with_columns(
+                    pl.lit(tar_name).alias("tar"),
+                    pl.col("key").replace_strict(sizes, default=None, return_dtype=pl.Int64).alias("bytes"),
+                )
+            )
+    return ShardDownload(_reconcile(raw, results, shard), tars)
+
+
+def _reconcile(raw: pl.DataFrame, results: list[pl.DataFrame], shard: str) -> pl.DataFrame:
+    """Join img2dataset's rows back to the input: each input row exactly once, with a status and a reason."""
+    result_columns = ["tar", "key", "width", "height", "original_width", "original_height", "bytes", "sha256"]
+    if results:
+        fetched = pl.concat(results, how="diagonal_relaxed")
+        duplicated = fetched.filter(pl.col(UID).is_duplicated())
+        if duplicated.height:
+            raise RuntimeError(f"shard {shard}: img2dataset reported uids twice: {duplicated[UID].head(5).to_list()}")
+        fetched = fetched.select(
+            UID,
+            pl.struct("status", "error_message")
+            .map_elements(lambda r: classify(r["status"], r["error_message"]), return_dtype=pl.String)
+            .alias(STATUS),
+            pl.col("error_message").map_elements(unwrap_error, return_dtype=pl.String).alias(ERROR),
+            *result_columns,
+        )
+        # img2dataset gives failed rows a key too, but only successes have an image in the tar
+        fetched = fetched.with_columns(
+            [pl.when(pl.col(STATUS) == Status.SUCCESS).then(pl.col(c)).alias(c) for c in ("tar", "key")]
+        )
+    else:
+        fetched = pl.DataFrame(schema={UID: pl.String, STATUS: pl.String, ERROR: pl.String})
+    ledger = raw.join(fetched, on=UID, how="left", validate="1:1", maintain_order="left")
+    ledger = ledger.with_columns(
+        pl.when(pl.col("skip_reason").is_not_null())
+        .then(pl.lit(Status.SKIPPED))
+        .when(pl.col(STATUS).is_null())
+        .then(pl.lit(Status.FAILED_TO_DOWNLOAD))
+        .otherwise(pl.col(STATUS))
+        .alias(STATUS),
+        pl.when(pl.col("skip_reason").is_not_null())
+        .then(pl.col("skip_reason"))
+        .when(pl.col(STATUS).is_null())
+        .then(pl.lit("img2dataset returned no result for this row"))
+        .otherwise(pl.col(ERROR))
+        .alias(ERROR),
+    )
+    for column in result_columns:
+        if column not in ledger.columns:
+            ledger = ledger.with_columns(pl.lit(None).alias(column))
+    ledger = schemas.conform(ledger.sort(ROW_INDEX), schemas.DOWNLOAD_ROWS)
+    if ledger.height != raw.height:
+        raise RuntimeError(f"shard {shard}: {raw.height} input rows but {ledger.height} ledger rows")
+    return ledger
+
+
+def failure_counts(ledger: pl.DataFrame) -> dict[str, int]:
+    """Rows per status word."""
+    return dict(Counter(ledger[STATUS].to_list()))

@@ -1,0 +1,234 @@
+"""The guard around img2dataset's fetches: what img2dataset itself does not do.
+
+img2dataset hands the raw URL to `urllib.request.urlopen` (so file://, data: and ftp:// work, redirects
+are followed, no address is checked), reads the body without a limit, and decodes with OpenCV, so
+Pillow's bomb guard never applies. `guarded_urlopen` installs, for the duration of a download, a urllib
+opener that:
+
+- speaks http/https only (no file, ftp, data handlers; no proxy, whose address would be checked instead);
+- resolves each host itself and connects only to addresses that are public, unless the host is allowed
+  explicitly, at connect time (so DNS rebinding cannot slip past) and again for every redirect;
+- reads at most `max_bytes` of a body and refuses an image whose header declares over `max_pixels`.
+
+Refusals surface as img2dataset error messages starting with `REFUSED_PREFIX` or `TOO_LARGE_PREFIX`,
+which `download.classify` turns into statuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import ipaddress
+import os
+import socket
+import threading
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+REFUSED_PREFIX = "refused:"
+TOO_LARGE_PREFIX = "too large:"
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+# OpenCV reads this once per process; lower it before img2dataset imports cv2, as a second line behind
+# the header check below.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_PIXELS))
+
+
+class GuardError(urllib.error.URLError):
+    """A fetch the guard will not make; `str()` carries the status prefix img2dataset records."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    allow_hosts: frozenset[str] = field(default_factory=frozenset)
+    allowed_schemes: frozenset[str] = frozenset({"http", "https"})
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def check_url(self, url: str) -> None:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in self.allowed_schemes:
+            raise GuardError(f"{REFUSED_PREFIX} scheme {scheme or '(none)'!r} is not allowed in {url[:120]!r}")
+
+    def check_address(self, host: str, address: str) -> None:
+        if host.lower() in self.allow_hosts or address in self.allow_hosts:
+            return
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if getattr(ip, "ipv4_mapped", None):
+            ip = ip.ipv4_mapped  # type: ignore[union-attr]
+        if not ip.is_global or ip.is_multicast:
+            kind = (
+                "loopback" if ip.is_loopback
+                else "link-local" if ip.is_link_local
+                else "private" if ip.is_private
+                else "non-public"
+            )
+            raise GuardError(f"{REFUSED_PREFIX} {host} resolves to {kind} address {address}")
+
+
+def _guarded_create_connection(policy: GuardPolicy):
+    def create_connection(address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,
+                          source_address: Any = None) -> socket.socket:
+        host, port = address
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in infos:
+            policy.check_address(host, sockaddr[0])  # every address, so no answer order can sneak one in
+        family, socktype, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, socktype, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return create_connection
+
+
+class _CappedResponse:
+    """A response whose body stops at the byte cap and whose image header is checked against the pixel cap."""
+
+    def __init__(self, response: http.client.HTTPResponse, policy: GuardPolicy, url: str) -> None:
+        self._response = response
+        self._policy = policy
+        self._url = url
+
+    def read(self, amt: int | None = None) -> bytes:
+        if amt is not None:
+            raise NotImplementedError("the guarded response is read whole")
+        declared = self._response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self._policy.max_bytes:
+            raise GuardError(f"{TOO_LARGE_PREFIX} body of {declared} bytes exceeds cap {self._policy.max_bytes}")
+        body = self._response.read(self._policy.max_bytes + 1)
+        if len(body) > self._policy.max_bytes:
+            raise GuardError(f"{TOO_LARGE_PREFIX} body exceeds cap {self._policy.max_bytes} bytes")
+        self._check_pixels(body)
+        return body
+
+    def _check_pixels(self, body: bytes) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(body)) as image:  # parses the header only
+                    width, height = image.size
+        except Image.DecompressionBombError as err:
+            raise GuardError(f"{TOO_LARGE_PREFIX} {err}") from err
+        except Exception:
+            return  # not an image Pillow knows: OpenCV will say whether it decodes
+        if width * height > self._policy.max_pixels:
+            raise GuardError(
+                f"{TOO_LARGE_PREFIX} image of {width}x{height} pixels exceeds cap {self._policy.max_pixels}"
+            )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._response, name)
+
+    def __enter__(self) -> _CappedResponse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._response.close()
+
+
+class _GuardedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    def __init__(self, policy: GuardPolicy) -> None:
+        urllib.request.HTTPHandler.__init__(self)
+        urllib.request.HTTPSHandler.__init__(self)
+        self.policy = policy
+
+    def _open(self, connection_class: type[http.client.HTTPConnection], req: urllib.request.Request,
+              **conn_kwargs: Any):
+        self.policy.check_url(req.full_url)
+        create_connection = _guarded_create_connection(self.policy)
+
+        def build(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+            conn = connection_class(host, **kwargs)
+            conn._create_connection = create_connection  # type: ignore[attr-defined]
+            return conn
+
+        return self.do_open(build, req, **conn_kwargs)  # type: ignore[arg-type]
+
+    def http_open(self, req: urllib.request.Request):
+        return self._open(http.client.HTTPConnection, req)
+
+    def https_open(self, req: urllib.request.Request):
+        return self._open(http.client.HTTPSConnection, req, context=self._context)
+
+    def unknown_open(self, req: urllib.request.Request):
+        self.policy.check_url(req.full_url)
+        raise GuardError(f"{REFUSED_PREFIX} no handler for {req.full_url[:120]!r}")
+
+
+class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, policy: GuardPolicy) -> None:
+        self.policy = policy
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        self.policy.check_url(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _CapBodies(urllib.request.BaseHandler):
+    handler_order = 1100  # after HTTPErrorProcessor: only final 2xx responses get here
+
+    def __init__(self, policy: GuardPolicy) -> None:
+        self.policy = policy
+
+    def http_response(self, req: urllib.request.Request, response: http.client.HTTPResponse):
+        return _CappedResponse(response, self.policy, req.full_url)
+
+    https_response = http_response
+
+
+def build_opener(policy: GuardPolicy) -> urllib.request.OpenerDirector:
+    """An opener with only the guarded handlers: no file/ftp/data/proxy handler is ever added."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        _GuardedHandler(policy),
+        _GuardedRedirects(policy),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+        _CapBodies(policy),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+_INSTALL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def guarded_urlopen(policy: GuardPolicy) -> Iterator[urllib.request.OpenerDirector]:
+    """Route this process's `urllib.request.urlopen` (which img2dataset calls) through the guard.
+
+    urllib offers only a process-wide opener, so guarded downloads in one process run one at a time, and
+    the opener that was installed before is put back afterwards.
+    """
+    with _INSTALL_LOCK:
+        previous = urllib.request._opener  # urllib's own slot; there is no public getter
+        opener = build_opener(policy)
+        urllib.request.install_opener(opener)
+        try:
+            yield opener
+        finally:
+            urllib.request.install_opener(previous)

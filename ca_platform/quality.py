@@ -1,0 +1,129 @@
+"""Data-quality checks of each shard, expressed as great_expectations 1.x expectations.
+
+A check is a named group of expectations; it passes when all of them do. The Dagster layer turns each
+`CheckOutcome` into an asset check result, blocking downstream work of the shard when one fails.
+GX runs in an ephemeral context (no project files), built once per process because it is slow to start.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from ca_platform import schemas
+from ca_platform.schemas import CAPTION, ROW_INDEX, SHARD, STATUS, UID, Status
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    min_caption_fraction: float = 0.9  # share of a shard's rows with a non-empty caption
+    min_download_success_rate: float = 0.5  # successes among rows sent to download
+    min_image_side: int = 8  # pixels, of the image as served
+    max_image_side: int = 16384
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    name: str
+    passed: bool
+    metadata: Mapping[str, Any]
+
+
+RAW_SHARD_CHECKS = (
+    CheckSpec("raw_schema", "columns and dtypes are exactly the raw shard schema"),
+    CheckSpec("uid_unique", "every uid occurs once in the shard"),
+    CheckSpec("captions_non_empty", "enough rows have a non-empty caption"),
+)
+DOWNLOAD_CHECKS = (
+    CheckSpec("rows_accounted", "every input row appears exactly once in the download ledger"),
+    CheckSpec("download_success_rate", "successful downloads among attempted rows reach the floor"),
+    CheckSpec("image_size_bounds", "downloaded images' original sides lie within the configured bounds"),
+)
+
+
+@functools.cache
+def _batch_definition() -> Any:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = context.data_sources.add_pandas("ca_platform")
+    return source.add_dataframe_asset("shard").add_batch_definition_whole_dataframe("whole_shard")
+
+
+def _run(name: str, frame: pl.DataFrame, expectations: Sequence[Any]) -> CheckOutcome:
+    batch = _batch_definition().get_batch(batch_parameters={"dataframe": frame.to_pandas()})
+    metadata: dict[str, Any] = {}
+    passed = True
+    for expectation in expectations:
+        result = batch.validate(expectation)
+        passed = passed and bool(result.success)
+        summary = {k: v for k, v in result.result.items() if k in _SUMMARY_KEYS}
+        metadata[type(expectation).__name__] = {"success": bool(result.success), **summary}
+    return CheckOutcome(name, passed, metadata)
+
+
+_SUMMARY_KEYS = ("observed_value", "element_count", "unexpected_count", "unexpected_percent", "partial_unexpected_list")
+
+
+def check_raw_shard(raw: pl.DataFrame, thresholds: QualityThresholds) -> list[CheckOutcome]:
+    import great_expectations.expectations as gxe
+
+    captions = raw.select(pl.col(CAPTION).fill_null("").str.strip_chars())
+    return [
+        _run("raw_schema", raw, [
+            gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(schemas.RAW_SHARD)),
+            gxe.ExpectColumnValuesToBeOfType(column=ROW_INDEX, type_="int64"),
+            gxe.ExpectColumnValuesToNotBeNull(column=UID),
+            gxe.ExpectColumnValuesToNotBeNull(column=SHARD),
+        ]),
+        _run("uid_unique", raw.select(UID), [gxe.ExpectColumnValuesToBeUnique(column=UID)]),
+        _run("captions_non_empty", captions, [
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column=CAPTION, min_value=1, mostly=thresholds.min_caption_fraction
+            ),
+        ]),
+    ]
+
+
+def check_download(ledger: pl.DataFrame, input_uids: pl.Series, thresholds: QualityThresholds) -> list[CheckOutcome]:
+    import great_expectations.expectations as gxe
+
+    attempted = ledger.filter(pl.col(STATUS) != Status.SKIPPED).select(STATUS)
+    successes = ledger.filter(pl.col(STATUS) == Status.SUCCESS).select("original_width", "original_height")
+    unknown_uids = ledger.filter(~pl.col(UID).is_in(input_uids.implode())).height
+    sides = [
+        gxe.ExpectColumnValuesToBeBetween(
+            column=side, min_value=thresholds.min_image_side, max_value=thresholds.max_image_side
+        )
+        for side in ("original_width", "original_height")
+    ]
+    accounted = _run("rows_accounted", ledger.select(UID, STATUS), [
+        gxe.ExpectTableRowCountToEqual(value=input_uids.len()),
+        gxe.ExpectColumnValuesToBeUnique(column=UID),
+        gxe.ExpectColumnValuesToNotBeNull(column=STATUS),
+        gxe.ExpectColumnValuesToBeInSet(column=STATUS, value_set=list(Status.ALL)),
+    ])
+    accounted = CheckOutcome(
+        accounted.name, accounted.passed and unknown_uids == 0, {**accounted.metadata, "unknown_uids": unknown_uids}
+    )
+    return [
+        accounted,
+        _run("download_success_rate", attempted, [
+            gxe.ExpectColumnValuesToBeInSet(
+                column=STATUS, value_set=[Status.SUCCESS], mostly=thresholds.min_download_success_rate
+            ),
+        ]),
+        _run("image_size_bounds", successes, sides),
+    ]

@@ -1,0 +1,90 @@
+"""Column names, dtypes and status words of every table the platform writes: the one place they live.
+
+Each table is a polars schema. Writers cast to it (`conform`), readers and DuckDB views rely on it, so a
+column is renamed or retyped here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import polars as pl
+
+UID = "uid"
+URL = "url"
+CAPTION = "caption"
+SHARD = "shard"
+ROW_INDEX = "row_index"
+STATUS = "status"
+ERROR = "error"
+
+# A validated pool shard: every input row, in input order, with the reason it will not be downloaded.
+RAW_SHARD: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    SHARD: pl.String(),
+    ROW_INDEX: pl.Int64(),
+    URL: pl.String(),
+    CAPTION: pl.String(),
+    "skip_reason": pl.String(),
+}
+
+# One row per input row of a shard after download: the per-row ledger that proves nothing was lost.
+DOWNLOAD_ROWS: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    SHARD: pl.String(),
+    ROW_INDEX: pl.Int64(),
+    URL: pl.String(),
+    CAPTION: pl.String(),
+    STATUS: pl.String(),
+    ERROR: pl.String(),
+    "tar": pl.String(),
+    "key": pl.String(),
+    "width": pl.Int32(),
+    "height": pl.Int32(),
+    "original_width": pl.Int32(),
+    "original_height": pl.Int32(),
+    "bytes": pl.Int64(),
+    "sha256": pl.String(),
+}
+
+
+class Status:
+    """Outcome words of a pool row; anything but SUCCESS carries an `error` saying why."""
+
+    SUCCESS = "success"
+    SKIPPED = "skipped"  # never sent: the input row itself is unusable (no URL, empty caption)
+    REFUSED = "refused"  # the download guard refused the URL: scheme or address not allowed
+    TOO_LARGE = "too_large"  # body over the byte cap or image over the pixel cap
+    OPTED_OUT = "opted_out"  # the server's X-Robots-Tag forbids AI use
+    FAILED_TO_DOWNLOAD = "failed_to_download"  # HTTP error, timeout, connection failure
+    FAILED_TO_DECODE = "failed_to_decode"  # the body is not a decodable image
+
+    ALL = (SUCCESS, SKIPPED, REFUSED, TOO_LARGE, OPTED_OUT, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)
+
+
+DUCKDB_TYPES: Mapping[type[pl.DataType], str] = {
+    pl.String: "VARCHAR",
+    pl.Int64: "BIGINT",
+    pl.Int32: "INTEGER",
+    pl.Float64: "DOUBLE",
+    pl.Float32: "FLOAT",
+    pl.Boolean: "BOOLEAN",
+}
+
+
+def conform(frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
+    """Select and cast `frame` to exactly `schema`'s columns, in order; a missing column is an error."""
+    missing = [name for name in schema if name not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks columns {missing} (has {frame.columns})")
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
+
+
+def empty(schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
+    """A zero-row frame with `schema`."""
+    return pl.DataFrame(schema=dict(schema))
+
+
+def duckdb_columns(schema: Mapping[str, pl.DataType]) -> str:
+    """`CAST(NULL AS T) AS col, ...` for a typed empty DuckDB relation with `schema`."""
+    return ", ".join(f"CAST(NULL AS {DUCKDB_TYPES[type(dtype)]}) AS {name}" for name, dtype in schema.items())

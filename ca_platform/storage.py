@@ -1,0 +1,181 @@
+"""Where pools and platform data live: a local directory or an `s3://bucket/prefix`, behind one interface.
+
+Objects are addressed by a relative key ("downloads/shard-00000/rows.parquet"). Every `put_file` is
+atomic for readers: locally the file is written aside and renamed into place; on S3 a PUT is atomic per
+object. Multi-object outputs are published with their index file last (see `publish`), so a killed run
+never leaves anything a reader would take as complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    fingerprint: str  # changes when the content may have changed (mtime+size locally, ETag on S3)
+
+
+class DataStore(Protocol):
+    uri: str
+
+    def list(self, prefix: str = "") -> list[StoredObject]: ...
+    def exists(self, key: str) -> bool: ...
+    def put_file(self, local: Path, key: str) -> None: ...
+    def get_file(self, key: str, local: Path) -> None: ...
+    def delete(self, key: str) -> None: ...
+    def local_path(self, key: str) -> Path | None: ...
+    def uri_of(self, key: str) -> str: ...
+
+
+def is_s3_uri(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+class LocalStore:
+    """A directory on local disk."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise ValueError(f"key {key!r} escapes the store root {self.root}")
+        return path
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            candidates: Iterable[Path] = [base]
+        elif base.is_dir():
+            candidates = (p for p in base.rglob("*") if p.is_file())
+        else:
+            return []
+        objects = []
+        for path in candidates:
+            stat = path.stat()
+            key = path.relative_to(self.root).as_posix()
+            objects.append(StoredObject(key, stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}"))
+        return sorted(objects, key=lambda o: o.key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def put_file(self, local: Path, key: str) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        aside = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        try:
+            shutil.copyfile(local, aside)
+            os.replace(aside, dest)
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def get_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._path(key), local)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def uri_of(self, key: str) -> str:
+        return str(self._path(key))
+
+
+class S3Store:
+    """A prefix of an S3 bucket, through a boto3 client (from dagster-aws's S3Resource in the platform)."""
+
+    def __init__(self, uri: str, client: Any) -> None:
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ValueError(f"not an s3://bucket/prefix URI: {uri!r}")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.client = client
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        objects = []
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for item in page.get("Contents", []):
+                objects.append(StoredObject(item["Key"][strip:], item["Size"], item["ETag"].strip('"')))
+        return sorted(objects, key=lambda o: o.key)
+
+    def exists(self, key: str) -> bool:
+        response = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
+        return any(item["Key"] == self._key(key) for item in response.get("Contents", []))
+
+    def put_file(self, local: Path, key: str) -> None:
+        self.client.upload_file(str(local), self.bucket, self._key(key))
+
+    def get_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        aside = local.with_name(f".{local.name}.{uuid.uuid4().hex}.part")
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(aside))
+            os.replace(aside, local)
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def uri_of(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def open_store(uri: str, s3_client: Callable[[], Any] | None = None) -> DataStore:
+    """A store for `uri`: `s3://bucket/prefix` (needs `s3_client`) or a local directory."""
+    if is_s3_uri(uri):
+        if s3_client is None:
+            raise ValueError(f"{uri} is on S3 but no S3 client was configured")
+        return S3Store(uri, s3_client())
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported storage URI {uri!r}: use a local directory or s3://bucket/prefix")
+    return LocalStore(uri.removeprefix("file://"))
+
+
+def publish(store: DataStore, files: dict[str, Path], index_key: str, index_file: Path) -> None:
+    """Upload `files` (key -> local path), then the index that names them, last.
+
+    Readers only trust what an index lists, so until the index lands they keep seeing the previous
+    complete version; file keys must therefore be new (e.g. carry a run token) rather than overwritten.
+    """
+    for key, path in files.items():
+        store.put_file(path, key)
+    store.put_file(index_file, index_key)
+
+
+def fetch_to_local(store: DataStore, key: str, scratch: Path) -> Path:
+    """A local path holding `key`: the file itself for a local store, else a copy under `scratch`."""
+    path = store.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{store.uri_of(key)} does not exist")
+        return path
+    local = scratch / key
+    store.get_file(key, local)
+    return local

@@ -1,0 +1,148 @@
+"""Dagster resources: configuration of storage, download and data quality, from config or environment.
+
+Each resource is a thin `ConfigurableResource` that builds the plain-Python objects of `ca_platform`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dagster import ConfigurableResource, EnvVar
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
+
+from ca_platform import layout
+from ca_platform.download import DownloadSettings
+from ca_platform.download_guard import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
+from ca_platform.pool import PoolColumns
+from ca_platform.quality import QualityThresholds
+from ca_platform.storage import DataStore, is_s3_uri, open_store
+
+
+class PlatformStorage(ConfigurableResource):
+    """Where the pool is read from and where the platform writes: local directories or s3://bucket/prefix."""
+
+    pool_uri: str = Field(description="Folder or s3://bucket/prefix holding the pool's parquet shards.")
+    data_uri: str = Field(description="Folder or s3://bucket/prefix the platform writes its outputs to.")
+    s3: S3Resource = Field(default_factory=S3Resource, description="S3 client settings (endpoint, region, keys).")
+    analytics_dir: str | None = Field(
+        default=None,
+        description="Local folder for the DuckDB file when data_uri is on S3 (a mirror of the parquet it reads). "
+        "Defaults to ~/.cache/ca-platform/<bucket>/<prefix>. For a local data_uri it is data_uri itself.",
+    )
+    url_column: str = "url"
+    caption_column: str = "caption"
+    uid_column: str = "uid"
+
+    def pool_store(self) -> DataStore:
+        return open_store(self.pool_uri, self.s3.get_client)
+
+    def data_store(self) -> DataStore:
+        return open_store(self.data_uri, self.s3.get_client)
+
+    def pool_columns(self) -> PoolColumns:
+        return PoolColumns(url=self.url_column, caption=self.caption_column, uid=self.uid_column)
+
+    def analytics_root(self) -> Path:
+        """Local folder whose parquet files the DuckDB views read, and that holds the database file."""
+        if not is_s3_uri(self.data_uri):
+            return Path(self.data_uri).expanduser().resolve()
+        if self.analytics_dir:
+            return Path(self.analytics_dir).expanduser().resolve()
+        return Path.home() / ".cache" / "ca-platform" / self.data_uri.removeprefix("s3://").strip("/")
+
+    def analytics_db(self) -> Path:
+        return self.analytics_root() / layout.ANALYTICS_DB
+
+    @contextmanager
+    def staging_dir(self, name: str) -> Iterator[Path]:
+        """A private folder for one step's output before it is published; removed afterwards.
+
+        For a local data root it lies beside the data (same filesystem, so publishing is a rename);
+        leftovers of a killed run carry its name and are removed by the next run of the same step.
+        """
+        import shutil
+
+        if is_s3_uri(self.data_uri):
+            with tempfile.TemporaryDirectory(prefix=f"ca-{name}-") as path:
+                yield Path(path)
+            return
+        parent = Path(self.data_uri).expanduser().resolve() / ".staging"
+        parent.mkdir(parents=True, exist_ok=True)
+        for leftover in parent.glob(f"{name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class DownloadConfig(ConfigurableResource):
+    """How images are fetched: img2dataset's knobs and the guard's limits."""
+
+    thread_count: int = 32
+    timeout_s: float = 10.0
+    retries: int = 0
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"
+    encode_format: str = "jpg"
+    samples_per_tar: int = 10_000
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts or IPs that downloads may reach although they are private, "
+        "loopback or link-local (e.g. 127.0.0.1 for a local pool). Empty: public addresses only.",
+    )
+
+    def settings(self) -> DownloadSettings:
+        hosts = frozenset(h.strip().lower() for h in self.allow_hosts.split(",") if h.strip())
+        return DownloadSettings(
+            thread_count=self.thread_count,
+            timeout_s=self.timeout_s,
+            retries=self.retries,
+            image_size=self.image_size,
+            resize_mode=self.resize_mode,
+            encode_format=self.encode_format,
+            samples_per_tar=self.samples_per_tar,
+            policy=GuardPolicy(allow_hosts=hosts, max_bytes=self.max_bytes, max_pixels=self.max_pixels),
+        )
+
+
+class QualityConfig(ConfigurableResource):
+    """Floors and bounds of the per-shard data-quality checks."""
+
+    min_caption_fraction: float = 0.9
+    min_download_success_rate: float = 0.5
+    min_image_side: int = 8
+    max_image_side: int = 16384
+
+    def thresholds(self) -> QualityThresholds:
+        return QualityThresholds(
+            min_caption_fraction=self.min_caption_fraction,
+            min_download_success_rate=self.min_download_success_rate,
+            min_image_side=self.min_image_side,
+            max_image_side=self.max_image_side,
+        )
+
+
+def resources_from_env() -> dict[str, ConfigurableResource]:
+    """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI.
+
+    S3 credentials, region and endpoint come from boto3's usual environment (AWS_ACCESS_KEY_ID,
+    AWS_REGION, AWS_ENDPOINT_URL, ...).
+    """
+    return {
+        "storage": PlatformStorage(
+            pool_uri=EnvVar("CA_POOL_URI"),
+            data_uri=EnvVar("CA_DATA_URI"),
+            analytics_dir=os.environ.get("CA_ANALYTICS_DIR"),
+        ),
+        "downloader": DownloadConfig(allow_hosts=os.environ.get("CA_ALLOW_HOSTS", "")),
+        "quality": QualityConfig(),
+    }
