@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
@@ -183,9 +183,13 @@ class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, policy: GuardPolicy) -> None:
         self.policy = policy
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
-        self.policy.check_url(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001 - urllib's signature
+        target = headers.get("location") or headers.get("uri")
+        if target:  # urllib's own scheme check would fail it too, but as a plain HTTP error
+            self.policy.check_url(urljoin(req.full_url, target))
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 class _CapBodies(urllib.request.BaseHandler):
@@ -195,6 +199,8 @@ class _CapBodies(urllib.request.BaseHandler):
         self.policy = policy
 
     def http_response(self, req: urllib.request.Request, response: http.client.HTTPResponse):
+        if isinstance(response, _CappedResponse):  # the final response of a redirect chain, wrapped already
+            return response
         return _CappedResponse(response, self.policy, req.full_url)
 
     https_response = http_response

@@ -71,7 +71,9 @@ def register_shards(pool: DataStore, instance: DagsterInstance) -> list[str]:
     return keys
 
 
-def run_lineage(resources: dict[str, object], instance: DagsterInstance | None = None) -> LineageRun:
+def run_lineage(
+    resources: dict[str, object], instance: DagsterInstance | None = None, log_level: str = "WARNING"
+) -> LineageRun:
     """Materialize the lineage for every shard of the pool, one run per shard."""
     instance = instance or default_instance()
     storage = resources["storage"]
@@ -79,7 +81,12 @@ def run_lineage(resources: dict[str, object], instance: DagsterInstance | None =
     shard_runs = []
     for key in register_shards(storage.pool_store(), instance):
         result = materialize(
-            SPINE_ASSETS, partition_key=key, instance=instance, resources=resources, raise_on_error=False
+            SPINE_ASSETS,
+            partition_key=key,
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
         )
         checks = {
             f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()

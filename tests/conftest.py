@@ -1,0 +1,122 @@
+"""Shared test fixtures: real HTTP servers on 127.0.0.1, real files, small pools."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(side: int) -> bytes:
+    """A small file that declares side x side pixels: a decompression bomb in miniature."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+@dataclass
+class Route:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class RoutesServer:
+    """An HTTP server on 127.0.0.1 answering fixed routes: status, headers and body per path.
+
+    Unlike a file server it can redirect, send opt-out headers or lie about Content-Length, which is
+    what the download guard has to cope with on the web.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.hits: dict[str, int] = {}
+        routes, hits = self.routes, self.hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                hits[self.path] = hits.get(self.path, 0) + 1
+                route = routes.get(self.path, Route(404, b"not found"))
+                self.send_response(route.status)
+                for name, value in route.headers.items():
+                    if value:  # an empty value leaves the header out (body then ends at connection close)
+                        self.send_header(name, value)
+                if "Content-Length" not in route.headers:
+                    self.send_header("Content-Length", str(len(route.body)))
+                self.end_headers()
+                self.wfile.write(route.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def add(self, path: str, body: bytes = b"", status: int = 200, **headers: str) -> str:
+        self.routes[path] = Route(status, body, {k.replace("_", "-"): v for k, v in headers.items()})
+        return self.url(path)
+
+
+@pytest.fixture
+def routes_server() -> Iterator[RoutesServer]:
+    server = RoutesServer()
+    server.thread.start()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def write_pool(pool_dir: Path, shards: dict[str, dict[str, list]]) -> Path:
+    """Write parquet shards {name: {column: values}} into `pool_dir`."""
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    for name, columns in shards.items():
+        pl.DataFrame(columns).write_parquet(pool_dir / f"{name}.parquet")
+    return pool_dir
+
+
+@pytest.fixture
+def web_pool(tmp_path: Path, routes_server: RoutesServer) -> Callable[..., Path]:
+    """A two-shard pool on `routes_server`: mostly good images, a 404 and a corrupt body per shard."""
+
+    def build(rows_per_shard: int = 10, failures: bool = True) -> Path:
+        shards = {}
+        for shard in range(2):
+            urls, captions = [], []
+            for row in range(rows_per_shard):
+                path = f"/img/{shard}-{row}.png"
+                routes_server.add(path, png_bytes(24 + row, 20 + shard, seed=shard * 100 + row), Content_Type="image/png")
+                urls.append(routes_server.url(path))
+                captions.append(f"a picture {shard}-{row}")
+            if failures:
+                urls[0] = routes_server.url(f"/missing-{shard}.png")
+                urls[1] = routes_server.add(f"/corrupt-{shard}.png", b"<html>oops</html>", Content_Type="image/png")
+            shards[f"part-{shard:05d}"] = {"url": urls, "caption": captions}
+        return write_pool(tmp_path / "pool", shards)
+
+    return build
