@@ -47,11 +47,12 @@ def build_resources(
     s3_endpoint_url: str | None = None,
     download_options: Mapping[str, Any] | None = None,
     quality: QualityConfig | None = None,
+    analytics_dir: str | None = None,
 ) -> dict[str, object]:
     """Resources for an in-process run; `download_options` are DownloadConfig fields."""
     s3 = S3Resource(endpoint_url=s3_endpoint_url) if s3_endpoint_url else S3Resource()
     return {
-        "storage": PlatformStorage(pool_uri=pool_uri, data_uri=data_uri, s3=s3),
+        "storage": PlatformStorage(pool_uri=pool_uri, data_uri=data_uri, s3=s3, analytics_dir=analytics_dir),
         "downloader": DownloadConfig(allow_hosts=",".join(allow_hosts), **(download_options or {})),
         "quality": quality or QualityConfig(),
     }

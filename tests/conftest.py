@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,11 +50,13 @@ class RoutesServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.hits: dict[str, int] = {}
-        routes, hits = self.routes, self.hits
+        self.delay_s = 0.0
+        routes, hits, server = self.routes, self.hits, self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 hits[self.path] = hits.get(self.path, 0) + 1
+                time.sleep(server.delay_s)
                 route = routes.get(self.path, Route(404, b"not found"))
                 self.send_response(route.status)
                 for name, value in route.headers.items():
