@@ -8,6 +8,7 @@ GX runs in an ephemeral context (no project files), built once per process becau
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,7 @@ DOWNLOAD_CHECKS = (
 
 @functools.cache
 def _batch_definition() -> Any:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # GX would post usage events to the internet
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 

@@ -30,7 +30,7 @@ class DataStore(Protocol):
 
     def list(self, prefix: str = "") -> list[StoredObject]: ...
     def exists(self, key: str) -> bool: ...
-    def put_file(self, local: Path, key: str) -> None: ...
+    def put_file(self, local: Path, key: str, consume: bool = False) -> None: ...
     def get_file(self, key: str, local: Path) -> None: ...
     def delete(self, key: str) -> None: ...
     def local_path(self, key: str) -> Path | None: ...
@@ -72,9 +72,13 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def put_file(self, local: Path, key: str) -> None:
+    def put_file(self, local: Path, key: str, consume: bool = False) -> None:
+        """Write aside, then rename into place; with `consume`, a file on the same filesystem is just renamed."""
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if consume and local.stat().st_dev == dest.parent.stat().st_dev:
+            os.replace(local, dest)
+            return
         aside = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
         try:
             shutil.copyfile(local, aside)
@@ -125,7 +129,7 @@ class S3Store:
         response = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
         return any(item["Key"] == self._key(key) for item in response.get("Contents", []))
 
-    def put_file(self, local: Path, key: str) -> None:
+    def put_file(self, local: Path, key: str, consume: bool = False) -> None:
         self.client.upload_file(str(local), self.bucket, self._key(key))
 
     def get_file(self, key: str, local: Path) -> None:
@@ -159,14 +163,15 @@ def open_store(uri: str, s3_client: Callable[[], Any] | None = None) -> DataStor
 
 
 def publish(store: DataStore, files: dict[str, Path], index_key: str, index_file: Path) -> None:
-    """Upload `files` (key -> local path), then the index that names them, last.
+    """Move `files` (key -> local path) into the store, then the index that names them, last.
 
     Readers only trust what an index lists, so until the index lands they keep seeing the previous
     complete version; file keys must therefore be new (e.g. carry a run token) rather than overwritten.
+    The local files are consumed.
     """
     for key, path in files.items():
-        store.put_file(path, key)
-    store.put_file(index_file, index_key)
+        store.put_file(path, key, consume=True)
+    store.put_file(index_file, index_key, consume=True)
 
 
 def fetch_to_local(store: DataStore, key: str, scratch: Path) -> Path:
