@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 import urllib.request
 from pathlib import Path
 
 import polars as pl
 import pytest
+from PIL import Image
 
 from ca_platform import schemas
 from ca_platform.download import DownloadSettings, download_shard
 from ca_platform.download_guard import GuardError, GuardPolicy, guarded_urlopen
 from ca_platform.schemas import Status
+from ca_platform.webdataset_io import iter_samples
 from tests.conftest import RoutesServer, bomb_png, png_bytes
 
 LOOPBACK_ALLOWED = GuardPolicy(allow_hosts=frozenset({"127.0.0.1"}), max_bytes=200_000, max_pixels=4_000_000)
@@ -100,6 +103,12 @@ def test_success_rows_point_into_a_readable_tar(routes_server: RoutesServer, tmp
         assert f"{key}.txt" in members
     assert rows["original_width"].to_list() == [20, 21, 22, 23, 24]
     assert rows["sha256"].null_count() == 0
+
+    samples = {s.key: s for s in iter_samples(result.tars.values())}
+    assert set(samples) == set(rows["key"])
+    for key, uid, caption in zip(rows["key"], rows["uid"], rows["caption"]):
+        assert samples[key].caption == caption and samples[key].meta["uid"] == uid
+        assert Image.open(io.BytesIO(samples[key].image)).size == (samples[key].meta["width"], 16)
 
 
 def test_redirect_to_a_refused_address_is_refused(routes_server: RoutesServer, tmp_path: Path) -> None:
