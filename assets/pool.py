@@ -1,18 +1,17 @@
 """raw_pool_shard: one pool shard read, validated and given stable uids."""
 
-
 import tempfile
 from pathlib import Path
 
 import polars as pl
+from ca_platform.assets.partitions import pool_shards
+from ca_platform.assets.quality_checks import blocking_check_specs, check_results
+from ca_platform.resources import PlatformStorage, QualityConfig
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
 from ca_platform.pool import find_shard, read_shard
 from ca_platform.quality import RAW_SHARD_CHECKS, check_raw_shard
-from ca_platform.resources import PlatformStorage, QualityConfig
-from ca_platform.assets.partitions import pool_shards
-from ca_platform.assets.quality_checks import blocking_check_specs, check_results
 
 
 @asset(
@@ -21,7 +20,9 @@ from ca_platform.assets.quality_checks import blocking_check_specs, check_result
     group_name="ingest",
     kinds={"parquet", "polars"},
 )
-def raw_pool_shard(context: AssetExecutionContext, storage: PlatformStorage, quality: QualityConfig) -> MaterializeResult:
+def raw_pool_shard(
+    context: AssetExecutionContext, storage: PlatformStorage, quality: QualityConfig
+) -> MaterializeResult:
     """The shard's rows with a uid each (derived from url and caption when the pool has none) and the
     reason a row will not be downloaded; a malformed shard fails here, naming file and column."""
     pool, data = storage.pool_store(), storage.data_store()

@@ -22,10 +22,10 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from dagster import AssetKey, DagsterInstance, materialize  # noqa: E402
-
 from ca_platform.assets import SPINE_ASSETS  # noqa: E402
 from ca_platform.assets.partitions import POOL_SHARDS  # noqa: E402
+from dagster import AssetKey, DagsterInstance, materialize  # noqa: E402
+
 from ca_platform.image_server import ImageServer  # noqa: E402
 from ca_platform.runner import build_resources  # noqa: E402
 from ca_platform.shapes_world import ShapesWorldConfig, generate_pool  # noqa: E402
@@ -42,16 +42,29 @@ def _serve(root: str, ready: multiprocessing.synchronize.Event, port_path: str) 
 
 def platform_seconds(pool_dir: Path, work: Path, threads: int) -> float:
     instance = DagsterInstance.ephemeral()
-    resources = build_resources(str(pool_dir), str(work / "data"), ["127.0.0.1"],
-                                download_options={"thread_count": threads})
+    resources = build_resources(
+        str(pool_dir), str(work / "data"), ["127.0.0.1"], download_options={"thread_count": threads}
+    )
     shard = "shard-00000"
     instance.add_dynamic_partitions(POOL_SHARDS, [shard])
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-    materialize(SPINE_ASSETS, partition_key=shard, instance=instance, resources=resources, run_config=quiet,
-                selection=[AssetKey("raw_pool_shard")])
+    materialize(
+        SPINE_ASSETS,
+        partition_key=shard,
+        instance=instance,
+        resources=resources,
+        run_config=quiet,
+        selection=[AssetKey("raw_pool_shard")],
+    )
     start = time.perf_counter()
-    result = materialize(SPINE_ASSETS, partition_key=shard, instance=instance, resources=resources,
-                         run_config=quiet, selection=[AssetKey("downloaded_shard")])
+    result = materialize(
+        SPINE_ASSETS,
+        partition_key=shard,
+        instance=instance,
+        resources=resources,
+        run_config=quiet,
+        selection=[AssetKey("downloaded_shard")],
+    )
     elapsed = time.perf_counter() - start
     assert result.success, "platform download failed"
     return elapsed
@@ -63,11 +76,23 @@ def standalone_seconds(pool_file: Path, work: Path, threads: int) -> tuple[float
 
     start = time.perf_counter()
     download(
-        url_list=str(pool_file), input_format="parquet", url_col="url", caption_col="caption",
-        output_format="webdataset", output_folder=str(work / "standalone"), processes_count=1,
-        thread_count=threads, image_size=256, resize_mode="keep_ratio", resize_only_if_bigger=True,
-        encode_format="jpg", number_sample_per_shard=10_000, extract_exif=False, compute_hash="sha256",
-        enable_wandb=False, timeout=10,
+        url_list=str(pool_file),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_format="webdataset",
+        output_folder=str(work / "standalone"),
+        processes_count=1,
+        thread_count=threads,
+        image_size=256,
+        resize_mode="keep_ratio",
+        resize_only_if_bigger=True,
+        encode_format="jpg",
+        number_sample_per_shard=10_000,
+        extract_exif=False,
+        compute_hash="sha256",
+        enable_wandb=False,
+        timeout=10,
     )
     wall = time.perf_counter() - start
     stats = [json.loads(p.read_text()) for p in (work / "standalone").glob("*_stats.json")]

@@ -89,10 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="materialize the lineage for every shard of a pool, in-process")
-    run.add_argument("--pool", required=True, help="folder or s3://bucket/prefix of parquet shards (url, caption[, uid])")
+    run.add_argument(
+        "--pool", required=True, help="folder or s3://bucket/prefix of parquet shards (url, caption[, uid])"
+    )
     run.add_argument("--data", required=True, help="folder or s3://bucket/prefix for the platform's outputs")
     run.add_argument(
-        "--allow-host", action="append", default=[], metavar="HOST",
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
         help="let downloads reach this otherwise refused (private/loopback) host; repeatable",
     )
     _add_s3(run)

@@ -120,8 +120,9 @@ def _pax_records(block: bytes) -> dict[str, str]:
     return records
 
 
-def _run_downloader(chunk: pl.DataFrame, chunk_id: int, work_dir: Path, settings: DownloadSettings,
-                    oom_shard_count: int) -> None:
+def _run_downloader(
+    chunk: pl.DataFrame, chunk_id: int, work_dir: Path, settings: DownloadSettings, oom_shard_count: int
+) -> None:
     feather = work_dir / f"_input_{chunk_id:05d}.feather"
     table = pa.table({URL: chunk[URL].to_list(), CAPTION: chunk[CAPTION].to_list(), UID: chunk[UID].to_list()})
     with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -158,7 +159,9 @@ def _run_downloader(chunk: pl.DataFrame, chunk_id: int, work_dir: Path, settings
         raise RuntimeError(f"img2dataset failed on chunk {chunk_id} of {work_dir} (see the log above)")
 
 
-def download_shard(raw: pl.DataFrame, work_dir: Path, settings: DownloadSettings, tar_prefix: str = "") -> ShardDownload:
+def download_shard(
+    raw: pl.DataFrame, work_dir: Path, settings: DownloadSettings, tar_prefix: str = ""
+) -> ShardDownload:
     """Download the usable rows of a RAW_SHARD frame into `work_dir`; return the ledger and the tars.
 
     `tar_prefix` is prepended to tar names (a run token), so a re-run never overwrites files that a

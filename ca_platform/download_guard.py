@@ -74,17 +74,21 @@ class GuardPolicy:
             ip = ip.ipv4_mapped  # type: ignore[union-attr]
         if not ip.is_global or ip.is_multicast:
             kind = (
-                "loopback" if ip.is_loopback
-                else "link-local" if ip.is_link_local
-                else "private" if ip.is_private
+                "loopback"
+                if ip.is_loopback
+                else "link-local"
+                if ip.is_link_local
+                else "private"
+                if ip.is_private
                 else "non-public"
             )
             raise GuardError(f"{REFUSED_PREFIX} {host} resolves to {kind} address {address}")
 
 
 def _guarded_create_connection(policy: GuardPolicy):
-    def create_connection(address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,
-                          source_address: Any = None) -> socket.socket:
+    def create_connection(
+        address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT, source_address: Any = None
+    ) -> socket.socket:
         host, port = address
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         for *_, sockaddr in infos:
@@ -156,8 +160,9 @@ class _GuardedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         urllib.request.HTTPSHandler.__init__(self)
         self.policy = policy
 
-    def _open(self, connection_class: type[http.client.HTTPConnection], req: urllib.request.Request,
-              **conn_kwargs: Any):
+    def _open(
+        self, connection_class: type[http.client.HTTPConnection], req: urllib.request.Request, **conn_kwargs: Any
+    ):
         self.policy.check_url(req.full_url)
         create_connection = _guarded_create_connection(self.policy)
 

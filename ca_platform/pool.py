@@ -8,7 +8,6 @@ caption) stays in the shard with a `skip_reason`, so it is accounted for downstr
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +109,9 @@ def read_shard(pool: DataStore, shard: PoolShard, columns: PoolColumns, scratch:
     _check_column(table.schema, columns.caption, "caption", where, required=True)
     has_uid = _check_column(table.schema, columns.uid, "uid", where, required=False)
 
-    frame = pl.from_arrow(table.select([c for c in (columns.url, columns.caption) + ((columns.uid,) if has_uid else ())]))
+    frame = pl.from_arrow(
+        table.select([c for c in (columns.url, columns.caption) + ((columns.uid,) if has_uid else ())])
+    )
     assert isinstance(frame, pl.DataFrame)
     frame = frame.rename({columns.url: URL, columns.caption: CAPTION} | ({columns.uid: UID} if has_uid else {}))
     frame = frame.with_columns(pl.col(URL).cast(pl.String), pl.col(CAPTION).cast(pl.String))
@@ -136,13 +137,3 @@ def read_shard(pool: DataStore, shard: PoolShard, columns: PoolColumns, scratch:
         url.alias(URL),
     )
     return schemas.conform(frame, schemas.RAW_SHARD)
-
-
-def write_parquet(frame: pl.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(path)
-    return path
-
-
-def read_parquet_bytes(data: bytes) -> pl.DataFrame:
-    return pl.read_parquet(io.BytesIO(data))

@@ -84,18 +84,26 @@ def check_raw_shard(raw: pl.DataFrame, thresholds: QualityThresholds) -> list[Ch
 
     captions = raw.select(pl.col(CAPTION).fill_null("").str.strip_chars())
     return [
-        _run("raw_schema", raw, [
-            gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(schemas.RAW_SHARD)),
-            gxe.ExpectColumnValuesToBeOfType(column=ROW_INDEX, type_="int64"),
-            gxe.ExpectColumnValuesToNotBeNull(column=UID),
-            gxe.ExpectColumnValuesToNotBeNull(column=SHARD),
-        ]),
+        _run(
+            "raw_schema",
+            raw,
+            [
+                gxe.ExpectTableColumnsToMatchOrderedList(column_list=list(schemas.RAW_SHARD)),
+                gxe.ExpectColumnValuesToBeOfType(column=ROW_INDEX, type_="int64"),
+                gxe.ExpectColumnValuesToNotBeNull(column=UID),
+                gxe.ExpectColumnValuesToNotBeNull(column=SHARD),
+            ],
+        ),
         _run("uid_unique", raw.select(UID), [gxe.ExpectColumnValuesToBeUnique(column=UID)]),
-        _run("captions_non_empty", captions, [
-            gxe.ExpectColumnValueLengthsToBeBetween(
-                column=CAPTION, min_value=1, mostly=thresholds.min_caption_fraction
-            ),
-        ]),
+        _run(
+            "captions_non_empty",
+            captions,
+            [
+                gxe.ExpectColumnValueLengthsToBeBetween(
+                    column=CAPTION, min_value=1, mostly=thresholds.min_caption_fraction
+                ),
+            ],
+        ),
     ]
 
 
@@ -111,21 +119,29 @@ def check_download(ledger: pl.DataFrame, input_uids: pl.Series, thresholds: Qual
         )
         for side in ("original_width", "original_height")
     ]
-    accounted = _run("rows_accounted", ledger.select(UID, STATUS), [
-        gxe.ExpectTableRowCountToEqual(value=input_uids.len()),
-        gxe.ExpectColumnValuesToBeUnique(column=UID),
-        gxe.ExpectColumnValuesToNotBeNull(column=STATUS),
-        gxe.ExpectColumnValuesToBeInSet(column=STATUS, value_set=list(Status.ALL)),
-    ])
+    accounted = _run(
+        "rows_accounted",
+        ledger.select(UID, STATUS),
+        [
+            gxe.ExpectTableRowCountToEqual(value=input_uids.len()),
+            gxe.ExpectColumnValuesToBeUnique(column=UID),
+            gxe.ExpectColumnValuesToNotBeNull(column=STATUS),
+            gxe.ExpectColumnValuesToBeInSet(column=STATUS, value_set=list(Status.ALL)),
+        ],
+    )
     accounted = CheckOutcome(
         accounted.name, accounted.passed and unknown_uids == 0, {**accounted.metadata, "unknown_uids": unknown_uids}
     )
     return [
         accounted,
-        _run("download_success_rate", attempted, [
-            gxe.ExpectColumnValuesToBeInSet(
-                column=STATUS, value_set=[Status.SUCCESS], mostly=thresholds.min_download_success_rate
-            ),
-        ]),
+        _run(
+            "download_success_rate",
+            attempted,
+            [
+                gxe.ExpectColumnValuesToBeInSet(
+                    column=STATUS, value_set=[Status.SUCCESS], mostly=thresholds.min_download_success_rate
+                ),
+            ],
+        ),
         _run("image_size_bounds", successes, sides),
     ]

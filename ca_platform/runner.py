@@ -138,5 +138,5 @@ def report(run: LineageRun) -> str:
         if not s.success:
             failed = [n for n, ok in s.checks.items() if not ok]
             lines.append(f"  FAILED shard {s.shard}: {s.error or 'checks failed: ' + ', '.join(failed)}")
-    lines.append(f"\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} \"SELECT ...\")")
+    lines.append(f'\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} "SELECT ...")')
     return "\n".join(lines)

@@ -205,9 +205,18 @@ def _polygon(cx: float, cy: float, radius: float, shape: str) -> list[tuple[floa
     if shape == "cross":
         a, w = radius, 0.35 * radius
         return [
-            (cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w),
-            (cx + a, cy + w), (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a),
-            (cx - w, cy + w), (cx - a, cy + w), (cx - a, cy - w), (cx - w, cy - w),
+            (cx - w, cy - a),
+            (cx + w, cy - a),
+            (cx + w, cy - w),
+            (cx + a, cy - w),
+            (cx + a, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + a),
+            (cx - w, cy + a),
+            (cx - w, cy + w),
+            (cx - a, cy + w),
+            (cx - a, cy - w),
+            (cx - w, cy - w),
         ]
     raise ValueError(f"no polygon for shape {shape!r}")
 
@@ -397,9 +406,7 @@ def boilerplate_caption(scene: Scene, rng: np.random.Generator) -> str:
     return token
 
 
-def make_noisy_caption(
-    scene: Scene, kind: str, rng: np.random.Generator, other: Scene | None = None
-) -> str:
+def make_noisy_caption(scene: Scene, kind: str, rng: np.random.Generator, other: Scene | None = None) -> str:
     """Dispatch to the caption corruption for ``kind`` (one of ``NOISE_KINDS``)."""
     if kind == "clean":
         return clean_caption(scene, rng)

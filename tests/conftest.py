@@ -113,7 +113,9 @@ def web_pool(tmp_path: Path, routes_server: RoutesServer) -> Callable[..., Path]
             urls, captions = [], []
             for row in range(rows_per_shard):
                 path = f"/img/{shard}-{row}.png"
-                routes_server.add(path, png_bytes(24 + row, 20 + shard, seed=shard * 100 + row), Content_Type="image/png")
+                routes_server.add(
+                    path, png_bytes(24 + row, 20 + shard, seed=shard * 100 + row), Content_Type="image/png"
+                )
                 urls.append(routes_server.url(path))
                 captions.append(f"a picture {shard}-{row}")
             if failures:

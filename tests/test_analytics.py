@@ -11,11 +11,17 @@ from ca_platform import analytics, layout, schemas
 
 def _ledger(shard: str, statuses: list[str]) -> pl.DataFrame:
     n = len(statuses)
-    frame = pl.DataFrame({
-        "uid": [f"{shard}-{i}" for i in range(n)], "shard": [shard] * n, "row_index": list(range(n)),
-        "url": [f"http://h/{i}" for i in range(n)], "caption": ["c"] * n, "status": statuses,
-        "error": [None if s == "success" else "why" for s in statuses],
-    })
+    frame = pl.DataFrame(
+        {
+            "uid": [f"{shard}-{i}" for i in range(n)],
+            "shard": [shard] * n,
+            "row_index": list(range(n)),
+            "url": [f"http://h/{i}" for i in range(n)],
+            "caption": ["c"] * n,
+            "status": statuses,
+            "error": [None if s == "success" else "why" for s in statuses],
+        }
+    )
     for name in schemas.DOWNLOAD_ROWS:
         if name not in frame.columns:
             frame = frame.with_columns(pl.lit(None).alias(name))
@@ -34,7 +40,9 @@ def test_views_exist_typed_before_any_shard_and_follow_new_files(tmp_path: Path)
         _ledger(shard, statuses).write_parquet(path)
     analytics.ensure_views(db, tmp_path)
     mtime = db.stat().st_mtime_ns
-    result = analytics.query(db, "SELECT shard, count(*) FILTER (status = 'success') FROM downloads GROUP BY shard ORDER BY shard")
+    result = analytics.query(
+        db, "SELECT shard, count(*) FILTER (status = 'success') FROM downloads GROUP BY shard ORDER BY shard"
+    )
     assert result.rows == [("a", 1), ("b", 3)]
 
     path = tmp_path / layout.download_rows_key("c")

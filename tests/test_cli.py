@@ -41,20 +41,41 @@ def test_dagster_cli_materializes_one_partition_through_the_workspace(
     data = tmp_path / "data"
     env = _env(tmp_path, CA_POOL_URI=str(pool), CA_DATA_URI=str(data), CA_ALLOW_HOSTS="127.0.0.1")
 
-    validated = subprocess.run([BIN / "dagster", "definitions", "validate"], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=300)
+    validated = subprocess.run(
+        [BIN / "dagster", "definitions", "validate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert validated.returncode == 0, validated.stderr[-2000:]  # no target given: dagster reads workspace.yaml
 
-    registered = subprocess.run([BIN / "ca-platform", "shards", "register", "--pool", str(pool)], env=env,
-                                capture_output=True, text=True, timeout=300)
+    registered = subprocess.run(
+        [BIN / "ca-platform", "shards", "register", "--pool", str(pool)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert registered.returncode == 0, registered.stderr[-2000:]
     assert "part-00000, part-00001" in registered.stdout
 
     module, working_dir = _workspace_module()
     materialized = subprocess.run(
-        [BIN / "dagster", "asset", "materialize", "-m", module, "-d", working_dir,
-         "--select", "raw_pool_shard,downloaded_shard", "--partition", "part-00001"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            BIN / "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            module,
+            "-d",
+            working_dir,
+            "--select",
+            "raw_pool_shard,downloaded_shard",
+            "--partition",
+            "part-00001",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert materialized.returncode == 0, materialized.stderr[-3000:]
     assert pl.read_parquet(data / layout.download_rows_key("part-00001")).height == 5
@@ -67,22 +88,38 @@ def test_run_command_accounts_for_every_input_row(web_pool: Callable[..., Path],
     data = tmp_path / "data"
     done = subprocess.run(
         [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(data), "--allow-host", "127.0.0.1"],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "shards: 2, rows: 14, downloaded: 10" in done.stdout
     input_rows = sum(pl.read_parquet(p).height for p in pool.glob("*.parquet"))
     db = data / layout.ANALYTICS_DB
-    assert analytics.query(db, "SELECT count(*), count(DISTINCT (shard, uid)) FROM downloads").rows == [(input_rows, input_rows)]
+    assert analytics.query(db, "SELECT count(*), count(DISTINCT (shard, uid)) FROM downloads").rows == [
+        (input_rows, input_rows)
+    ]
 
     sql = subprocess.run(
-        [BIN / "ca-platform", "sql", "--data", str(data),
-         "SELECT status, count(*) AS n FROM downloads GROUP BY status ORDER BY status"],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+        [
+            BIN / "ca-platform",
+            "sql",
+            "--data",
+            str(data),
+            "SELECT status, count(*) AS n FROM downloads GROUP BY status ORDER BY status",
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert sql.returncode == 0, sql.stderr[-2000:]
     assert [line.split("|")[0].strip() for line in sql.stdout.splitlines()[2:]] == [
-        "failed_to_decode", "failed_to_download", "success"]
+        "failed_to_decode",
+        "failed_to_download",
+        "success",
+    ]
 
 
 @pytest.mark.slow
@@ -92,7 +129,10 @@ def test_run_command_fails_loudly_on_a_malformed_shard(tmp_path: Path) -> None:
     pl.DataFrame({"link": ["http://x/1.png"], "caption": ["c"]}).write_parquet(pool / "broken.parquet")
     done = subprocess.run(
         [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(tmp_path / "data")],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=300,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 1
     assert "broken.parquet" in done.stdout and "'url'" in done.stdout
@@ -107,8 +147,9 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
     command = [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(data), "--allow-host", "127.0.0.1"]
 
     routes_server.delay_s = 0.5  # slow enough to be killed mid-download
-    process = subprocess.Popen(command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while not list((data / ".staging").glob("download-*/out/*.tar")) and time.monotonic() < deadline:
         time.sleep(0.05)

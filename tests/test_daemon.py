@@ -33,8 +33,13 @@ def daemon_env(web_pool: Callable[..., Path], tmp_path: Path) -> Iterator[dict[s
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").touch()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "CA_POOL_URI": str(web_pool(rows_per_shard=4)),
-           "CA_DATA_URI": str(tmp_path / "data"), "CA_ALLOW_HOSTS": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "CA_POOL_URI": str(web_pool(rows_per_shard=4)),
+        "CA_DATA_URI": str(tmp_path / "data"),
+        "CA_ALLOW_HOSTS": "127.0.0.1",
+    }
     yield env
 
 
@@ -48,14 +53,35 @@ def dagster(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 def test_cli_backfill_and_shard_sensor_run_under_the_daemon(daemon_env: dict[str, str]) -> None:
     data = Path(daemon_env["CA_DATA_URI"])
     ledgers = [data / layout.download_rows_key(s) for s in ("part-00000", "part-00001")]
-    subprocess.run([BIN / "ca-platform", "shards", "register", "--pool", daemon_env["CA_POOL_URI"]],
-                   env=daemon_env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [BIN / "ca-platform", "shards", "register", "--pool", daemon_env["CA_POOL_URI"]],
+        env=daemon_env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     dagster(daemon_env, "sensor", "stop", "pool_shard_sensor", "-w", "workspace.yaml")
-    dagster(daemon_env, "job", "backfill", "-w", "workspace.yaml", "-j", "shard_spine",
-            "--partitions", "part-00001", "--noprompt")
+    dagster(
+        daemon_env,
+        "job",
+        "backfill",
+        "-w",
+        "workspace.yaml",
+        "-j",
+        "shard_spine",
+        "--partitions",
+        "part-00001",
+        "--noprompt",
+    )
 
-    daemon = subprocess.Popen([BIN / "dagster-daemon", "run", "-w", "workspace.yaml"], cwd=REPO, env=daemon_env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    daemon = subprocess.Popen(
+        [BIN / "dagster-daemon", "run", "-w", "workspace.yaml"],
+        cwd=REPO,
+        env=daemon_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert _wait_for([ledgers[1]], 240), "the backfilled partition was not materialized"
         assert not ledgers[0].exists()  # only the backfilled shard ran

@@ -98,7 +98,7 @@ def test_success_rows_point_into_a_readable_tar(routes_server: RoutesServer, tmp
         members = {m.name: m.size for m in tar.getmembers()}
     rows = result.rows
     assert rows["status"].to_list() == [Status.SUCCESS] * 5
-    for key, size, width in zip(rows["key"], rows["bytes"], rows["original_width"]):
+    for key, size in zip(rows["key"], rows["bytes"]):
         assert members[f"{key}.jpg"] == size
         assert f"{key}.txt" in members
     assert rows["original_width"].to_list() == [20, 21, 22, 23, 24]

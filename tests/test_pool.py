@@ -38,7 +38,9 @@ def test_not_parquet_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_empty_given_uid_names_the_rows(tmp_path: Path) -> None:
-    pool = write_pool(tmp_path / "pool", {"d": {"url": ["u1", "u2", "u3"], "caption": ["a", "b", "c"], "uid": ["x", None, " "]}})
+    pool = write_pool(
+        tmp_path / "pool", {"d": {"url": ["u1", "u2", "u3"], "caption": ["a", "b", "c"], "uid": ["x", None, " "]}}
+    )
     with pytest.raises(MalformedShardError, match=r"'uid' is empty at rows \[1, 2\]"):
         read(pool, "d", tmp_path)
 
@@ -46,8 +48,12 @@ def test_empty_given_uid_names_the_rows(tmp_path: Path) -> None:
 def test_rows_kept_in_order_with_skip_reasons(tmp_path: Path) -> None:
     pool = write_pool(
         tmp_path / "pool",
-        {"e": {"url": ["http://h/1.png", None, "  ", "http://h/2.png", "http://h/3.png"],
-               "caption": ["one", "two", "three", "", None]}},
+        {
+            "e": {
+                "url": ["http://h/1.png", None, "  ", "http://h/2.png", "http://h/3.png"],
+                "caption": ["one", "two", "three", "", None],
+            }
+        },
     )
     raw = read(pool, "e", tmp_path)
     assert raw.columns == list(schemas.RAW_SHARD)
@@ -73,7 +79,9 @@ def test_laion_style_column_names_are_configurable(tmp_path: Path) -> None:
 
 
 def test_discovery_lists_parquet_files_as_safe_partition_keys(tmp_path: Path) -> None:
-    pool = write_pool(tmp_path / "pool", {"part 1": {"url": ["u"], "caption": ["c"]}, "part-2": {"url": ["u"], "caption": ["c"]}})
+    pool = write_pool(
+        tmp_path / "pool", {"part 1": {"url": ["u"], "caption": ["c"]}, "part-2": {"url": ["u"], "caption": ["c"]}}
+    )
     (pool / "notes.txt").write_text("ignored")
     (pool / "sub").mkdir()
     pl.DataFrame({"url": ["u"], "caption": ["c"]}).write_parquet(pool / "sub" / "x.parquet")

@@ -48,8 +48,12 @@ def test_pool_and_data_on_s3(web_pool: Callable[..., Path], s3_endpoint: str, tm
 
     analytics_dir = tmp_path / "analytics"
     resources = build_resources(
-        "s3://web-pool/laion", "s3://platform/ca", ["127.0.0.1"], s3_endpoint_url=s3_endpoint,
-        download_options={"thread_count": 4}, analytics_dir=str(analytics_dir),
+        "s3://web-pool/laion",
+        "s3://platform/ca",
+        ["127.0.0.1"],
+        s3_endpoint_url=s3_endpoint,
+        download_options={"thread_count": 4},
+        analytics_dir=str(analytics_dir),
     )
     run = run_lineage(resources)
     assert run.success, run.shards
@@ -68,7 +72,17 @@ def test_pool_and_data_on_s3(web_pool: Callable[..., Path], s3_endpoint: str, tm
 
     # the CLI mirrors the ledgers from S3 into a fresh local folder and queries them
     fresh = tmp_path / "fresh-analytics"
-    code = cli.main(["sql", "SELECT count(*) AS n, count(DISTINCT uid) AS u FROM downloads", "--data", "s3://platform/ca",
-                     "--s3-endpoint-url", s3_endpoint, "--analytics-dir", str(fresh)])
+    code = cli.main(
+        [
+            "sql",
+            "SELECT count(*) AS n, count(DISTINCT uid) AS u FROM downloads",
+            "--data",
+            "s3://platform/ca",
+            "--s3-endpoint-url",
+            s3_endpoint,
+            "--analytics-dir",
+            str(fresh),
+        ]
+    )
     assert code == 0
     assert capsys.readouterr().out.splitlines()[-1].split("|") == ["12 ", " 12"]

@@ -163,7 +163,10 @@ def test_describe_is_compositional() -> None:
         background_colour="yellow",
         background_pattern="striped",
     )
-    assert describe(scene) == "a large red circle on the left and a small blue square at the bottom, on a striped yellow background"
+    assert (
+        describe(scene)
+        == "a large red circle on the left and a small blue square at the bottom, on a striped yellow background"
+    )
     orange = Scene((SceneObject("star", "orange", "small", "center"),), "gray", "plain")
     partial_texts = {make_noisy_caption(orange, "partial", np.random.default_rng(i)) for i in range(30)}
     assert any(normalise_caption(t).startswith("an orange star") for t in partial_texts)

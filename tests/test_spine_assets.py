@@ -6,20 +6,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
-from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
-
-from ca_platform import analytics, layout
 from ca_platform.assets import SPINE_ASSETS
 from ca_platform.assets.partitions import POOL_SHARDS
 from ca_platform.resources import PlatformStorage, QualityConfig
-from ca_platform.runner import build_resources
 from ca_platform.sensors import pool_shard_sensor
+from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
+
+from ca_platform import analytics, layout
+from ca_platform.runner import build_resources
 from tests.conftest import write_pool
 
 
 def spine(tmp_path: Path, pool: Path, shard: str, instance: DagsterInstance, quality: QualityConfig | None = None):
-    resources = build_resources(str(pool), str(tmp_path / "data"), ["127.0.0.1"], quality=quality,
-                                download_options={"thread_count": 4})
+    resources = build_resources(
+        str(pool), str(tmp_path / "data"), ["127.0.0.1"], quality=quality, download_options={"thread_count": 4}
+    )
     if shard not in instance.get_dynamic_partitions(POOL_SHARDS):
         instance.add_dynamic_partitions(POOL_SHARDS, [shard])
     return materialize(SPINE_ASSETS, partition_key=shard, instance=instance, resources=resources, raise_on_error=False)
@@ -44,7 +45,11 @@ def test_one_partition_end_to_end(web_pool: Callable[..., Path], tmp_path: Path)
     }
     ledger = pl.read_parquet(tmp_path / "data" / layout.download_rows_key("part-00000"))
     assert ledger.height == 10
-    assert dict(ledger["status"].value_counts().rows()) == {"success": 8, "failed_to_decode": 1, "failed_to_download": 1}
+    assert dict(ledger["status"].value_counts().rows()) == {
+        "success": 8,
+        "failed_to_decode": 1,
+        "failed_to_download": 1,
+    }
     db = tmp_path / "data" / layout.ANALYTICS_DB
     assert analytics.query(db, "SELECT count(*), count(DISTINCT uid) FROM downloads").rows == [(10, 10)]
     materialization = result.asset_materializations_for_node("downloaded_shard")[0]
@@ -66,7 +71,9 @@ def test_rematerializing_a_partition_is_idempotent(web_pool: Callable[..., Path]
 
 
 def test_failed_blocking_check_stops_the_shards_downstream(tmp_path: Path, routes_server) -> None:
-    pool = write_pool(tmp_path / "pool", {"p": {"url": ["http://127.0.0.1:9/x.png"] * 4, "caption": ["a", "", "", "d"]}})
+    pool = write_pool(
+        tmp_path / "pool", {"p": {"url": ["http://127.0.0.1:9/x.png"] * 4, "caption": ["a", "", "", "d"]}}
+    )
     instance = DagsterInstance.ephemeral()
     result = spine(tmp_path, pool, "p", instance, QualityConfig(min_caption_fraction=0.9))
     assert not result.success
@@ -77,7 +84,9 @@ def test_failed_blocking_check_stops_the_shards_downstream(tmp_path: Path, route
 
 def test_success_rate_floor_fails_the_download_check(web_pool: Callable[..., Path], tmp_path: Path) -> None:
     pool = web_pool(rows_per_shard=4)  # 2 of 4 rows fail
-    result = spine(tmp_path, pool, "part-00000", DagsterInstance.ephemeral(), QualityConfig(min_download_success_rate=0.9))
+    result = spine(
+        tmp_path, pool, "part-00000", DagsterInstance.ephemeral(), QualityConfig(min_download_success_rate=0.9)
+    )
     assert checks_of(result)["downloaded_shard:download_success_rate"] is False
     assert not result.success
     # the ledger is still published: every row accounted for, the check says the shard is not good enough
