@@ -1,0 +1,25 @@
+"""Where models run: CUDA with bf16 autocast when there is a GPU, the CPU in float32 otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """`preferred` if given ("cpu", "cuda", "cuda:1"), else CUDA when available, else the CPU."""
+    if preferred:
+        return torch.device(preferred)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def inference_autocast(device: torch.device) -> Iterator[None]:
+    """bf16 autocast on CUDA; nothing on the CPU, where bf16 matmuls are slower than float32 on most chips."""
+    if device.type == "cuda":
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
