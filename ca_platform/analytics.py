@@ -10,6 +10,7 @@ S3 support is an extension it would download from the internet, which this platf
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from ca_platform.storage import DataStore
 # View name -> the schema of the files it reads, for a typed empty view before any file exists.
 VIEW_SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "downloads": schemas.DOWNLOAD_ROWS,
+    "scores": schemas.SCORES,
 }
 
 
@@ -99,8 +101,6 @@ def mirror(store: DataStore, mirror_root: Path, keys: list[str] | None = None) -
 
     With `keys`, only those; otherwise every file matching a view's glob, skipping unchanged ones.
     """
-    import fnmatch
-
     stamps_path = mirror_root / ".mirror-fingerprints.json"
     stamps: dict[str, str] = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
     wanted = set(keys or [])

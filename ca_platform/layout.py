@@ -28,7 +28,39 @@ def download_tar_key(shard: str, tar_name: str) -> str:
     return f"{download_prefix(shard)}/{tar_name}"
 
 
+PREFERENCES_DIR = "preferences"
+PREFERENCES_FILE = "preferences.jsonl"
+MODELS_DIR = "models"
+SCORES_DIR = "scores"
+CURRENT_FILE = "current.json"
+
+
+def preferences_prefix(version: str) -> str:
+    """A validated preference set with its images, named by content hash."""
+    return f"{PREFERENCES_DIR}/{version}"
+
+
+def model_root(kind: str) -> str:
+    """Checkpoints of one kind of model ("reward_model", "clip_score", "blip_score"), one folder per version."""
+    return f"{MODELS_DIR}/{kind}"
+
+
+def model_prefix(kind: str, version: str) -> str:
+    return f"{model_root(kind)}/{version}"
+
+
+def current_model_key(kind: str) -> str:
+    """Which version of a kind of model is current, and what it was trained from."""
+    return f"{model_root(kind)}/{CURRENT_FILE}"
+
+
+def scores_key(scorer: str, version: str, shard: str) -> str:
+    """One shard's scores by one model version: versions live side by side."""
+    return f"{SCORES_DIR}/{scorer}/{version}/{shard}.parquet"
+
+
 # DuckDB view name -> glob of the parquet files it reads, relative to the data root (or its local mirror).
 VIEW_GLOBS: dict[str, str] = {
     "downloads": f"{DOWNLOADS_DIR}/*/{ROWS_FILE}",
+    "scores": f"{SCORES_DIR}/*/*/*.parquet",
 }

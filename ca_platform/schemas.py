@@ -47,6 +47,16 @@ DOWNLOAD_ROWS: Mapping[str, pl.DataType] = {
     "sha256": pl.String(),
 }
 
+# One row per downloaded pair per scoring model version.
+SCORES: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    SHARD: pl.String(),
+    "scorer": pl.String(),  # reward_model, clip_score, blip_score
+    "model_version": pl.String(),
+    "score": pl.Float64(),
+    "score_norm": pl.Float64(),  # (score - mean) / std with the model's own normalisation statistics
+}
+
 
 class Status:
     """Outcome words of a pool row; anything but SUCCESS carries an `error` saying why."""

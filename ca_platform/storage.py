@@ -8,6 +8,7 @@ never leaves anything a reader would take as complete.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -183,4 +184,52 @@ def fetch_to_local(store: DataStore, key: str, scratch: Path) -> Path:
         return path
     local = scratch / key
     store.get_file(key, local)
+    return local
+
+
+def read_json(store: DataStore, key: str, scratch: Path) -> Any | None:
+    """The JSON document at `key`, or None when there is none."""
+    if not store.exists(key):
+        return None
+    return json.loads(fetch_to_local(store, key, scratch).read_text())
+
+
+def write_json(store: DataStore, key: str, document: Any, scratch: Path) -> None:
+    """Write a small JSON document (a pointer such as "the current model version") atomically."""
+    local = scratch / f"{uuid.uuid4().hex}.json"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text(json.dumps(document, indent=2, sort_keys=True))
+    store.put_file(local, key, consume=True)
+
+
+def publish_folder(store: DataStore, folder: Path, prefix: str, index_name: str | None = None) -> None:
+    """Move a local folder's files under `prefix`; the one named `index_name`, if any, goes last (see `publish`)."""
+    files = {f"{prefix}/{p.relative_to(folder).as_posix()}": p for p in sorted(folder.rglob("*")) if p.is_file()}
+    index_key = f"{prefix}/{index_name}" if index_name else None
+    for key, path in files.items():
+        if key != index_key:
+            store.put_file(path, key, consume=True)
+    if index_key is not None:
+        store.put_file(files[index_key], index_key, consume=True)
+
+
+def fetch_folder(store: DataStore, prefix: str, cache: Path) -> Path:
+    """A local folder with the objects under `prefix`: the folder itself for a local store, else a cached copy.
+
+    Only suitable for immutable prefixes (content-addressed versions): a cached copy is reused as is.
+    """
+    path = store.local_path(prefix)
+    if path is not None:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{store.uri_of(prefix)} does not exist")
+        return path
+    local = cache / prefix
+    if not local.is_dir():
+        objects = store.list(prefix + "/")
+        if not objects:
+            raise FileNotFoundError(f"{store.uri_of(prefix)} does not exist")
+        staging = local.with_name(f".{local.name}.{uuid.uuid4().hex}.part")
+        for obj in objects:
+            store.get_file(obj.key, staging / obj.key[len(prefix) + 1 :])
+        os.replace(staging, local)
     return local

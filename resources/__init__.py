@@ -131,6 +131,50 @@ class QualityConfig(ConfigurableResource):
         )
 
 
+class PreferencesConfig(ConfigurableResource):
+    """The human preference file the reward model learns from, and how it is split."""
+
+    uri: str | None = Field(default=None, description="Local JSONL or parquet preference file.")
+    holdout_fraction: float = Field(default=0.2, description="Share of images held out for evaluation.")
+    split_seed: int = 0
+
+
+class RewardModelConfig(ConfigurableResource):
+    """How the reward model is built and trained."""
+
+    backbone: str = Field(default="tiny", description='"tiny" (from config) or a local pretrained BLIP folder.')
+    image_size: int = 64
+    freeze_fraction: float = Field(default=0.0, description="Freeze this first fraction of encoder layers.")
+    epochs: int = 10
+    learning_rate: float = 3e-4
+    images_per_batch: int = 16
+    tie_policy: str = Field(default="skip", description='"skip" human ties, or "soft" (target 0.5).')
+    seed: int = 0
+    device: str | None = Field(default=None, description="cpu, cuda, ...; default: CUDA when present.")
+
+
+class ScoringConfig(ConfigurableResource):
+    """How shards are scored: batch size, DataLoader workers, device."""
+
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str | None = None
+
+
+class BaselineConfig(ConfigurableResource):
+    """The CLIP-score and BLIP-ITM baselines: local pretrained folders, or trained on the raw pool."""
+
+    clip_pretrained_dir: str | None = Field(default=None, description="Local CLIP folder (save_pretrained).")
+    blip_pretrained_dir: str | None = Field(default=None, description="Local BLIP ITM folder (save_pretrained).")
+    image_size: int = 64
+    epochs: int = 4
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    max_train_pairs: int = 20_000
+    seed: int = 0
+    device: str | None = None
+
+
 def resources_from_env() -> dict[str, ConfigurableResource]:
     """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI.
 
@@ -145,4 +189,10 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
         ),
         "downloader": DownloadConfig(allow_hosts=os.environ.get("CA_ALLOW_HOSTS", "")),
         "quality": QualityConfig(),
+        "preferences": PreferencesConfig(uri=os.environ.get("CA_PREFERENCES_URI")),
+        "reward_training": RewardModelConfig(),
+        "scoring": ScoringConfig(),
+        "baselines": BaselineConfig(
+            clip_pretrained_dir=os.environ.get("CA_CLIP_DIR"), blip_pretrained_dir=os.environ.get("CA_BLIP_DIR")
+        ),
     }
