@@ -51,6 +51,10 @@ DOWNLOAD_CHECKS = (
     CheckSpec("image_size_bounds", "downloaded images' original sides lie within the configured bounds"),
 )
 
+SCORE_CHECKS = (
+    CheckSpec("uid_coverage", "the scored uids are exactly the shard's successfully downloaded uids, once each"),
+)
+
 
 @functools.cache
 def _batch_definition() -> Any:
@@ -144,4 +148,32 @@ def check_download(ledger: pl.DataFrame, input_uids: pl.Series, thresholds: Qual
             ],
         ),
         _run("image_size_bounds", successes, sides),
+    ]
+
+
+def check_scores(scores: pl.DataFrame, ledger: pl.DataFrame) -> list[CheckOutcome]:
+    import great_expectations.expectations as gxe
+
+    downloaded = ledger.filter(pl.col(STATUS) == Status.SUCCESS)[UID]
+    missing = downloaded.filter(~downloaded.is_in(scores[UID].implode()))
+    unexpected = scores[UID].filter(~scores[UID].is_in(downloaded.implode()))
+    outcome = _run(
+        "uid_coverage",
+        scores.select(UID, "score"),
+        [
+            gxe.ExpectTableRowCountToEqual(value=downloaded.len()),
+            gxe.ExpectColumnValuesToBeUnique(column=UID),
+            gxe.ExpectColumnValuesToNotBeNull(column="score"),
+        ],
+    )
+    return [
+        CheckOutcome(
+            outcome.name,
+            outcome.passed and missing.len() == 0 and unexpected.len() == 0,
+            {
+                **outcome.metadata,
+                "missing_uids": missing.head(10).to_list(),
+                "unexpected_uids": unexpected.head(10).to_list(),
+            },
+        )
     ]

@@ -33,8 +33,14 @@ class TarSample:
 
 
 def iter_samples(tars: Iterable[Path | str]) -> Iterator[TarSample]:
-    """Samples of the tars in order; members other than an image, `.txt` and `.json` are ignored undecoded."""
-    dataset = wds.WebDataset([str(t) for t in tars], shardshuffle=False, empty_check=False)
+    """Samples of the tars in order; members other than an image, `.txt` and `.json` are ignored undecoded.
+
+    Every sample of every tar, wherever it runs: webdataset's own splitting by DataLoader worker and by
+    distributed node is off, so callers that parallelise split the stream themselves and lose nothing.
+    """
+    dataset = wds.WebDataset(
+        [str(t) for t in tars], shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+    )
     for raw in dataset:
         image_format = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if image_format is None:

@@ -1,0 +1,644 @@
+"""Preference files: reading and validating them, fetching their images, and a shapes-world generator.
+
+A preference file holds one record per image, ``{"image": ..., "captions": [...], "ranking": [...]}``,
+where ``ranking[i]`` is the rank of ``captions[i]`` (1 best, equal ranks tied), as JSONL or parquet. People
+write these files by hand or export them from labelling tools, so every row is checked and all problems
+are reported at once, each naming the file, row and field.
+
+The demo has no human annotators, so ``write_shapes_preferences`` simulates them on shapes-world images,
+whose true content is known: annotators rank captions by accuracy, completeness, detail and context, the
+criteria Compress & Align asks people to use, plus per-annotator noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import io
+import itertools
+import json
+import os
+import tempfile
+import urllib.error
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from ca_platform.download_guard import GuardPolicy, build_opener
+from ca_platform.preferences import PreferenceItem
+from ca_platform.shapes_world import (
+    Scene,
+    SceneObject,
+    ShapesWorldConfig,
+    clean_caption,
+    describe,
+    normalise_caption,
+    other_image_caption,
+    perturb_scene,
+    render_scene,
+    sample_scene,
+)
+
+FIELDS = ("image", "captions", "ranking")
+MAX_LISTED_PROBLEMS = 20
+_URL_SCHEMES = ("http", "https")
+_EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+class PreferenceFormatError(ValueError):
+    """A preference file (or one of its images) is unusable; `problems` lists every reason found.
+
+    Each problem reads ``<file>: row <n>: field '<name>': <what is wrong>``, so a user can fix the whole
+    file in one go rather than one error per run.
+    """
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = tuple(f"{source}: {problem}" for problem in problems)
+        lines = list(self.problems[:MAX_LISTED_PROBLEMS])
+        if len(self.problems) > MAX_LISTED_PROBLEMS:
+            lines.append(f"... and {len(self.problems) - MAX_LISTED_PROBLEMS} more")
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{source}: {len(self.problems)} problems\n" + "\n".join(f"  {line}" for line in lines)
+        super().__init__(message)
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _record_problems(record: object) -> list[str]:
+    """What is wrong with one record, as ``field '<name>': ...`` phrases (empty when it is valid)."""
+    if not isinstance(record, dict):
+        return [f"expected a JSON object with fields {', '.join(FIELDS)}, got {_type_name(record)}"]
+    problems = [f"field '{name}': missing" for name in FIELDS if name not in record]
+
+    image = record.get("image")
+    if "image" in record:
+        if not isinstance(image, str):
+            problems.append(f"field 'image': expected a string, got {_type_name(image)}")
+        elif not image.strip():
+            problems.append("field 'image': empty")
+
+    captions = record.get("captions")
+    captions_ok = False
+    if "captions" in record:
+        if not isinstance(captions, list):
+            problems.append(f"field 'captions': expected a list of strings, got {_type_name(captions)}")
+        elif len(captions) < 2:
+            problems.append(f"field 'captions': needs at least 2 captions to rank, got {len(captions)}")
+        else:
+            before = len(problems)
+            for number, caption in enumerate(captions, start=1):
+                if not isinstance(caption, str):
+                    problems.append(f"field 'captions': caption {number} is {_type_name(caption)}, not a string")
+                elif not caption.strip():
+                    problems.append(f"field 'captions': caption {number} is empty")
+            captions_ok = len(problems) == before
+
+    ranking = record.get("ranking")
+    if "ranking" in record:
+        if not isinstance(ranking, list):
+            problems.append(f"field 'ranking': expected a list of integers, got {_type_name(ranking)}")
+            return problems
+        before = len(problems)
+        for number, rank in enumerate(ranking, start=1):
+            if isinstance(rank, bool) or not isinstance(rank, int):
+                problems.append(f"field 'ranking': rank {number} is {rank!r} ({_type_name(rank)}), not an integer")
+            elif rank < 1:
+                problems.append(f"field 'ranking': rank {number} is {rank}; ranks start at 1 (best)")
+        if len(problems) > before:
+            return problems
+        if captions_ok and len(ranking) != len(captions):
+            problems.append(f"field 'ranking': length {len(ranking)} differs from {len(captions)} captions")
+        elif len(ranking) >= 2 and len(set(ranking)) == 1:
+            problems.append(f"field 'ranking': all {len(ranking)} ranks are equal, so the row orders no pair")
+    return problems
+
+
+def _jsonl_records(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed object or the parse error) of each non-blank line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PreferenceFormatError(path.name, [f"not UTF-8 text ({err})"]) from err
+    records: list[tuple[int, object]] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            records.append((number, err))
+    return records
+
+
+def _parquet_records(path: Path) -> list[tuple[int, object]]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise PreferenceFormatError(path.name, [f"not a readable parquet file ({err})"]) from err
+    missing = [name for name in FIELDS if name not in table.column_names]
+    if missing:
+        raise PreferenceFormatError(
+            path.name, [f"field '{name}': column missing (has {table.column_names})" for name in missing]
+        )
+    return list(enumerate(table.select(list(FIELDS)).to_pylist(), start=1))
+
+
+def read_preferences(path: Path) -> list[PreferenceItem]:
+    """Every row of a ``.jsonl`` or ``.parquet`` preference file, validated; extra fields are ignored.
+
+    Raises PreferenceFormatError listing all bad rows, so one round of fixes makes the file load.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = _jsonl_records(path)
+    elif suffix == ".parquet":
+        records = _parquet_records(path)
+    else:
+        raise PreferenceFormatError(
+            path.name, [f"unsupported file type {suffix or '(none)'!r}: use .jsonl or .parquet"]
+        )
+    if not records:
+        raise PreferenceFormatError(path.name, ["no rows"])
+    items, problems = [], []
+    for row, record in records:
+        if isinstance(record, json.JSONDecodeError):
+            problems.append(f"row {row}: invalid JSON ({record.msg} at column {record.colno})")
+            continue
+        row_problems = _record_problems(record)
+        if row_problems:
+            problems.extend(f"row {row}: {problem}" for problem in row_problems)
+            continue
+        assert isinstance(record, dict)
+        items.append(
+            PreferenceItem(
+                image=record["image"], captions=tuple(record["captions"]), ranking=tuple(record["ranking"]), row=row
+            )
+        )
+    if problems:
+        raise PreferenceFormatError(path.name, problems)
+    return items
+
+
+def write_preferences(
+    items: Sequence[PreferenceItem], path: Path, extras: Sequence[Mapping[str, Any]] | None = None
+) -> Path:
+    """Write items as a preference file (JSONL, or parquet for a ``.parquet`` path).
+
+    ``extras[k]`` adds fields to row k (readers ignore them), e.g. where each generated caption came from.
+    """
+    path = Path(path)
+    if extras is not None and len(extras) != len(items):
+        raise ValueError(f"{len(extras)} extras for {len(items)} items")
+    records = [
+        {"image": item.image, "captions": list(item.captions), "ranking": list(item.ranking), **(extra or {})}
+        for item, extra in zip(items, extras or [None] * len(items))
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".parquet":
+        pq.write_table(pa.Table.from_pylist(records), path)
+    elif path.suffix.lower() == ".jsonl":
+        with path.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        raise ValueError(f"cannot write preferences to {path.name}: use .jsonl or .parquet")
+    return path
+
+
+class _FetchFailed(Exception):
+    """Why one URL gave no image; turned into a PreferenceFormatError for every row using it."""
+
+
+def _fetch_image(url: str, dest_dir: Path, policy: GuardPolicy, timeout_s: float) -> Path:
+    """Download `url` through the guard into `dest_dir` (once: an earlier copy is reused)."""
+    stem = hashlib.sha1(url.encode("utf-8")).hexdigest()
+    for existing in sorted(dest_dir.glob(f"{stem}.*")):
+        return existing
+    try:
+        with build_opener(policy).open(url, timeout=timeout_s) as response:
+            body = response.read()
+    except urllib.error.HTTPError as err:
+        raise _FetchFailed(f"HTTP {err.code} {err.reason}") from err
+    except urllib.error.URLError as err:
+        raise _FetchFailed(str(err.reason)) from err
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        raise _FetchFailed(f"{type(err).__name__}: {err}") from err
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            image_format = image.format or ""
+            image.verify()
+    except UnidentifiedImageError as err:
+        raise _FetchFailed(f"body of {len(body)} bytes is not an image Pillow can identify") from err
+    except Exception as err:  # Pillow raises many types (SyntaxError, struct.error, ...) for broken data
+        raise _FetchFailed(f"body is not a decodable image ({type(err).__name__}: {err})") from err
+    target = dest_dir / (stem + _EXTENSIONS.get(image_format, f".{image_format.lower() or 'img'}"))
+    handle, temporary = tempfile.mkstemp(dir=dest_dir, prefix=f".{stem}-")
+    with os.fdopen(handle, "wb") as out:
+        out.write(body)
+    os.replace(temporary, target)  # a half-written file never looks like a finished download
+    return target
+
+
+def resolve_images(
+    items: Sequence[PreferenceItem],
+    base_dir: Path,
+    dest_dir: Path,
+    policy: GuardPolicy,
+    *,
+    source: str = "preferences",
+    timeout_s: float = 10.0,
+    workers: int = 4,
+) -> list[PreferenceItem]:
+    """The items with `image` turned into an absolute local path.
+
+    Relative paths are taken from `base_dir` (the preference file's folder). http(s) URLs are fetched
+    through the platform's download guard, which refuses private addresses unless `policy` allows the host
+    and caps bytes and pixels, and must decode as images; they are saved in `dest_dir` as
+    ``sha1(url).<ext>``, each URL once. Other schemes (file:, ftp:, data:) are refused, since they would
+    read files or services the guard exists to keep out. All problems are raised together, named by
+    `source` (the preference file's name) and row.
+    """
+    base_dir, dest_dir = Path(base_dir), Path(dest_dir)
+    problems: list[str] = []
+    urls = sorted({item.image for item in items if urlsplit(item.image).scheme.lower() in _URL_SCHEMES})
+    fetched: dict[str, Path | str] = {}
+    if urls:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+
+        def fetch(url: str) -> Path | str:
+            try:
+                return _fetch_image(url, dest_dir, policy, timeout_s)
+            except _FetchFailed as err:
+                return str(err)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls)))) as pool:
+            fetched = dict(zip(urls, pool.map(fetch, urls)))
+
+    resolved = []
+    for item in items:
+        scheme = urlsplit(item.image).scheme.lower()
+        where = f"row {item.row}: field 'image'"
+        if scheme in _URL_SCHEMES:
+            outcome = fetched[item.image]
+            if isinstance(outcome, str):
+                problems.append(f"{where}: cannot fetch {item.image!r}: {outcome}")
+                continue
+            path = outcome.resolve()
+        elif scheme:
+            problems.append(f"{where}: scheme {scheme!r} refused in {item.image[:120]!r}; use a local path or http(s)")
+            continue
+        else:
+            path = Path(item.image)
+            path = (path if path.is_absolute() else base_dir / path).resolve()
+            if not path.is_file():
+                problems.append(f"{where}: image file not found: {path}")
+                continue
+        resolved.append(dataclasses.replace(item, image=str(path)))
+    if problems:
+        raise PreferenceFormatError(source, problems)
+    return resolved
+
+
+# --- The shapes-world annotator simulation -----------------------------------------------------------
+
+# Stream id of the preference images' RNG, default_rng([seed, 7919]). The pool draws shard k from
+# default_rng([pool_seed, k]), so the two share no random stream unless a pool has over 7919 shards. Equal
+# scenes can still come from different streams, hence ShapesPreferenceConfig.avoid_pool as well.
+PREFERENCE_STREAM = 7919
+
+CAPTION_SOURCES = ("clean", "partial", "wrong_attribute", "two_wrong_attributes", "other_image", "boilerplate")
+_NOISY_SOURCES = CAPTION_SOURCES[1:]
+
+# Annotator utility: a complete, correct caption scores 1 and each wrong fact costs half of that,
+# because the paper asks annotators to put accuracy before completeness and detail.
+_COMPLETENESS_WEIGHT = 0.6
+_DETAIL_WEIGHT = 0.25
+_CONTEXT_WEIGHT = 0.15
+_WRONG_FACT_PENALTY = 0.5
+
+# The caption grammar's words, as shapes_world.describe writes them (a test keeps the two in step).
+_POSITION_PHRASES = {
+    "top left": "at the top left",
+    "top": "at the top",
+    "top right": "at the top right",
+    "left": "on the left",
+    "center": "in the center",
+    "right": "on the right",
+    "bottom left": "at the bottom left",
+    "bottom": "at the bottom",
+    "bottom right": "at the bottom right",
+}
+_PATTERN_WORDS = {"plain": "", "striped": "striped", "dotted": "dotted"}
+_BOILERPLATE_TOKENS = ("IMG_{}.jpg", "DSC{:05d}.JPG", "stock photo {}", "untitled-{}.png", "image{}.png")
+_BOILERPLATE_PHRASES = ("click to enlarge", "image", "thumbnail", "no description available", "photo")
+
+
+@dataclass(frozen=True)
+class ShapesPreferenceConfig:
+    """Everything that determines a simulated preference set; equal configs give identical files."""
+
+    seed: int = 1000
+    images: int = 300
+    captions_per_image: int = 4
+    image_size: int = 64
+    annotators: int = 3
+    annotator_noise: float = 0.15
+    tie_margin: float = 0.05
+    # The pool whose images these must not repeat (so the reward model is never scored on its own
+    # training images); None skips the check.
+    avoid_pool: ShapesWorldConfig | None = field(default_factory=ShapesWorldConfig)
+
+    def __post_init__(self) -> None:
+        if self.images < 1:
+            raise ValueError("images must be positive")
+        if self.captions_per_image < 2:
+            raise ValueError("captions_per_image must be at least 2: one caption orders nothing")
+        if self.image_size < 8:
+            raise ValueError("image_size must be at least 8")
+        if self.annotators < 1:
+            raise ValueError("annotators must be positive")
+        if self.annotator_noise < 0 or self.tie_margin < 0:
+            raise ValueError("annotator_noise and tie_margin must be non-negative")
+
+
+@dataclass(frozen=True)
+class ShapesPreference:
+    """One simulated image with its ranked captions, and the ground truth behind the ranking."""
+
+    scene: Scene
+    captions: tuple[str, ...]
+    sources: tuple[str, ...]  # which of CAPTION_SOURCES made each caption
+    utilities: tuple[float, ...]  # noiseless annotator utility of each caption
+    ranking: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _ObjectClaim:
+    """One object as a caption states it; None is an attribute the caption leaves out."""
+
+    shape: str
+    size: str | None
+    colour: str | None
+    position: str | None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """Everything a caption asserts about its image: the provenance the simulated annotators judge."""
+
+    objects: tuple[_ObjectClaim, ...] = ()
+    background: tuple[str, str] | None = None  # (colour, pattern)
+
+
+def _scene_key(scene: Scene) -> tuple[str, str, frozenset[SceneObject]]:
+    """Equal for scenes that render the same image (object order does not matter)."""
+    return scene.background_colour, scene.background_pattern, frozenset(scene.objects)
+
+
+def _pool_scene_keys(config: ShapesWorldConfig) -> set[tuple[str, str, frozenset[SceneObject]]]:
+    """The scenes of a shapes-world pool, without rendering it: generate_pool draws each shard's scenes
+    first from default_rng([seed, shard])."""
+    keys = set()
+    for shard in range(config.shards):
+        rng = np.random.default_rng([config.seed, shard])
+        keys.update(_scene_key(sample_scene(rng)) for _ in range(config.rows_per_shard))
+    return keys
+
+
+def _full_claim(scene: Scene) -> _Claim:
+    objects = tuple(_ObjectClaim(o.shape, o.size, o.colour, o.position) for o in scene.objects)
+    return _Claim(objects, (scene.background_colour, scene.background_pattern))
+
+
+def _claim_text(claim: _Claim) -> str:
+    """The caption stating exactly `claim`, in describe()'s grammar."""
+    phrases = []
+    for obj in claim.objects:
+        noun = " ".join(word for word in (obj.size, obj.colour, obj.shape) if word)
+        phrase = ("an " if noun[0] in "aeiou" else "a ") + noun
+        phrases.append(f"{phrase} {_POSITION_PHRASES[obj.position]}" if obj.position else phrase)
+    body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    if claim.background is None:
+        return body
+    colour, pattern = claim.background
+    words = " ".join(word for word in (_PATTERN_WORDS[pattern], colour) if word)
+    return f"{body}, on {'an' if words[0] in 'aeiou' else 'a'} {words} background"
+
+
+def _vary_surface(text: str, rng: np.random.Generator) -> str:
+    """Casing and trailing punctuation varied like every other caption, so they say nothing of quality."""
+    style = int(rng.integers(4))
+    capitalised = text[0].upper() + text[1:]
+    return (text, capitalised, capitalised + ".", text + ".")[style]
+
+
+def _partial_claim(scene: Scene, rng: np.random.Generator) -> _Claim:
+    """A true but incomplete claim: some objects, attributes or the background left out."""
+    objects = list(scene.objects)
+    if len(objects) > 1 and rng.random() < 0.5:
+        keep = sorted(int(i) for i in rng.choice(len(objects), size=int(rng.integers(1, len(objects))), replace=False))
+        objects = [objects[i] for i in keep]
+    claims = tuple(
+        _ObjectClaim(
+            o.shape,
+            o.size if rng.random() >= 0.4 else None,
+            o.colour if rng.random() >= 0.4 else None,
+            o.position if rng.random() >= 0.4 else None,
+        )
+        for o in objects
+    )
+    background = (scene.background_colour, scene.background_pattern) if rng.random() >= 0.5 else None
+    claim = _Claim(claims, background)
+    return _Claim(claims, None) if claim == _full_claim(scene) else claim
+
+
+def _boilerplate_token(rng: np.random.Generator) -> str:
+    n = int(rng.integers(1, 10_000))
+    if rng.random() < 0.5:
+        return _BOILERPLATE_TOKENS[int(rng.integers(len(_BOILERPLATE_TOKENS)))].format(n)
+    return _BOILERPLATE_PHRASES[int(rng.integers(len(_BOILERPLATE_PHRASES)))]
+
+
+@dataclass(frozen=True)
+class _Assessment:
+    correct: int  # facts stated rightly (object attributes, background colour and pattern)
+    wrong: int  # facts stated wrongly, including every fact about an object the image lacks
+    detail: int  # correct size, colour and position words
+    background_right: bool
+
+
+def _assess(claim: _Claim, scene: Scene) -> _Assessment:
+    """Compare a claim with the truth, reading it as charitably as an annotator would: each stated
+    object is matched to the true object it agrees with most."""
+    truth = scene.objects
+    best: tuple[int, int, int] | None = None
+    for assignment in itertools.permutations(range(max(len(claim.objects), len(truth))), len(claim.objects)):
+        correct = wrong = detail = 0
+        for stated, index in zip(claim.objects, assignment):
+            actual = truth[index] if index < len(truth) else None
+            for name in ("shape", "size", "colour", "position"):
+                value = getattr(stated, name)
+                if value is None:
+                    continue
+                if actual is not None and value == getattr(actual, name):
+                    correct += 1
+                    detail += name != "shape"
+                else:
+                    wrong += 1
+        if best is None or correct - wrong > best[0] - best[1]:
+            best = (correct, wrong, detail)
+    correct, wrong, detail = best or (0, 0, 0)
+    background_right = False
+    if claim.background is not None:
+        colour_right = claim.background[0] == scene.background_colour
+        pattern_right = claim.background[1] == scene.background_pattern
+        correct += colour_right + pattern_right
+        wrong += (not colour_right) + (not pattern_right)
+        background_right = colour_right and pattern_right
+    return _Assessment(correct, wrong, detail, background_right)
+
+
+def _utility(claim: _Claim, scene: Scene) -> float:
+    """The paper's criteria: accuracy first, then completeness, vividness (detail) and context."""
+    found = _assess(claim, scene)
+    completeness = found.correct / (4 * len(scene.objects) + 2)
+    detail = found.detail / (3 * len(scene.objects))
+    return (
+        _COMPLETENESS_WEIGHT * completeness
+        + _DETAIL_WEIGHT * detail
+        + _CONTEXT_WEIGHT * found.background_right
+        - _WRONG_FACT_PENALTY * found.wrong
+    )
+
+
+def _competition_ranking(scores: np.ndarray, tie_margin: float) -> tuple[int, ...]:
+    """Ranks 1.. by descending score; a score within `tie_margin` of its group's best shares the rank.
+
+    A row where everything ties would order no pair, so it keeps the strict order instead.
+    """
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ranks = [0] * len(scores)
+    leader, rank = order[0], 1
+    for position, index in enumerate(order):
+        if scores[leader] - scores[index] >= tie_margin:
+            leader, rank = index, position + 1
+        ranks[index] = rank
+    if len(set(ranks)) == 1 and tie_margin > 0:
+        return _competition_ranking(scores, 0.0)
+    return tuple(ranks)
+
+
+def _noisy_caption(kind: str, scene: Scene, other: Scene, rng: np.random.Generator) -> tuple[str, _Claim] | None:
+    """A caption of `kind` for `scene` and what it claims; None when this draw is unusable."""
+    if kind == "partial":
+        claim = _partial_claim(scene, rng)
+        return _vary_surface(_claim_text(claim), rng), claim
+    if kind in ("wrong_attribute", "two_wrong_attributes"):
+        wrong_scene = perturb_scene(scene, rng)
+        if kind == "two_wrong_attributes":
+            wrong_scene = perturb_scene(wrong_scene, rng)
+        claim = _full_claim(wrong_scene)
+        if _assess(claim, scene).wrong != (1 if kind == "wrong_attribute" else 2):
+            return None  # the second change undid or overwrote the first
+        return clean_caption(wrong_scene, rng), claim
+    if kind == "other_image":
+        return other_image_caption(scene, rng, other), _full_claim(other)
+    if kind == "boilerplate":
+        token = _boilerplate_token(rng)
+        if rng.random() >= 0.3:
+            return token, _Claim()
+        claim = _partial_claim(scene, rng)
+        separator = (" - ", " | ", " ")[int(rng.integers(3))]
+        text = _claim_text(claim)
+        return (f"{token}{separator}{text}" if rng.random() < 0.5 else f"{text}{separator}{token}"), claim
+    raise ValueError(f"unknown caption source {kind!r}")
+
+
+def _sample_preference(
+    scene: Scene, other: Scene, config: ShapesPreferenceConfig, rng: np.random.Generator
+) -> ShapesPreference:
+    """Captions from distinct sources for one scene, shuffled, ranked by noisy simulated annotators."""
+    extra = config.captions_per_image - 1
+    kinds = [_NOISY_SOURCES[int(i)] for i in rng.permutation(len(_NOISY_SOURCES))[:extra]]
+    kinds += [_NOISY_SOURCES[int(i)] for i in rng.integers(len(_NOISY_SOURCES), size=extra - len(kinds))]
+    captions, sources, claims = [clean_caption(scene, rng)], ["clean"], [_full_claim(scene)]
+    seen = {normalise_caption(captions[0])}
+    for kind in kinds:
+        for _ in range(100):
+            drawn = _noisy_caption(kind, scene, other, rng)
+            if drawn is not None and normalise_caption(drawn[0]) not in seen:
+                break
+        else:
+            raise RuntimeError(f"no fresh {kind} caption for {describe(scene)!r} in 100 draws")
+        seen.add(normalise_caption(drawn[0]))
+        captions.append(drawn[0])
+        sources.append(kind)
+        claims.append(drawn[1])
+    order = [int(i) for i in rng.permutation(len(captions))]
+    utilities = np.array([_utility(claims[i], scene) for i in order])
+    noise = rng.normal(0.0, config.annotator_noise, size=(config.annotators, len(order)))
+    judged = (utilities + noise).mean(axis=0)
+    return ShapesPreference(
+        scene=scene,
+        captions=tuple(captions[i] for i in order),
+        sources=tuple(sources[i] for i in order),
+        utilities=tuple(float(u) for u in utilities),
+        ranking=_competition_ranking(judged, config.tie_margin),
+    )
+
+
+def sample_shapes_preferences(config: ShapesPreferenceConfig = ShapesPreferenceConfig()) -> list[ShapesPreference]:
+    """Simulated preference rows on distinct shapes-world scenes, none of them a scene of `avoid_pool`."""
+    rng = np.random.default_rng([config.seed, PREFERENCE_STREAM])
+    taken = _pool_scene_keys(config.avoid_pool) if config.avoid_pool is not None else set()
+    scenes: list[Scene] = []
+    while len(scenes) < config.images:
+        scene = sample_scene(rng)
+        if _scene_key(scene) not in taken:
+            taken.add(_scene_key(scene))
+            scenes.append(scene)
+    rows = []
+    for index, scene in enumerate(scenes):
+        if len(scenes) > 1:
+            other = scenes[(index + 1 + int(rng.integers(len(scenes) - 1))) % len(scenes)]
+        else:
+            other = sample_scene(rng)
+            while _scene_key(other) == _scene_key(scene):
+                other = sample_scene(rng)
+        rows.append(_sample_preference(scene, other, config, rng))
+    return rows
+
+
+def write_shapes_preferences(out_dir: Path, config: ShapesPreferenceConfig = ShapesPreferenceConfig()) -> Path:
+    """Write ``images/pref-NNNNNN.png`` and ``preferences.jsonl`` (paths relative to `out_dir`).
+
+    Each row also carries ``sources``, where each caption came from, for analyses by caption kind.
+    Returns the JSONL path.
+    """
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for stale in images_dir.glob("pref-*.png"):
+        stale.unlink()
+    rows = sample_shapes_preferences(config)
+    items = []
+    for number, row in enumerate(rows):
+        name = f"images/pref-{number:06d}.png"
+        render_scene(row.scene, config.image_size).save(out_dir / name, format="PNG")
+        items.append(PreferenceItem(image=name, captions=row.captions, ranking=row.ranking, row=number + 1))
+    return write_preferences(items, out_dir / "preferences.jsonl", [{"sources": list(row.sources)} for row in rows])
