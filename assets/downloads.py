@@ -7,11 +7,11 @@ from ca_platform.assets.quality_checks import blocking_check_specs, check_result
 from ca_platform.resources import DownloadConfig, PlatformStorage, QualityConfig
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from ca_platform import analytics, layout
+from ca_platform import layout
 from ca_platform.download import download_shard, failure_counts
 from ca_platform.quality import DOWNLOAD_CHECKS, check_download
 from ca_platform.schemas import STATUS, UID, Status
-from ca_platform.storage import fetch_to_local, is_s3_uri, publish
+from ca_platform.storage import fetch_to_local, publish
 
 
 @asset(
@@ -38,9 +38,7 @@ def downloaded_shard(
         publish(data, tars, layout.download_rows_key(shard), ledger_path)
         for stale in previous - set(tars) - {layout.download_rows_key(shard)}:
             data.delete(stale)
-    if is_s3_uri(storage.data_uri):
-        analytics.mirror(data, storage.analytics_root(), [layout.download_rows_key(shard)])
-    analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
+    storage.refresh_analytics([layout.download_rows_key(shard)])
 
     ledger = result.rows
     counts = failure_counts(ledger)

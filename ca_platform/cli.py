@@ -20,7 +20,9 @@ def _add_s3(parser: argparse.ArgumentParser) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from ca_platform import runner
 
-    resources = runner.build_resources(args.pool, args.data, args.allow_host, args.s3_endpoint_url)
+    resources = runner.build_resources(
+        args.pool, args.data, args.allow_host, args.s3_endpoint_url, preferences_uri=args.preferences
+    )
     run = runner.run_lineage(resources)
     print(runner.report(run))
     return 0 if run.success else 1
@@ -63,6 +65,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
     from ca_platform.image_server import ImageServer
+    from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
     from ca_platform.shapes_world import ShapesWorldConfig, generate_pool
 
     root = Path(args.dir).resolve()
@@ -76,8 +79,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"pool: {world.pool_dir}  (Ctrl-C to stop serving)", flush=True)
             server.wait()
             return 0
+        preferences = write_shapes_preferences(
+            root / "preferences", ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
+        )
+        print(f"preferences: {preferences} (images disjoint from the pool)")
         resources = runner.build_resources(
-            str(world.pool_dir), str(root / "data"), [DEMO_HOST], download_options={"thread_count": 16}
+            str(world.pool_dir),
+            str(root / "data"),
+            [DEMO_HOST],
+            download_options={"thread_count": 16},
+            preferences_uri=str(preferences),
         )
         run = runner.run_lineage(resources)
     print(runner.report(run))
@@ -100,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="let downloads reach this otherwise refused (private/loopback) host; repeatable",
     )
+    run.add_argument(
+        "--preferences", metavar="FILE",
+        help="human preference rankings (JSONL/parquet): train the reward model and score every shard",
+    )
     _add_s3(run)
     run.set_defaults(func=_cmd_run)
 
@@ -121,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=4)
     demo.add_argument("--rows", type=int, default=200, help="rows per shard")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--preference-images", type=int, default=1000, help="images with ranked captions")
     demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")
     demo.set_defaults(func=_cmd_demo)

@@ -35,6 +35,9 @@ SCORES_DIR = "scores"
 CURRENT_FILE = "current.json"
 
 
+CURRENT_PREFERENCES_KEY = f"{PREFERENCES_DIR}/{CURRENT_FILE}"  # which preference set is current
+
+
 def preferences_prefix(version: str) -> str:
     """A validated preference set with its images, named by content hash."""
     return f"{PREFERENCES_DIR}/{version}"

@@ -7,24 +7,37 @@ on the instance of DAGSTER_HOME when set (so the runs appear in the UI's history
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dagster import DagsterInstance, materialize
+from dagster import AssetsDefinition, DagsterInstance, materialize
 from dagster_aws.s3 import S3Resource
 
-from ca_platform import analytics
-from ca_platform.assets import SPINE_ASSETS
+from ca_platform import analytics, layout
+from ca_platform.assets import ALL_ASSETS, REWARD_ASSETS, SHARD_SCORE_ASSETS, SPINE_ASSETS
 from ca_platform.assets.partitions import POOL_SHARDS
 from ca_platform.pool import discover_shards
-from ca_platform.resources import DownloadConfig, PlatformStorage, QualityConfig
-from ca_platform.storage import DataStore
+from ca_platform.resources import (
+    BaselineConfig,
+    DownloadConfig,
+    PlatformStorage,
+    PreferencesConfig,
+    QualityConfig,
+    RewardModelConfig,
+    ScoringConfig,
+)
+from ca_platform.storage import DataStore, read_json
+
+
+POOL_WIDE = "(pool)"  # the target of a run of unpartitioned assets
 
 
 @dataclass
-class ShardRun:
-    shard: str
+class StageRun:
+    target: str  # the partition, or POOL_WIDE
     success: bool
     checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
     error: str | None = None
@@ -33,11 +46,11 @@ class ShardRun:
 @dataclass
 class LineageRun:
     storage: PlatformStorage
-    shards: list[ShardRun]
+    runs: list[StageRun]
 
     @property
     def success(self) -> bool:
-        return all(s.success for s in self.shards)
+        return all(r.success for r in self.runs)
 
 
 def build_resources(
@@ -48,6 +61,10 @@ def build_resources(
     download_options: Mapping[str, Any] | None = None,
     quality: QualityConfig | None = None,
     analytics_dir: str | None = None,
+    preferences_uri: str | None = None,
+    reward_training: RewardModelConfig | None = None,
+    baselines: BaselineConfig | None = None,
+    scoring: ScoringConfig | None = None,
 ) -> dict[str, object]:
     """Resources for an in-process run; `download_options` are DownloadConfig fields."""
     s3 = S3Resource(endpoint_url=s3_endpoint_url) if s3_endpoint_url else S3Resource()
@@ -55,6 +72,10 @@ def build_resources(
         "storage": PlatformStorage(pool_uri=pool_uri, data_uri=data_uri, s3=s3, analytics_dir=analytics_dir),
         "downloader": DownloadConfig(allow_hosts=",".join(allow_hosts), **(download_options or {})),
         "quality": quality or QualityConfig(),
+        "preferences": PreferencesConfig(uri=preferences_uri),
+        "reward_training": reward_training or RewardModelConfig(),
+        "baselines": baselines or BaselineConfig(),
+        "scoring": scoring or ScoringConfig(),
     }
 
 
@@ -72,33 +93,49 @@ def register_shards(pool: DataStore, instance: DagsterInstance) -> list[str]:
     return keys
 
 
+def _materialize(
+    selection: Sequence[AssetsDefinition],
+    resources: dict[str, object],
+    instance: DagsterInstance,
+    partition_key: str | None,
+    log_level: str,
+) -> StageRun:
+    result = materialize(
+        ALL_ASSETS,
+        selection=selection,
+        partition_key=partition_key,
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+    )
+    checks = {f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()}
+    error = None
+    if not result.success:
+        failures = [ev for ev in result.all_events if ev.is_step_failure]
+        error = "; ".join(_root_cause(ev.step_failure_data.error) for ev in failures) or "run failed"
+    return StageRun(partition_key or POOL_WIDE, result.success and all(checks.values()), checks, error)
+
+
 def run_lineage(
     resources: dict[str, object], instance: DagsterInstance | None = None, log_level: str = "WARNING"
 ) -> LineageRun:
-    """Materialize the lineage for every shard of the pool, one run per shard."""
+    """Materialize the lineage: every shard's spine, then (with a preference file) the reward model and its
+    baselines once, then every downloaded shard's reward scores; one run per shard and stage."""
     instance = instance or default_instance()
     storage = resources["storage"]
-    assert isinstance(storage, PlatformStorage)
-    shard_runs = []
-    for key in register_shards(storage.pool_store(), instance):
-        result = materialize(
-            SPINE_ASSETS,
-            partition_key=key,
-            instance=instance,
-            resources=resources,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        )
-        checks = {
-            f"{e.asset_key.to_user_string()}:{e.check_name}": e.passed for e in result.get_asset_check_evaluations()
-        }
-        error = None
-        if not result.success:
-            failures = [ev for ev in result.all_events if ev.is_step_failure]
-            error = "; ".join(_root_cause(ev.step_failure_data.error) for ev in failures) or "run failed"
-        shard_runs.append(ShardRun(key, result.success and all(checks.values()), checks, error))
+    preferences = resources["preferences"]
+    assert isinstance(storage, PlatformStorage) and isinstance(preferences, PreferencesConfig)
+    shards = register_shards(storage.pool_store(), instance)
+    runs = [_materialize(SPINE_ASSETS, resources, instance, key, log_level) for key in shards]
+    if preferences.uri:
+        models = _materialize(REWARD_ASSETS, resources, instance, None, log_level)
+        runs.append(models)
+        if models.success:
+            downloaded = [run.target for run in runs if run.success and run.target != POOL_WIDE]
+            runs += [_materialize(SHARD_SCORE_ASSETS, resources, instance, key, log_level) for key in downloaded]
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
-    return LineageRun(storage, shard_runs)
+    return LineageRun(storage, runs)
 
 
 def _root_cause(error: Any) -> str:
@@ -109,10 +146,10 @@ def _root_cause(error: Any) -> str:
 
 
 def report(run: LineageRun) -> str:
-    """A short text report: rows, downloads, failures by reason, checks."""
+    """A short text report: rows, downloads, failures by reason, checks, and the reward stage's results."""
     db = run.storage.analytics_db()
     totals = analytics.query(
-        db, "SELECT count(*) AS rows, count(*) FILTER (status = 'success') AS downloaded FROM downloads"
+        db, "SELECT count(DISTINCT shard), count(*), count(*) FILTER (status = 'success') FROM downloads"
     ).rows[0]
     by_status = analytics.query(
         db,
@@ -121,22 +158,35 @@ def report(run: LineageRun) -> str:
     )
     lines = [
         f"pool {run.storage.pool_uri} -> data {run.storage.data_uri}",
-        f"shards: {len(run.shards)}, rows: {totals[0]}, downloaded: {totals[1]}, "
-        f"not downloaded: {totals[0] - totals[1]}",
+        f"shards: {totals[0]}, rows: {totals[1]}, downloaded: {totals[2]}, not downloaded: {totals[1] - totals[2]}",
         "",
         "not downloaded, by reason:",
         by_status.as_text() if by_status.rows else "(none)",
-        "",
-        "checks (shards passed / shards):",
     ]
-    names = sorted({name for s in run.shards for name in s.checks})
-    for name in names:
-        passed = sum(1 for s in run.shards if s.checks.get(name))
-        evaluated = sum(1 for s in run.shards if name in s.checks)
+    scores = analytics.query(
+        db,
+        "SELECT scorer, model_version, count(*) AS pairs, round(avg(score), 4) AS mean_score "
+        "FROM scores GROUP BY ALL ORDER BY ALL",
+    )
+    if scores.rows:
+        lines += ["", "scores (DuckDB view `scores`):", scores.as_text()]
+    accuracy = _read_report(run.storage, "preference_accuracy.json")
+    if accuracy:
+        lines += ["", f"held-out preference accuracy ({accuracy['pairs']} human-ordered pairs, ties excluded):"]
+        lines += [f"  {kind:14s} {accuracy[kind]:.3f}" for kind in ("reward_model", "clip_score", "blip_score")]
+    lines += ["", "checks (runs passed / runs):"]
+    for name in sorted({name for r in run.runs for name in r.checks}):
+        passed = sum(1 for r in run.runs if r.checks.get(name))
+        evaluated = sum(1 for r in run.runs if name in r.checks)
         lines.append(f"  {name:40s} {passed}/{evaluated}")
-    for s in run.shards:
-        if not s.success:
-            failed = [n for n, ok in s.checks.items() if not ok]
-            lines.append(f"  FAILED shard {s.shard}: {s.error or 'checks failed: ' + ', '.join(failed)}")
+    for r in run.runs:
+        if not r.success:
+            failed = [n for n, ok in r.checks.items() if not ok]
+            lines.append(f"  FAILED {r.target}: {r.error or 'checks failed: ' + ', '.join(failed)}")
     lines.append(f'\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} "SELECT ...")')
     return "\n".join(lines)
+
+
+def _read_report(storage: PlatformStorage, name: str) -> dict[str, Any] | None:
+    with tempfile.TemporaryDirectory() as scratch:
+        return read_json(storage.data_store(), f"{layout.REPORTS_DIR}/{name}", Path(scratch))

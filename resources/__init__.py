@@ -15,7 +15,7 @@ from dagster import ConfigurableResource, EnvVar
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
-from ca_platform import layout
+from ca_platform import analytics, layout
 from ca_platform.download import DownloadSettings
 from ca_platform.download_guard import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
 from ca_platform.pool import PoolColumns
@@ -57,6 +57,16 @@ class PlatformStorage(ConfigurableResource):
 
     def analytics_db(self) -> Path:
         return self.analytics_root() / layout.ANALYTICS_DB
+
+    def refresh_analytics(self, keys: list[str]) -> None:
+        """Make newly written parquet visible to the DuckDB views (mirrored first for an S3 data root)."""
+        if is_s3_uri(self.data_uri):
+            analytics.mirror(self.data_store(), self.analytics_root(), keys)
+        analytics.ensure_views(self.analytics_db(), self.analytics_root())
+
+    def cache_dir(self) -> Path:
+        """Local copies of immutable objects (model and preference versions) of an S3 data root."""
+        return self.analytics_root() / ".cache"
 
     @contextmanager
     def staging_dir(self, name: str) -> Iterator[Path]:
@@ -145,8 +155,8 @@ class RewardModelConfig(ConfigurableResource):
     backbone: str = Field(default="tiny", description='"tiny" (from config) or a local pretrained BLIP folder.')
     image_size: int = 64
     freeze_fraction: float = Field(default=0.0, description="Freeze this first fraction of encoder layers.")
-    epochs: int = 10
-    learning_rate: float = 3e-4
+    epochs: int = 15
+    learning_rate: float = 5e-4
     images_per_batch: int = 16
     tie_policy: str = Field(default="skip", description='"skip" human ties, or "soft" (target 0.5).')
     seed: int = 0

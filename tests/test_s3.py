@@ -56,7 +56,7 @@ def test_pool_and_data_on_s3(web_pool: Callable[..., Path], s3_endpoint: str, tm
         analytics_dir=str(analytics_dir),
     )
     run = run_lineage(resources)
-    assert run.success, run.shards
+    assert run.success, run.runs
 
     keys = {o["Key"] for o in client.list_objects_v2(Bucket="platform", Prefix="ca/")["Contents"]}
     for shard in ("part-00000", "part-00001"):

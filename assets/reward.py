@@ -1,0 +1,106 @@
+"""preference_data and reward_model: the human preferences and the reward model that learns them."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from ca_platform.resources import DownloadConfig, PlatformStorage, PreferencesConfig, RewardModelConfig
+from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
+
+from ca_platform import layout
+from ca_platform.preference_sets import load_preference_split, stage_preferences
+from ca_platform.preferences import preference_pairs
+from ca_platform.reward_model import RewardModelSpec, TrainConfig, save_reward_model, train_reward_model
+from ca_platform.storage import fetch_folder, publish_folder, read_json, write_json
+
+@asset(group_name="reward", kinds={"jsonl"})
+def preference_data(
+    storage: PlatformStorage, preferences: PreferencesConfig, downloader: DownloadConfig
+) -> MaterializeResult:
+    """The preference file validated (errors name row and field) and staged with its images as a
+    content-addressed set; images given by URL come through the same guarded download as the pool."""
+    if not preferences.uri:
+        raise Failure("no preference file configured: pass --preferences FILE or set CA_PREFERENCES_URI")
+    data = storage.data_store()
+    with storage.staging_dir("preferences") as staging:
+        version, items = stage_preferences(Path(preferences.uri), staging / "set", downloader.settings().policy)
+        publish_folder(data, staging / "set", layout.preferences_prefix(version), index_name=layout.PREFERENCES_FILE)
+        write_json(data, layout.CURRENT_PREFERENCES_KEY, {"version": version, "source": preferences.uri}, staging)
+    ordered = sum(len(preference_pairs(i.ranking, "skip")) for i in items)
+    tied = sum(len(preference_pairs(i.ranking, "soft")) for i in items) - ordered
+    return MaterializeResult(
+        metadata={
+            "version": version,
+            "images": len(items),
+            "ordered_pairs": ordered,
+            "tied_pairs": tied,
+            "source": MetadataValue.path(preferences.uri),
+        },
+        data_version=DataVersion(version),
+    )
+
+
+def training_recipe(preferences_version: str, spec: RewardModelSpec, config: TrainConfig, split: tuple) -> str:
+    """What a reward model is trained from: the same recipe twice gives the same model, so it is not redone."""
+    document = {"preferences": preferences_version, "spec": repr(spec), "config": repr(config), "split": split}
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@asset(deps=[preference_data], group_name="reward", kinds={"pytorch", "safetensors"})
+def reward_model(
+    context: AssetExecutionContext,
+    storage: PlatformStorage,
+    preferences: PreferencesConfig,
+    reward_training: RewardModelConfig,
+) -> MaterializeResult:
+    """A BLIP-backbone reward model trained on the preferences with a held-out split by image, saved as a
+    checkpoint versioned by content hash. Retraining is skipped when the recipe (preference set, model
+    and training settings) has not changed."""
+    data = storage.data_store()
+    spec = RewardModelSpec(
+        backbone=reward_training.backbone,
+        image_size=reward_training.image_size,
+        freeze_fraction=reward_training.freeze_fraction,
+    )
+    config = TrainConfig(
+        epochs=reward_training.epochs,
+        learning_rate=reward_training.learning_rate,
+        images_per_batch=reward_training.images_per_batch,
+        tie_policy=reward_training.tie_policy,
+        seed=reward_training.seed,
+        device=reward_training.device,
+    )
+    with storage.staging_dir("reward-model") as staging:
+        preferences_doc = read_json(data, layout.CURRENT_PREFERENCES_KEY, staging)
+        if preferences_doc is None:
+            raise Failure("no preference set yet: materialize preference_data first")
+        split = (preferences.holdout_fraction, preferences.split_seed)
+        recipe = training_recipe(preferences_doc["version"], spec, config, split)
+        current = read_json(data, layout.current_model_key("reward_model"), staging)
+        if current is not None and current.get("recipe") == recipe:
+            context.log.info(f"reward model {current['version']} already trained from this recipe: reused")
+        else:
+            folder = fetch_folder(data, layout.preferences_prefix(preferences_doc["version"]), storage.cache_dir())
+            train, heldout = load_preference_split(folder, *split)
+            trained = train_reward_model(train, heldout, spec, config)
+            version, checkpoint = save_reward_model(trained, staging / "checkpoints")
+            publish_folder(data, checkpoint, layout.model_prefix("reward_model", version))
+            current = {
+                "version": version,
+                "recipe": recipe,
+                "preferences": preferences_doc["version"],
+                "metrics": trained.metrics,
+            }
+            write_json(data, layout.current_model_key("reward_model"), current, staging)
+    metrics = current["metrics"]
+    return MaterializeResult(
+        metadata={
+            "version": current["version"],
+            "preferences_version": current["preferences"],
+            "heldout_accuracy": float(metrics["heldout_accuracy"]),
+            "heldout_pairs": int(metrics["heldout_pairs"]),
+            "metrics": MetadataValue.json(metrics),
+            "checkpoint": MetadataValue.path(data.uri_of(layout.model_prefix("reward_model", current["version"]))),
+        },
+        data_version=DataVersion(current["version"]),
+    )

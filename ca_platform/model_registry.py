@@ -1,0 +1,53 @@
+"""Which version of each scoring model is current, and loading it as a PairScorer.
+
+Each kind of model ("reward_model", "clip_score", "blip_score") keeps its checkpoints under
+`models/<kind>/<version>/` and a pointer `models/<kind>/current.json` saying which version is current, what
+it was made from, and its metrics. A user's own pretrained folder is used in place, by its content hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ca_platform import layout
+from ca_platform.blip_itm import BlipItmScorer, load_blip_itm
+from ca_platform.clip_score import ClipScorer, load_clip
+from ca_platform.reward_model import RewardScorer, load_reward_model
+from ca_platform.scorer import PairScorer
+from ca_platform.storage import DataStore, fetch_folder, read_json
+
+REWARD_MODEL = "reward_model"
+CLIP_SCORE = "clip_score"
+BLIP_SCORE = "blip_score"
+
+_LOADERS: dict[str, Callable[[Path, str | None], PairScorer]] = {
+    REWARD_MODEL: lambda folder, device: RewardScorer(load_reward_model(folder, device=device)),
+    CLIP_SCORE: load_clip,
+    BLIP_SCORE: load_blip_itm,
+}
+_PRETRAINED: dict[str, Callable[[Path, str | None], PairScorer]] = {
+    CLIP_SCORE: ClipScorer.from_pretrained_dir,
+    BLIP_SCORE: BlipItmScorer.from_pretrained_dir,
+}
+
+
+class NoModelError(LookupError):
+    """A kind of model has no current version yet."""
+
+
+def current_model(store: DataStore, kind: str, scratch: Path) -> dict[str, Any]:
+    """The pointer document of the current version of `kind`."""
+    document = read_json(store, layout.current_model_key(kind), scratch)
+    if document is None:
+        raise NoModelError(f"no {kind} has been trained or registered yet under {store.uri}")
+    return document
+
+
+def load_scorer(store: DataStore, kind: str, document: dict[str, Any], cache: Path, device: str | None) -> PairScorer:
+    """The scorer of the version `document` points at: a platform checkpoint or a user's pretrained folder."""
+    if document.get("pretrained_dir"):
+        return _PRETRAINED[kind](Path(document["pretrained_dir"]), device)
+    folder = fetch_folder(store, layout.model_prefix(kind, document["version"]), cache)
+    return _LOADERS[kind](folder, device)

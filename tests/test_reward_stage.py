@@ -1,0 +1,74 @@
+"""The reward stage through Dagster: preferences -> reward model + baselines -> scores of every shard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance
+
+from ca_platform import analytics, layout
+from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+from ca_platform.resources import BaselineConfig, RewardModelConfig, ScoringConfig
+from ca_platform.runner import build_resources, report, run_lineage
+
+FAST_REWARD = RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8)
+FAST_BASELINES = BaselineConfig(epochs=1, batch_size=8)
+NO_WORKERS = ScoringConfig(num_workers=0, batch_size=16)
+
+
+def _resources(pool: Path, data: Path, preferences: Path, scoring: ScoringConfig = NO_WORKERS) -> dict[str, object]:
+    return build_resources(
+        str(pool), str(data), ["127.0.0.1"], download_options={"thread_count": 4}, preferences_uri=str(preferences),
+        reward_training=FAST_REWARD, baselines=FAST_BASELINES, scoring=scoring,
+    )
+
+
+@pytest.mark.slow
+def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., Path], tmp_path: Path) -> None:
+    pool = web_pool(rows_per_shard=6)
+    preferences = write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=24))
+    data = tmp_path / "data"
+    instance = DagsterInstance.ephemeral()
+
+    first = run_lineage(_resources(pool, data, preferences, ScoringConfig(num_workers=2, batch_size=4)), instance)
+    assert first.success, [r for r in first.runs if not r.success]
+    coverage = [r.checks["reward_scores:uid_coverage"] for r in first.runs if "reward_scores:uid_coverage" in r.checks]
+    assert coverage == [True, True]
+    db = data / layout.ANALYTICS_DB
+    downloaded = analytics.query(db, "SELECT count(*) FROM downloads WHERE status = 'success'").rows[0][0]
+    per_version = analytics.query(
+        db, "SELECT model_version, count(*), count(DISTINCT (shard, uid)) FROM scores GROUP BY model_version"
+    ).rows
+    assert len(per_version) == 1 and per_version[0][1:] == (downloaded, downloaded)
+
+    accuracy = json.loads((data / layout.REPORTS_DIR / "preference_accuracy.json").read_text())
+    assert set(accuracy) == {"reward_model", "clip_score", "blip_score", "pairs"}
+    assert accuracy["pairs"] > 0 and all(0.0 <= accuracy[k] <= 1.0 for k in ("reward_model", "clip_score", "blip_score"))
+    assert "held-out preference accuracy" in report(first)
+
+    # unchanged preferences: the reward model is not retrained and no second version appears
+    current = json.loads((data / layout.current_model_key("reward_model")).read_text())
+    assert run_lineage(_resources(pool, data, preferences), instance).success
+    assert json.loads((data / layout.current_model_key("reward_model")).read_text()) == current
+
+    # changed preferences: a new version, scored beside the old one
+    changed = write_shapes_preferences(tmp_path / "prefs2", ShapesPreferenceConfig(images=24, seed=5))
+    assert run_lineage(_resources(pool, data, changed), instance).success
+    per_version = analytics.query(db, "SELECT model_version, count(*) FROM scores GROUP BY ALL ORDER BY ALL").rows
+    assert len(per_version) == 2 and {n for _, n in per_version} == {downloaded}
+    assert current["version"] in {v for v, _ in per_version}
+
+
+@pytest.mark.slow
+def test_bad_preference_file_fails_the_stage_naming_the_row(web_pool: Callable[..., Path], tmp_path: Path) -> None:
+    pool = web_pool(rows_per_shard=6)
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"image": "a.png", "captions": ["x", "y"], "ranking": [1, 2]}\n{"image": "b.png", "captions": ["x"]}\n')
+    run = run_lineage(_resources(pool, tmp_path / "data", bad), DagsterInstance.ephemeral())
+    assert not run.success
+    failures = [r for r in run.runs if not r.success]
+    assert [r.target for r in failures] == ["(pool)"]
+    assert "prefs.jsonl: row 2: field 'captions'" in failures[0].error
