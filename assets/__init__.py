@@ -1,7 +1,8 @@
 """Software-defined assets, one module per stage of the lineage."""
 
-from ca_platform.assets.baselines import blip_score_model, clip_score_model, preference_accuracy
+from ca_platform.assets.baselines import blip_score_model, clip_score_model
 from ca_platform.assets.downloads import downloaded_shard
+from ca_platform.assets.evaluation import preference_accuracy
 from ca_platform.assets.pool import raw_pool_shard
 from ca_platform.assets.reward import preference_data, reward_model
 from ca_platform.assets.scores import reward_scores

@@ -1,5 +1,4 @@
-"""The baselines the reward model must beat, and the comparison: clip_score_model, blip_score_model,
-preference_accuracy."""
+"""The baselines the reward model must beat: clip_score_model and blip_score_model."""
 
 import hashlib
 import itertools
@@ -11,22 +10,18 @@ from typing import Any
 
 import polars as pl
 from ca_platform.assets.downloads import downloaded_shard
-from ca_platform.assets.reward import preference_data, reward_model
-from ca_platform.resources import BaselineConfig, PlatformStorage, PreferencesConfig, ScoringConfig
-from dagster import AssetExecutionContext, AssetsDefinition, DataVersion, MaterializeResult, MetadataValue, asset
+from ca_platform.resources import BaselineConfig, PlatformStorage
+from dagster import AssetExecutionContext, AssetsDefinition, DataVersion, MaterializeResult, asset
 from PIL import Image
 
 from ca_platform import layout
 from ca_platform.blip_itm import save_blip_itm, train_blip_itm
 from ca_platform.checkpoints import content_version
 from ca_platform.clip_score import save_clip, train_clip
-from ca_platform.image_preprocessing import decode_image
-from ca_platform.model_registry import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL, current_model, load_scorer
-from ca_platform.preference_sets import load_preference_split
-from ca_platform.preferences import pairwise_accuracy
-from ca_platform.schemas import STATUS, Status
-from ca_platform.scoring import iter_pairs, score_pairs
-from ca_platform.storage import DataStore, fetch_folder, fetch_to_local, publish_folder, read_json, write_json
+from ca_platform.model_registry import BLIP_SCORE, CLIP_SCORE
+from ca_platform.schemas import STATUS, UID, Status
+from ca_platform.scoring import iter_pairs
+from ca_platform.storage import DataStore, fetch_to_local, publish_folder, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -46,6 +41,18 @@ BASELINES = (
 def downloaded_ledgers(data: DataStore) -> list[str]:
     """Keys of every shard's download ledger."""
     return [o.key for o in data.list(f"{layout.DOWNLOADS_DIR}/") if o.key.endswith(f"/{layout.ROWS_FILE}")]
+
+
+def downloads_fingerprint(data: DataStore, ledgers: list[str], scratch: Path) -> str:
+    """A hash of which images were downloaded (uid and image sha256 of every success): it stays the same when
+    a shard is downloaded again with the same result, so models trained on the pool are not retrained."""
+    digest = hashlib.sha256()
+    for key in sorted(ledgers):
+        ledger = pl.read_parquet(fetch_to_local(data, key, scratch))
+        successes = ledger.filter(pl.col(STATUS) == Status.SUCCESS).select(UID, "sha256").sort(UID)
+        digest.update(key.encode())
+        digest.update(successes.write_csv().encode())
+    return digest.hexdigest()
 
 
 def pool_pairs(data: DataStore, ledgers: list[str], scratch: Path, limit: int) -> Iterator[tuple[Image.Image, str]]:
@@ -77,7 +84,7 @@ def baseline_model_asset(baseline: Baseline) -> AssetsDefinition:
                 current = {"version": content_version(Path(pretrained)), "pretrained_dir": pretrained}
             else:
                 ledgers = downloaded_ledgers(data)
-                fingerprints = {o.key: o.fingerprint for o in data.list(f"{layout.DOWNLOADS_DIR}/") if o.key in ledgers}
+                fingerprints = downloads_fingerprint(data, ledgers, staging / "in")
                 settings = baselines.model_dump(exclude={"clip_pretrained_dir", "blip_pretrained_dir", "device"})
                 recipe = hashlib.sha256(json.dumps([fingerprints, settings], sort_keys=True).encode()).hexdigest()[:16]
                 current = read_json(data, layout.current_model_key(baseline.kind), staging)
@@ -109,44 +116,3 @@ def baseline_model_asset(baseline: Baseline) -> AssetsDefinition:
 
 
 clip_score_model, blip_score_model = (baseline_model_asset(b) for b in BASELINES)
-
-
-@asset(
-    deps=[preference_data, reward_model, clip_score_model, blip_score_model],
-    group_name="reward",
-    kinds={"json"},
-)
-def preference_accuracy(
-    storage: PlatformStorage, preferences: PreferencesConfig, scoring: ScoringConfig
-) -> MaterializeResult:
-    """Reward model, CLIP score and BLIP ITM score on the same held-out human preference pairs (ties excluded):
-    the share of pairs each orders as people did. Written to reports/preference_accuracy.json."""
-    data = storage.data_store()
-    with storage.staging_dir("preference-accuracy") as staging:
-        preferences_doc = read_json(data, layout.CURRENT_PREFERENCES_KEY, staging)
-        folder = fetch_folder(data, layout.preferences_prefix(preferences_doc["version"]), storage.cache_dir())
-        _, heldout = load_preference_split(folder, preferences.holdout_fraction, preferences.split_seed)
-        report: dict[str, Any] = {}
-        versions = {}
-        for kind in (REWARD_MODEL, CLIP_SCORE, BLIP_SCORE):
-            document = current_model(data, kind, staging)
-            scorer = load_scorer(data, kind, document, storage.cache_dir(), scoring.device)
-            scores = []
-            for item in heldout:
-                image = decode_image(Path(item.image).read_bytes())
-                scores.append(score_pairs([image] * len(item.captions), list(item.captions), scorer).tolist())
-            report[kind], report["pairs"] = pairwise_accuracy(heldout, scores)
-            versions[kind] = scorer.version
-        local = staging / "preference_accuracy.json"
-        local.write_text(json.dumps(report, indent=2))
-        data.put_file(local, f"{layout.REPORTS_DIR}/preference_accuracy.json", consume=True)
-    table = "| scorer | held-out preference accuracy | version |\n| --- | --- | --- |\n" + "\n".join(
-        f"| {kind} | {report[kind]:.3f} | {versions[kind]} |" for kind in versions
-    )
-    return MaterializeResult(
-        metadata={
-            **{kind: float(report[kind]) for kind in versions},
-            "pairs": report["pairs"],
-            "table": MetadataValue.md(table),
-        },
-    )

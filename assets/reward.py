@@ -2,16 +2,21 @@
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
+from ca_platform.assets.baselines import blip_score_model
 from ca_platform.resources import DownloadConfig, PlatformStorage, PreferencesConfig, RewardModelConfig
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
+from ca_platform.blip_itm import BlipItmScorer
+from ca_platform.model_registry import BLIP_SCORE, current_model, load_scorer
 from ca_platform.preference_sets import load_preference_split, stage_preferences
 from ca_platform.preferences import preference_pairs
 from ca_platform.reward_model import RewardModelSpec, TrainConfig, save_reward_model, train_reward_model
 from ca_platform.storage import fetch_folder, publish_folder, read_json, write_json
+
 
 @asset(group_name="reward", kinds={"jsonl"})
 def preference_data(
@@ -40,13 +45,29 @@ def preference_data(
     )
 
 
+# The reward model's backbone setting that means "start from the BLIP ITM model of blip_score_model".
+POOL_BLIP_BACKBONE = "blip_score_model"
+
+
 def training_recipe(preferences_version: str, spec: RewardModelSpec, config: TrainConfig, split: tuple) -> str:
     """What a reward model is trained from: the same recipe twice gives the same model, so it is not redone."""
     document = {"preferences": preferences_version, "spec": repr(spec), "config": repr(config), "split": split}
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@asset(deps=[preference_data], group_name="reward", kinds={"pytorch", "safetensors"})
+def pool_blip_backbone(storage: PlatformStorage, folder: Path) -> str:
+    """Export the current BLIP ITM model (the user's pretrained BLIP, or one trained on the raw pool) as a
+    transformers folder to start the reward model from, as ImageReward starts from pretrained BLIP.
+    Returns that model's version."""
+    data = storage.data_store()
+    document = current_model(data, BLIP_SCORE, folder.parent)
+    scorer = load_scorer(data, BLIP_SCORE, document, storage.cache_dir(), "cpu")
+    assert isinstance(scorer, BlipItmScorer)
+    scorer.model.save_pretrained(folder)
+    return scorer.version
+
+
+@asset(deps=[preference_data, blip_score_model], group_name="reward", kinds={"pytorch", "safetensors"})
 def reward_model(
     context: AssetExecutionContext,
     storage: PlatformStorage,
@@ -54,8 +75,9 @@ def reward_model(
     reward_training: RewardModelConfig,
 ) -> MaterializeResult:
     """A BLIP-backbone reward model trained on the preferences with a held-out split by image, saved as a
-    checkpoint versioned by content hash. Retraining is skipped when the recipe (preference set, model
-    and training settings) has not changed."""
+    checkpoint versioned by content hash. By default it starts from blip_score_model's BLIP; "tiny" starts
+    from scratch and a folder from a local pretrained BLIP. Retraining is skipped when the recipe
+    (preference set, backbone, model and training settings) has not changed."""
     data = storage.data_store()
     spec = RewardModelSpec(
         backbone=reward_training.backbone,
@@ -75,7 +97,17 @@ def reward_model(
         if preferences_doc is None:
             raise Failure("no preference set yet: materialize preference_data first")
         split = (preferences.holdout_fraction, preferences.split_seed)
-        recipe = training_recipe(preferences_doc["version"], spec, config, split)
+        if spec.backbone == POOL_BLIP_BACKBONE:
+            backbone_version = pool_blip_backbone(storage, staging / "backbone")
+            recipe = training_recipe(
+                preferences_doc["version"],
+                replace(spec, backbone=f"{POOL_BLIP_BACKBONE}@{backbone_version}"),
+                config,
+                split,
+            )
+            spec = replace(spec, backbone=str(staging / "backbone"))
+        else:
+            recipe = training_recipe(preferences_doc["version"], spec, config, split)
         current = read_json(data, layout.current_model_key("reward_model"), staging)
         if current is not None and current.get("recipe") == recipe:
             context.log.info(f"reward model {current['version']} already trained from this recipe: reused")

@@ -152,7 +152,11 @@ class PreferencesConfig(ConfigurableResource):
 class RewardModelConfig(ConfigurableResource):
     """How the reward model is built and trained."""
 
-    backbone: str = Field(default="tiny", description='"tiny" (from config) or a local pretrained BLIP folder.')
+    backbone: str = Field(
+        default="blip_score_model",
+        description='"blip_score_model": start from the BLIP ITM baseline (the user\'s pretrained BLIP, or one trained '
+        'on the raw pool); "tiny": a small BLIP from scratch; or a local pretrained BLIP folder.',
+    )
     image_size: int = 64
     freeze_fraction: float = Field(default=0.0, description="Freeze this first fraction of encoder layers.")
     epochs: int = 15
