@@ -62,6 +62,21 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from dagster_aws.s3 import S3Resource
+
+    from ca_platform.model_registry import register_reward_checkpoint
+    from ca_platform.storage import open_store
+
+    s3 = S3Resource(endpoint_url=args.s3_endpoint_url) if args.s3_endpoint_url else S3Resource()
+    with tempfile.TemporaryDirectory(prefix="ca-register-") as scratch:
+        version = register_reward_checkpoint(open_store(args.data, s3.get_client), Path(args.folder), Path(scratch))
+    print(f"registered reward model version {version}; it is now current (materialize reward_scores to rescore)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
     from ca_platform.image_server import ImageServer
@@ -130,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--analytics-dir", help="local folder for the database of an S3 data root")
     _add_s3(sql)
     sql.set_defaults(func=_cmd_sql)
+
+    register = sub.add_parser("register-reward-model", help="make a reward-model checkpoint from elsewhere current")
+    register.add_argument("folder", help="checkpoint folder (model.safetensors, config.json, tokenizer, ...)")
+    register.add_argument("--data", required=True, help="the data root whose models it joins")
+    _add_s3(register)
+    register.set_defaults(func=_cmd_register)
 
     demo = sub.add_parser("demo", help="generate the shapes world, serve it on 127.0.0.1 and run the lineage")
     demo.add_argument("--dir", default=".demo", help="where the world and the data root go (default .demo)")

@@ -14,9 +14,9 @@ from typing import Any
 from ca_platform import layout
 from ca_platform.blip_itm import BlipItmScorer, load_blip_itm
 from ca_platform.clip_score import ClipScorer, load_clip
-from ca_platform.reward_model import RewardScorer, load_reward_model
+from ca_platform.reward_model import RewardScorer, load_reward_model, register_reward_model
 from ca_platform.scorer import PairScorer
-from ca_platform.storage import DataStore, fetch_folder, read_json
+from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
 
 REWARD_MODEL = "reward_model"
 CLIP_SCORE = "clip_score"
@@ -51,3 +51,14 @@ def load_scorer(store: DataStore, kind: str, document: dict[str, Any], cache: Pa
         return _PRETRAINED[kind](Path(document["pretrained_dir"]), device)
     folder = fetch_folder(store, layout.model_prefix(kind, document["version"]), cache)
     return _LOADERS[kind](folder, device)
+
+
+def register_reward_checkpoint(store: DataStore, source: Path, scratch: Path) -> str:
+    """Make a reward-model checkpoint trained elsewhere (a folder as `save_reward_model` writes it) the
+    current version; it must load (safetensors only) before it is copied. Returns its version."""
+    version, folder = register_reward_model(source, scratch / "checkpoints")
+    metrics = load_reward_model(folder, device="cpu").metrics
+    publish_folder(store, folder, layout.model_prefix(REWARD_MODEL, version))
+    document = {"version": version, "registered_from": str(source.resolve()), "metrics": metrics}
+    write_json(store, layout.current_model_key(REWARD_MODEL), document, scratch)
+    return version

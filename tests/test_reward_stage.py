@@ -72,3 +72,24 @@ def test_bad_preference_file_fails_the_stage_naming_the_row(web_pool: Callable[.
     failures = [r for r in run.runs if not r.success]
     assert [r.target for r in failures] == ["(pool)"]
     assert "prefs.jsonl: row 2: field 'captions'" in failures[0].error
+
+
+def test_a_checkpoint_trained_elsewhere_becomes_the_current_version(tmp_path: Path, capsys) -> None:
+    from ca_platform import cli
+    from ca_platform.model_registry import REWARD_MODEL, current_model
+    from ca_platform.reward_model import RewardModelSpec, TrainedRewardModel, build_reward_model, save_reward_model
+    from ca_platform.storage import LocalStore
+    from ca_platform.tokenization import bert_tokenizer
+
+    tokenizer = bert_tokenizer()
+    trained = TrainedRewardModel(build_reward_model(RewardModelSpec(), tokenizer), tokenizer, RewardModelSpec(),
+                                 {"reward_mean": 0.0, "reward_std": 1.0})
+    version, folder = save_reward_model(trained, tmp_path / "elsewhere")
+    assert cli.main(["register-reward-model", str(folder), "--data", str(tmp_path / "data")]) == 0
+    assert version in capsys.readouterr().out
+    document = current_model(LocalStore(tmp_path / "data"), REWARD_MODEL, tmp_path / "scratch")
+    assert document["version"] == version and document["registered_from"] == str(folder)
+
+    (folder / "pytorch_model.bin").write_bytes(b"not to be unpickled")
+    with pytest.raises(Exception, match="refusing pickle files"):
+        cli.main(["register-reward-model", str(folder), "--data", str(tmp_path / "data")])
