@@ -9,16 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from ca_platform.assets.downloads import downloaded_shard
-from ca_platform.resources import BaselineConfig, PlatformStorage
 from dagster import AssetExecutionContext, AssetsDefinition, DataVersion, MaterializeResult, asset
 from PIL import Image
 
 from ca_platform import layout
+from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.blip_itm import save_blip_itm, train_blip_itm
 from ca_platform.checkpoints import content_version
 from ca_platform.clip_score import save_clip, train_clip
+from ca_platform.download import downloaded_shards, fetch_shard_download
 from ca_platform.model_registry import BLIP_SCORE, CLIP_SCORE
+from ca_platform.resources import BaselineConfig, PlatformStorage
 from ca_platform.schemas import STATUS, UID, Status
 from ca_platform.scoring import iter_pairs
 from ca_platform.storage import DataStore, fetch_to_local, publish_folder, read_json, write_json
@@ -38,32 +39,24 @@ BASELINES = (
 )
 
 
-def downloaded_ledgers(data: DataStore) -> list[str]:
-    """Keys of every shard's download ledger."""
-    return [o.key for o in data.list(f"{layout.DOWNLOADS_DIR}/") if o.key.endswith(f"/{layout.ROWS_FILE}")]
-
-
-def downloads_fingerprint(data: DataStore, ledgers: list[str], scratch: Path) -> str:
+def downloads_fingerprint(data: DataStore, shards: list[str], scratch: Path) -> str:
     """A hash of which images were downloaded (uid and image sha256 of every success): it stays the same when
     a shard is downloaded again with the same result, so models trained on the pool are not retrained."""
     digest = hashlib.sha256()
-    for key in sorted(ledgers):
-        ledger = pl.read_parquet(fetch_to_local(data, key, scratch))
+    for shard in shards:
+        ledger = pl.read_parquet(fetch_to_local(data, layout.download_rows_key(shard), scratch))
         successes = ledger.filter(pl.col(STATUS) == Status.SUCCESS).select(UID, "sha256").sort(UID)
-        digest.update(key.encode())
+        digest.update(shard.encode())
         digest.update(successes.write_csv().encode())
     return digest.hexdigest()
 
 
-def pool_pairs(data: DataStore, ledgers: list[str], scratch: Path, limit: int) -> Iterator[tuple[Image.Image, str]]:
+def pool_pairs(data: DataStore, shards: list[str], scratch: Path, limit: int) -> Iterator[tuple[Image.Image, str]]:
     """(image, caption) of successfully downloaded pairs of the raw pool, shard by shard, at most `limit`."""
 
     def every_pair() -> Iterator[tuple[Image.Image, str]]:
-        for key in ledgers:
-            ledger = pl.read_parquet(fetch_to_local(data, key, scratch))
-            shard_prefix = key.rsplit("/", 1)[0]
-            names = sorted(ledger.filter(pl.col(STATUS) == Status.SUCCESS)["tar"].unique().to_list())
-            tars = [fetch_to_local(data, f"{shard_prefix}/{name}", scratch) for name in names]
+        for shard in shards:
+            _, tars = fetch_shard_download(data, shard, scratch)
             for _, image, caption in iter_pairs(tars):
                 yield image, caption
 
@@ -83,8 +76,8 @@ def baseline_model_asset(baseline: Baseline) -> AssetsDefinition:
             if pretrained:
                 current = {"version": content_version(Path(pretrained)), "pretrained_dir": pretrained}
             else:
-                ledgers = downloaded_ledgers(data)
-                fingerprints = downloads_fingerprint(data, ledgers, staging / "in")
+                shards = downloaded_shards(data)
+                fingerprints = downloads_fingerprint(data, shards, staging / "in")
                 settings = baselines.model_dump(exclude={"clip_pretrained_dir", "blip_pretrained_dir", "device"})
                 recipe = hashlib.sha256(json.dumps([fingerprints, settings], sort_keys=True).encode()).hexdigest()[:16]
                 current = read_json(data, layout.current_model_key(baseline.kind), staging)
@@ -92,7 +85,7 @@ def baseline_model_asset(baseline: Baseline) -> AssetsDefinition:
                     context.log.info(f"{baseline.kind} {current['version']} already trained on these downloads")
                 else:
                     trained = baseline.train(
-                        pool_pairs(data, ledgers, staging / "in", baselines.max_train_pairs),
+                        pool_pairs(data, shards, staging / "in", baselines.max_train_pairs),
                         image_size=baselines.image_size,
                         epochs=baselines.epochs,
                         batch_size=baselines.batch_size,

@@ -4,16 +4,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ca_platform.assets.baselines import blip_score_model, clip_score_model
-from ca_platform.assets.reward import preference_data, reward_model
-from ca_platform.resources import PlatformStorage, PreferencesConfig, ScoringConfig
 from dagster import MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
+from ca_platform.assets.baselines import blip_score_model, clip_score_model
+from ca_platform.assets.reward import preference_data, reward_model
 from ca_platform.image_preprocessing import decode_image
 from ca_platform.model_registry import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL, current_model, load_scorer
 from ca_platform.preference_sets import load_preference_split
 from ca_platform.preferences import pairwise_accuracy
+from ca_platform.resources import PlatformStorage, PreferencesConfig, ScoringConfig
 from ca_platform.scoring import score_pairs
 from ca_platform.storage import fetch_folder, read_json
 

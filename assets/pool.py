@@ -4,14 +4,14 @@ import tempfile
 from pathlib import Path
 
 import polars as pl
-from ca_platform.assets.partitions import pool_shards
-from ca_platform.assets.quality_checks import blocking_check_specs, check_results
-from ca_platform.resources import PlatformStorage, QualityConfig
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
+from ca_platform.assets.partitions import pool_shards
+from ca_platform.assets.quality_checks import blocking_check_specs, check_results
 from ca_platform.pool import find_shard, read_shard
 from ca_platform.quality import RAW_SHARD_CHECKS, check_raw_shard
+from ca_platform.resources import PlatformStorage, QualityConfig
 
 
 @asset(

@@ -5,15 +5,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ca_platform.assets.baselines import blip_score_model
-from ca_platform.resources import DownloadConfig, PlatformStorage, PreferencesConfig, RewardModelConfig
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
+from ca_platform.assets.baselines import blip_score_model
 from ca_platform.blip_itm import BlipItmScorer
 from ca_platform.model_registry import BLIP_SCORE, current_model, load_scorer
 from ca_platform.preference_sets import load_preference_split, stage_preferences
 from ca_platform.preferences import preference_pairs
+from ca_platform.resources import DownloadConfig, PlatformStorage, PreferencesConfig, RewardModelConfig
 from ca_platform.reward_model import RewardModelSpec, TrainConfig, save_reward_model, train_reward_model
 from ca_platform.storage import fetch_folder, publish_folder, read_json, write_json
 

@@ -1,28 +1,20 @@
 """reward_scores: every downloaded pair of a shard scored by the current reward model version."""
 
 import polars as pl
+from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
+
+from ca_platform import layout, schemas
 from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import blocking_check_specs, check_results
 from ca_platform.assets.reward import reward_model
-from ca_platform.resources import PlatformStorage, ScoringConfig
-from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
-
-from ca_platform import layout, schemas
+from ca_platform.download import fetch_shard_download
 from ca_platform.model_registry import REWARD_MODEL, NoModelError, current_model, load_scorer
 from ca_platform.quality import SCORE_CHECKS, check_scores
+from ca_platform.resources import PlatformStorage, ScoringConfig
 from ca_platform.reward_model import RewardScorer
-from ca_platform.schemas import SHARD, STATUS, Status
+from ca_platform.schemas import SHARD
 from ca_platform.scoring import score_tars
-from ca_platform.storage import fetch_to_local
-
-
-def shard_tars(storage: PlatformStorage, shard: str, scratch) -> tuple[pl.DataFrame, list]:
-    """A shard's download ledger and local paths of the tars holding its successful rows."""
-    data = storage.data_store()
-    ledger = pl.read_parquet(fetch_to_local(data, layout.download_rows_key(shard), scratch))
-    names = sorted(ledger.filter(pl.col(STATUS) == Status.SUCCESS)["tar"].unique().to_list())
-    return ledger, [fetch_to_local(data, layout.download_tar_key(shard, name), scratch) for name in names]
 
 
 @asset(
@@ -47,7 +39,7 @@ def reward_scores(
         scorer = load_scorer(data, REWARD_MODEL, current, storage.cache_dir(), scoring.device)
         assert isinstance(scorer, RewardScorer)
         version = scorer.version
-        ledger, tars = shard_tars(storage, shard, staging / "in")
+        ledger, tars = fetch_shard_download(data, shard, staging / "in")
         scored = score_tars(tars, scorer, batch_size=scoring.batch_size, num_workers=scoring.num_workers)
         frame = scored.with_columns(
             pl.lit(shard).alias(SHARD),

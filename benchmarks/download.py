@@ -22,10 +22,10 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from ca_platform.assets import SPINE_ASSETS  # noqa: E402
-from ca_platform.assets.partitions import POOL_SHARDS  # noqa: E402
 from dagster import AssetKey, DagsterInstance, materialize  # noqa: E402
 
+from ca_platform.assets import SPINE_ASSETS  # noqa: E402
+from ca_platform.assets.partitions import POOL_SHARDS  # noqa: E402
 from ca_platform.image_server import ImageServer  # noqa: E402
 from ca_platform.runner import build_resources  # noqa: E402
 from ca_platform.shapes_world import ShapesWorldConfig, generate_pool  # noqa: E402

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="let downloads reach this otherwise refused (private/loopback) host; repeatable",
     )
     run.add_argument(
-        "--preferences", metavar="FILE",
+        "--preferences",
+        metavar="FILE",
         help="human preference rankings (JSONL/parquet): train the reward model and score every shard",
     )
     _add_s3(run)

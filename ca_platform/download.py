@@ -17,9 +17,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from ca_platform import download_guard, schemas
+from ca_platform import download_guard, layout, schemas
 from ca_platform.download_guard import GuardPolicy, guarded_urlopen
 from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, STATUS, UID, URL, Status
+from ca_platform.storage import DataStore, fetch_to_local
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 
@@ -244,3 +245,17 @@ def _reconcile(raw: pl.DataFrame, results: list[pl.DataFrame], shard: str) -> pl
 def failure_counts(ledger: pl.DataFrame) -> dict[str, int]:
     """Rows per status word."""
     return dict(Counter(ledger[STATUS].to_list()))
+
+
+def downloaded_shards(store: DataStore) -> list[str]:
+    """The shards whose download ledger is published under a data root."""
+    suffix = f"/{layout.ROWS_FILE}"
+    keys = [o.key for o in store.list(f"{layout.DOWNLOADS_DIR}/") if o.key.endswith(suffix)]
+    return sorted(key[len(layout.DOWNLOADS_DIR) + 1 : -len(suffix)] for key in keys)
+
+
+def fetch_shard_download(store: DataStore, shard: str, scratch: Path) -> tuple[pl.DataFrame, list[Path]]:
+    """A shard's ledger and local paths of the tars holding its successfully downloaded images."""
+    ledger = pl.read_parquet(fetch_to_local(store, layout.download_rows_key(shard), scratch))
+    names = sorted(ledger.filter(pl.col(STATUS) == Status.SUCCESS)["tar"].unique().to_list())
+    return ledger, [fetch_to_local(store, layout.download_tar_key(shard, name), scratch) for name in names]

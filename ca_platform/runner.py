@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dagster import AssetsDefinition, DagsterInstance, materialize
@@ -30,7 +30,6 @@ from ca_platform.resources import (
     ScoringConfig,
 )
 from ca_platform.storage import DataStore, read_json
-
 
 POOL_WIDE = "(pool)"  # the target of a run of unpartitioned assets
 

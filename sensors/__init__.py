@@ -1,8 +1,5 @@
 """The shard sensor: new parquet files in the pool become partitions and get their runs."""
 
-from ca_platform.assets import SPINE_ASSETS
-from ca_platform.assets.partitions import POOL_SHARDS, pool_shards
-from ca_platform.resources import PlatformStorage
 from dagster import (
     AssetSelection,
     DefaultSensorStatus,
@@ -13,7 +10,10 @@ from dagster import (
     sensor,
 )
 
+from ca_platform.assets import SPINE_ASSETS
+from ca_platform.assets.partitions import POOL_SHARDS, pool_shards
 from ca_platform.pool import discover_shards
+from ca_platform.resources import PlatformStorage
 
 shard_spine_job = define_asset_job(
     "shard_spine",

@@ -21,8 +21,14 @@ NO_WORKERS = ScoringConfig(num_workers=0, batch_size=16)
 
 def _resources(pool: Path, data: Path, preferences: Path, scoring: ScoringConfig = NO_WORKERS) -> dict[str, object]:
     return build_resources(
-        str(pool), str(data), ["127.0.0.1"], download_options={"thread_count": 4}, preferences_uri=str(preferences),
-        reward_training=FAST_REWARD, baselines=FAST_BASELINES, scoring=scoring,
+        str(pool),
+        str(data),
+        ["127.0.0.1"],
+        download_options={"thread_count": 4},
+        preferences_uri=str(preferences),
+        reward_training=FAST_REWARD,
+        baselines=FAST_BASELINES,
+        scoring=scoring,
     )
 
 
@@ -46,7 +52,9 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
 
     accuracy = json.loads((data / layout.REPORTS_DIR / "preference_accuracy.json").read_text())
     assert set(accuracy) == {"reward_model", "clip_score", "blip_score", "pairs"}
-    assert accuracy["pairs"] > 0 and all(0.0 <= accuracy[k] <= 1.0 for k in ("reward_model", "clip_score", "blip_score"))
+    assert accuracy["pairs"] > 0 and all(
+        0.0 <= accuracy[k] <= 1.0 for k in ("reward_model", "clip_score", "blip_score")
+    )
     assert "held-out preference accuracy" in report(first)
 
     # unchanged preferences: the reward model is not retrained and no second version appears
@@ -66,7 +74,9 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
 def test_bad_preference_file_fails_the_stage_naming_the_row(web_pool: Callable[..., Path], tmp_path: Path) -> None:
     pool = web_pool(rows_per_shard=6)
     bad = tmp_path / "prefs.jsonl"
-    bad.write_text('{"image": "a.png", "captions": ["x", "y"], "ranking": [1, 2]}\n{"image": "b.png", "captions": ["x"]}\n')
+    bad.write_text(
+        '{"image": "a.png", "captions": ["x", "y"], "ranking": [1, 2]}\n{"image": "b.png", "captions": ["x"]}\n'
+    )
     run = run_lineage(_resources(pool, tmp_path / "data", bad), DagsterInstance.ephemeral())
     assert not run.success
     failures = [r for r in run.runs if not r.success]
@@ -82,8 +92,12 @@ def test_a_checkpoint_trained_elsewhere_becomes_the_current_version(tmp_path: Pa
     from ca_platform.tokenization import bert_tokenizer
 
     tokenizer = bert_tokenizer()
-    trained = TrainedRewardModel(build_reward_model(RewardModelSpec(), tokenizer), tokenizer, RewardModelSpec(),
-                                 {"reward_mean": 0.0, "reward_std": 1.0})
+    trained = TrainedRewardModel(
+        build_reward_model(RewardModelSpec(), tokenizer),
+        tokenizer,
+        RewardModelSpec(),
+        {"reward_mean": 0.0, "reward_std": 1.0},
+    )
     version, folder = save_reward_model(trained, tmp_path / "elsewhere")
     assert cli.main(["register-reward-model", str(folder), "--data", str(tmp_path / "data")]) == 0
     assert version in capsys.readouterr().out

@@ -6,14 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
-from ca_platform.assets import SPINE_ASSETS
-from ca_platform.assets.partitions import POOL_SHARDS
-from ca_platform.resources import PlatformStorage, QualityConfig
-from ca_platform.sensors import pool_shard_sensor
 from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
 
 from ca_platform import analytics, layout
+from ca_platform.assets import SPINE_ASSETS
+from ca_platform.assets.partitions import POOL_SHARDS
+from ca_platform.resources import PlatformStorage, QualityConfig
 from ca_platform.runner import build_resources
+from ca_platform.sensors import pool_shard_sensor
 from tests.conftest import write_pool
 
 
