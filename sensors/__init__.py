@@ -1,26 +1,11 @@
 """The shard sensor: new parquet files in the pool become partitions and get their runs."""
 
-from dagster import (
-    AssetSelection,
-    DefaultSensorStatus,
-    RunRequest,
-    SensorEvaluationContext,
-    SensorResult,
-    define_asset_job,
-    sensor,
-)
+from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, sensor
 
-from ca_platform.assets import SPINE_ASSETS
+from ca_platform.assets.jobs import shard_spine_job
 from ca_platform.assets.partitions import POOL_SHARDS, pool_shards
 from ca_platform.pool import discover_shards
 from ca_platform.resources import PlatformStorage
-
-shard_spine_job = define_asset_job(
-    "shard_spine",
-    selection=AssetSelection.assets(*SPINE_ASSETS),
-    partitions_def=pool_shards,
-    description="Read, validate and download one pool shard.",
-)
 
 
 @sensor(job=shard_spine_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
