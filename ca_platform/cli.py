@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # per-checkpoint bars would drown the report
     try:
         return args.func(args)
     except KeyboardInterrupt:

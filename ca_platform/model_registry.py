@@ -7,6 +7,7 @@ it was made from, and its metrics. A user's own pretrained folder is used in pla
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,23 @@ def current_model(store: DataStore, kind: str, scratch: Path) -> dict[str, Any]:
 
 
 def load_scorer(store: DataStore, kind: str, document: dict[str, Any], cache: Path, device: str | None) -> PairScorer:
-    """The scorer of the version `document` points at: a platform checkpoint or a user's pretrained folder."""
+    """The scorer of the version `document` points at: a platform checkpoint or a user's pretrained folder.
+
+    Loaded once per process and version: a run that scores many shards in one process (`ca-platform run`)
+    loads the model once.
+    """
+    version = document["version"]
     if document.get("pretrained_dir"):
-        return _PRETRAINED[kind](Path(document["pretrained_dir"]), device)
-    folder = fetch_folder(store, layout.model_prefix(kind, document["version"]), cache)
-    return _LOADERS[kind](folder, device)
+        return _cached_scorer(kind, "pretrained", document["pretrained_dir"], version, device)
+    folder = fetch_folder(store, layout.model_prefix(kind, version), cache)
+    return _cached_scorer(kind, "checkpoint", str(folder), version, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_scorer(kind: str, origin: str, folder: str, version: str, device: str | None) -> PairScorer:
+    """Keyed by the content version too, so a pretrained folder changed in place is loaded again."""
+    loaders = _PRETRAINED if origin == "pretrained" else _LOADERS
+    return loaders[kind](Path(folder), device)
 
 
 def register_reward_checkpoint(store: DataStore, source: Path, scratch: Path) -> str:
