@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 $(DAGSTER_HOME_DIR)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME_DIR) && touch $@
+	mkdir -p $(DAGSTER_HOME_DIR) && printf 'telemetry:\n  enabled: false\n' > $@
 
 demo: install $(DAGSTER_HOME_DIR)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(BIN)/ca-platform demo --dir $(DEMO_DIR)
