@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=4)
     demo.add_argument("--rows", type=int, default=200, help="rows per shard")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--preference-images", type=int, default=1000, help="images with ranked captions")
+    demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")
     demo.set_defaults(func=_cmd_demo)
