@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +47,24 @@ def write_checkpoint(
 
     Written aside and renamed into place, so a reader never sees half a checkpoint.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
-    try:
+
+    def fill(staging: Path) -> None:
         tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
         save_file(tensors, str(staging / WEIGHTS_FILE))
         for name, document in json_files.items():
             (staging / name).write_text(json.dumps(document, indent=2, sort_keys=True))
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, staging / name)
+
+    return _commit(root, fill)
+
+
+def _commit(root: Path, fill: Callable[[Path], None]) -> tuple[str, Path]:
+    """Fill a folder aside under `root`, then rename it to its content version (kept if already there)."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+    try:
+        fill(staging)
         version = content_version(staging)
         final = root / version
         if final.exists():
@@ -91,17 +100,4 @@ def read_json(folder: Path, name: str) -> Any:
 def register_folder(source: Path, root: Path) -> tuple[str, Path]:
     """Copy a checkpoint folder trained elsewhere under `root`, as the version its content hashes to."""
     read_weights(source)  # refuses pickles and a missing weights file before anything is copied
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
-    try:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        version = content_version(staging)
-        final = root / version
-        if final.exists():
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, final)
-        return version, final
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return _commit(root, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))

@@ -36,6 +36,8 @@ from PIL import Image, UnidentifiedImageError
 from ca_platform.download_guard import GuardPolicy, build_opener
 from ca_platform.preferences import PreferenceItem
 from ca_platform.shapes_world import (
+    PATTERN_WORDS,
+    POSITION_PHRASES,
     Scene,
     SceneObject,
     ShapesWorldConfig,
@@ -331,19 +333,6 @@ _DETAIL_WEIGHT = 0.25
 _CONTEXT_WEIGHT = 0.15
 _WRONG_FACT_PENALTY = 0.5
 
-# The caption grammar's words, as shapes_world.describe writes them (a test keeps the two in step).
-_POSITION_PHRASES = {
-    "top left": "at the top left",
-    "top": "at the top",
-    "top right": "at the top right",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom left": "at the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "at the bottom right",
-}
-_PATTERN_WORDS = {"plain": "", "striped": "striped", "dotted": "dotted"}
 _BOILERPLATE_TOKENS = ("IMG_{}.jpg", "DSC{:05d}.JPG", "stock photo {}", "untitled-{}.png", "image{}.png")
 _BOILERPLATE_PHRASES = ("click to enlarge", "image", "thumbnail", "no description available", "photo")
 
@@ -431,12 +420,12 @@ def _claim_text(claim: _Claim) -> str:
     for obj in claim.objects:
         noun = " ".join(word for word in (obj.size, obj.colour, obj.shape) if word)
         phrase = ("an " if noun[0] in "aeiou" else "a ") + noun
-        phrases.append(f"{phrase} {_POSITION_PHRASES[obj.position]}" if obj.position else phrase)
+        phrases.append(f"{phrase} {POSITION_PHRASES[obj.position]}" if obj.position else phrase)
     body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     if claim.background is None:
         return body
     colour, pattern = claim.background
-    words = " ".join(word for word in (_PATTERN_WORDS[pattern], colour) if word)
+    words = " ".join(word for word in (PATTERN_WORDS[pattern], colour) if word)
     return f"{body}, on {'an' if words[0] in 'aeiou' else 'a'} {words} background"
 
 

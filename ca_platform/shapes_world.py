@@ -66,7 +66,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom right": (2, 2),
 }
 
-_POSITION_PHRASES: dict[str, str] = {
+POSITION_PHRASES: dict[str, str] = {
     "top left": "at the top left",
     "top": "at the top",
     "top right": "at the top right",
@@ -78,7 +78,7 @@ _POSITION_PHRASES: dict[str, str] = {
     "bottom right": "at the bottom right",
 }
 
-_PATTERN_WORDS: dict[str, str] = {"plain": "", "striped": "striped", "dotted": "dotted"}
+PATTERN_WORDS: dict[str, str] = {"plain": "", "striped": "striped", "dotted": "dotted"}
 
 NoiseKind = Literal["clean", "other_image", "wrong_attribute", "partial", "boilerplate"]
 LinkKind = Literal["ok", "missing", "corrupt"]
@@ -268,12 +268,12 @@ def _object_phrase(obj: SceneObject, *, size: bool = True, colour: bool = True, 
     words = [w for w, keep in ((obj.size, size), (obj.colour, colour)) if keep]
     phrase = _with_article(" ".join([*words, obj.shape]))
     if position:
-        phrase = f"{phrase} {_POSITION_PHRASES[obj.position]}"
+        phrase = f"{phrase} {POSITION_PHRASES[obj.position]}"
     return phrase
 
 
 def _background_phrase(scene: Scene) -> str:
-    words = " ".join(w for w in (_PATTERN_WORDS[scene.background_pattern], scene.background_colour) if w)
+    words = " ".join(w for w in (PATTERN_WORDS[scene.background_pattern], scene.background_colour) if w)
     return f"on {_with_article(words)} background"
 
 
