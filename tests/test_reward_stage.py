@@ -7,9 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance
+from dagster import DagsterInstance, materialize
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from ca_platform import analytics, layout
+from ca_platform.assets import ALL_ASSETS, SHARD_SCORE_ASSETS
 from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
 from ca_platform.resources import BaselineConfig, RewardModelConfig, ScoringConfig
 from ca_platform.runner import build_resources, report, run_lineage
@@ -56,6 +58,17 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
         0.0 <= accuracy[k] <= 1.0 for k in ("reward_model", "clip_score", "blip_score")
     )
     assert "held-out preference accuracy" in report(first)
+
+    # a backfill run over a range of shards scores them all with one load of the model
+    ranged = materialize(
+        ALL_ASSETS, selection=SHARD_SCORE_ASSETS, instance=instance, resources=_resources(pool, data, preferences),
+        tags={ASSET_PARTITION_RANGE_START_TAG: "part-00000", ASSET_PARTITION_RANGE_END_TAG: "part-00001"},
+    )
+    assert ranged.success
+    assert [e.passed for e in ranged.get_asset_check_evaluations()] == [True]
+    shards = ranged.asset_materializations_for_node("reward_scores")[0].metadata["shards"].value
+    assert sorted(shards) == ["part-00000", "part-00001"]
+    assert analytics.query(db, "SELECT count(*) FROM scores").rows == [(downloaded,)]
 
     # unchanged preferences: the reward model is not retrained and no second version appears
     current = json.loads((data / layout.current_model_key("reward_model")).read_text())
