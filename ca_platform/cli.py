@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dagster import BetaWarning
+
+    warnings.filterwarnings("ignore", category=BetaWarning)  # backfill_policy is beta; a report is no place for it
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-checkpoint bars would drown the report
