@@ -22,9 +22,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ca_platform import runner
 
     resources = runner.build_resources(
-        args.pool, args.data, args.allow_host, args.s3_endpoint_url, preferences_uri=args.preferences
+        args.pool,
+        args.data,
+        args.allow_host,
+        args.s3_endpoint_url,
+        preferences_uri=args.preferences,
+        keep_fraction=args.keep,
     )
-    run = runner.run_lineage(resources)
+    run = runner.run_lineage(resources, compress=args.keep is not None)
     print(runner.report(run))
     return 0 if run.success else 1
 
@@ -105,8 +110,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             [DEMO_HOST],
             download_options={"thread_count": 16},
             preferences_uri=str(preferences),
+            keep_fraction=args.keep,
         )
-        run = runner.run_lineage(resources)
+        run = runner.run_lineage(resources, compress=True)
     print(runner.report(run))
     return 0 if run.success else 1
 
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--preferences",
         metavar="FILE",
         help="human preference rankings (JSONL/parquet): train the reward model and score every shard",
+    )
+    run.add_argument(
+        "--keep",
+        type=float,
+        metavar="K",
+        help="keep this fraction of the scored pool (e.g. 0.3): compute the global score threshold",
     )
     _add_s3(run)
     run.set_defaults(func=_cmd_run)
@@ -159,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=4)
     demo.add_argument("--rows", type=int, default=200, help="rows per shard")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--keep", type=float, default=0.3, help="fraction of the pool to keep")
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")

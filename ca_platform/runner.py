@@ -17,11 +17,12 @@ from dagster import AssetsDefinition, DagsterInstance, materialize
 from dagster_aws.s3 import S3Resource
 
 from ca_platform import analytics, layout
-from ca_platform.assets import ALL_ASSETS, REWARD_ASSETS, SHARD_SCORE_ASSETS, SPINE_ASSETS
+from ca_platform.assets import ALL_ASSETS, COMPRESSION_ASSETS, REWARD_ASSETS, SHARD_SCORE_ASSETS, SPINE_ASSETS
 from ca_platform.assets.partitions import POOL_SHARDS
 from ca_platform.pool import discover_shards
 from ca_platform.resources import (
     BaselineConfig,
+    CompressionConfig,
     DownloadConfig,
     PlatformStorage,
     PreferencesConfig,
@@ -64,6 +65,7 @@ def build_resources(
     reward_training: RewardModelConfig | None = None,
     baselines: BaselineConfig | None = None,
     scoring: ScoringConfig | None = None,
+    keep_fraction: float | None = None,
 ) -> dict[str, object]:
     """Resources for an in-process run; `download_options` are DownloadConfig fields."""
     s3 = S3Resource(endpoint_url=s3_endpoint_url) if s3_endpoint_url else S3Resource()
@@ -75,6 +77,7 @@ def build_resources(
         "reward_training": reward_training or RewardModelConfig(),
         "baselines": baselines or BaselineConfig(),
         "scoring": scoring or ScoringConfig(),
+        "compression": CompressionConfig(keep_fraction=keep_fraction if keep_fraction is not None else 0.3),
     }
 
 
@@ -117,10 +120,14 @@ def _materialize(
 
 
 def run_lineage(
-    resources: dict[str, object], instance: DagsterInstance | None = None, log_level: str = "WARNING"
+    resources: dict[str, object],
+    instance: DagsterInstance | None = None,
+    log_level: str = "WARNING",
+    compress: bool = False,
 ) -> LineageRun:
     """Materialize the lineage: every shard's spine, then (with a preference file) the reward model and its
-    baselines once, then every downloaded shard's reward scores; one run per shard and stage."""
+    baselines once, every downloaded shard's reward scores, and (with `compress`) the global score cut;
+    one run per shard and stage."""
     instance = instance or default_instance()
     storage = resources["storage"]
     preferences = resources["preferences"]
@@ -132,7 +139,10 @@ def run_lineage(
         runs.append(models)
         if models.success:
             downloaded = [run.target for run in runs if run.success and run.target != POOL_WIDE]
-            runs += [_materialize(SHARD_SCORE_ASSETS, resources, instance, key, log_level) for key in downloaded]
+            scored = [_materialize(SHARD_SCORE_ASSETS, resources, instance, key, log_level) for key in downloaded]
+            runs += scored
+            if compress and all(run.success for run in scored):
+                runs.append(_materialize(COMPRESSION_ASSETS, resources, instance, None, log_level))
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
     return LineageRun(storage, runs)
 
@@ -169,6 +179,16 @@ def report(run: LineageRun) -> str:
     )
     if scores.rows:
         lines += ["", "scores (DuckDB view `scores`):", scores.as_text()]
+    threshold = _read_report(run.storage, "score_threshold.json")
+    if threshold:
+        kept, total = threshold["kept"], threshold["total"]
+        ratio = total / kept if kept else float("inf")
+        lines += [
+            "",
+            f"compression (reward model {threshold['model_version']}, keep {threshold['keep_fraction']}): "
+            f"kept {kept} of {total} scored pairs, dropped {total - kept} ({ratio:.1f}x smaller), "
+            f"threshold score {threshold['score']}",
+        ]
     accuracy = _read_report(run.storage, "preference_accuracy.json")
     if accuracy:
         lines += ["", f"held-out preference accuracy ({accuracy['pairs']} human-ordered pairs, ties excluded):"]

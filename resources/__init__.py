@@ -189,6 +189,12 @@ class BaselineConfig(ConfigurableResource):
     device: str | None = None
 
 
+class CompressionConfig(ConfigurableResource):
+    """How hard to compress: the fraction of the pool the reward model keeps (the paper goes down to ~0.12)."""
+
+    keep_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+
+
 def resources_from_env() -> dict[str, ConfigurableResource]:
     """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI.
 
@@ -206,6 +212,7 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
         "preferences": PreferencesConfig(uri=os.environ.get("CA_PREFERENCES_URI")),
         "reward_training": RewardModelConfig(),
         "scoring": ScoringConfig(),
+        "compression": CompressionConfig(keep_fraction=float(os.environ.get("CA_KEEP_FRACTION", "0.3"))),
         "baselines": BaselineConfig(
             clip_pretrained_dir=os.environ.get("CA_CLIP_DIR"), blip_pretrained_dir=os.environ.get("CA_BLIP_DIR")
         ),

@@ -12,8 +12,9 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from ca_platform import analytics, layout
 from ca_platform.assets import ALL_ASSETS, SHARD_SCORE_ASSETS
+from ca_platform.compression import keep_count
 from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
-from ca_platform.resources import BaselineConfig, RewardModelConfig, ScoringConfig
+from ca_platform.resources import BaselineConfig, CompressionConfig, RewardModelConfig, ScoringConfig
 from ca_platform.runner import build_resources, report, run_lineage
 
 FAST_REWARD = RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8)
@@ -41,7 +42,9 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
     data = tmp_path / "data"
     instance = DagsterInstance.ephemeral()
 
-    first = run_lineage(_resources(pool, data, preferences, ScoringConfig(num_workers=2, batch_size=4)), instance)
+    resources = _resources(pool, data, preferences, ScoringConfig(num_workers=2, batch_size=4))
+    resources["compression"] = CompressionConfig(keep_fraction=0.3)
+    first = run_lineage(resources, instance, compress=True)
     assert first.success, [r for r in first.runs if not r.success]
     coverage = [r.checks["reward_scores:uid_coverage"] for r in first.runs if "reward_scores:uid_coverage" in r.checks]
     assert coverage == [True, True]
@@ -58,6 +61,9 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
         0.0 <= accuracy[k] <= 1.0 for k in ("reward_model", "clip_score", "blip_score")
     )
     assert "held-out preference accuracy" in report(first)
+    threshold = json.loads((data / layout.REPORTS_DIR / "score_threshold.json").read_text())
+    assert (threshold["total"], threshold["kept"]) == (downloaded, keep_count(0.3, downloaded))
+    assert f"kept {threshold['kept']} of {downloaded}" in report(first)
 
     # a backfill run over a range of shards scores them all with one load of the model
     ranged = materialize(
