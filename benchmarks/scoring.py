@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import resource
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import BlipConfig
 
 from ca_platform.devices import pick_device
 from ca_platform.image_preprocessing import decode_image
@@ -74,11 +74,11 @@ def write_shard(folder: Path, rows: int, image_size: int, tars: int, keep: int) 
     return paths, kept
 
 
-def backbone_image_size(backbone: str) -> int:
-    """The resolution the backbone takes: 64 for the tiny one, the vision config's of a local BLIP folder."""
+def model_image_size(backbone: str, requested: int | None) -> int:
+    """The model's resolution: --image-size (default 64) for the tiny backbone, its own for a BLIP folder."""
     if backbone == "tiny":
-        return TINY_IMAGE_SIZE
-    return int(json.loads((Path(backbone) / "config.json").read_text())["vision_config"]["image_size"])
+        return requested or TINY_IMAGE_SIZE
+    return int(BlipConfig.from_pretrained(backbone, local_files_only=True).vision_config.image_size)
 
 
 def build_scorer(folder: Path, image_size: int, backbone: str, device: torch.device) -> RewardScorer:
@@ -156,7 +156,7 @@ def mib(kib: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--image-size", type=int, default=None, help="jpeg size; default: the model's resolution")
+    parser.add_argument("--image-size", type=int, default=None, help="jpeg size, and the tiny model's resolution (64)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tars", type=int, default=1, help="tars the rows are spread over")
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="tiny", help='"tiny" or a local pretrained BLIP folder')
     args = parser.parse_args()
     device = pick_device(args.device)
-    model_size = backbone_image_size(args.backbone)
+    model_size = model_image_size(args.backbone, args.image_size)
     image_size = args.image_size or model_size
     held_rows = min(args.rows, max(args.batch_size, HELD_PIXEL_BYTES // (3 * model_size**2 * 4)))
     load_before = os.getloadavg()[0]
