@@ -49,11 +49,14 @@ from ca_platform.tokenization import bert_tokenizer
 
 HELD_PIXEL_BYTES = 2 * 2**30  # F cycles over at most this much prepared pixel data, whatever --rows is
 TINY_IMAGE_SIZE = 64
+BUSY_LOAD = 0.5  # 1-minute load average per core, before the run, above which the machine counts as busy
 
 Batch = dict[str, Any]
 
 
-def write_shard(folder: Path, rows: int, image_size: int, tars: int, keep: int) -> tuple[list[Path], list[Any]]:
+def write_shard(
+    folder: Path, rows: int, image_size: int, tars: int, keep: int
+) -> tuple[list[Path], list[tuple[bytes, str]]]:
     """`rows` samples spread over `tars` tars, and the (jpeg bytes, caption) of the first `keep` of them."""
     rng = np.random.default_rng(0)
     paths = [folder / f"{index:05d}.tar" for index in range(tars)]
@@ -213,7 +216,10 @@ def main() -> None:
         f"batch {args.batch_size}, {args.workers} workers, backbone {args.backbone}, torch threads "
         f"{torch.get_num_threads()} of {os.cpu_count()} cores, best of {args.repeats}"
     )
-    print(f"load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
+    load_after = os.getloadavg()[0]
+    print(f"load average before / after: {load_before:.2f} / {load_after:.2f}")
+    if load_before > BUSY_LOAD * (os.cpu_count() or 1):
+        print("warning: the cores were busy before the run started; F, D and E may be unreliable, run again when idle")
     print(f"F  model forward on prepared batches: {forward:9.1f} pairs/s   (rounds: {fmt(f_rates)})")
     print(f"D  decode + prepare, {args.workers} workers:      {decode:9.1f} pairs/s   (rounds: {fmt(d_rates)})")
     print(f"E  score_tars end to end:             {scored:9.1f} pairs/s   (rounds: {fmt(e_rates)})")
