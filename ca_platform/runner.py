@@ -1,7 +1,8 @@
 """Running the lineage in-process for every shard of a pool: what `ca-platform run` and the demo do.
 
-It goes through the same asset definitions the Dagster UI shows, with `materialize()` once per shard,
-on the instance of DAGSTER_HOME when set (so the runs appear in the UI's history) or an ephemeral one.
+It goes through the same asset definitions the Dagster UI shows, with `materialize()` once per shard and
+stage (pool-wide stages once), on the instance of DAGSTER_HOME when set (so the runs appear in the UI's
+history) or an ephemeral one.
 """
 
 from __future__ import annotations
