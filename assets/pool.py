@@ -1,8 +1,5 @@
 """raw_pool_shard: one pool shard read, validated and given stable uids."""
 
-import tempfile
-from pathlib import Path
-
 import polars as pl
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
@@ -27,11 +24,11 @@ def raw_pool_shard(
     reason a row will not be downloaded; a malformed shard fails here, naming file and column."""
     pool, data = storage.pool_store(), storage.data_store()
     shard = find_shard(pool, context.partition_key)
-    with tempfile.TemporaryDirectory(prefix="ca-raw-") as scratch:
-        raw = read_shard(pool, shard, storage.pool_columns(), Path(scratch))
-        local = Path(scratch) / "raw.parquet"
+    with storage.staging_dir(f"raw-{shard.key}") as scratch:
+        raw = read_shard(pool, shard, storage.pool_columns(), scratch)
+        local = scratch / "raw.parquet"
         raw.write_parquet(local)
-        data.put_file(local, layout.raw_shard_key(shard.key))
+        data.put_file(local, layout.raw_shard_key(shard.key), consume=True)
     skipped = raw.filter(pl.col("skip_reason").is_not_null())
     return MaterializeResult(
         metadata={

@@ -36,13 +36,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_shards(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
-    from dagster_aws.s3 import S3Resource
 
     from ca_platform import runner
     from ca_platform.pool import discover_shards
+    from ca_platform.resources import s3_resource
     from ca_platform.storage import open_store
 
-    s3 = S3Resource(endpoint_url=args.s3_endpoint_url) if args.s3_endpoint_url else S3Resource()
+    s3 = s3_resource(args.s3_endpoint_url)
     pool = open_store(args.pool, s3.get_client)
     if args.action == "list":
         for shard in discover_shards(pool):
@@ -54,12 +54,10 @@ def _cmd_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from dagster_aws.s3 import S3Resource
-
     from ca_platform import analytics
-    from ca_platform.resources import PlatformStorage
+    from ca_platform.resources import PlatformStorage, s3_resource
 
-    s3 = S3Resource(endpoint_url=args.s3_endpoint_url) if args.s3_endpoint_url else S3Resource()
+    s3 = s3_resource(args.s3_endpoint_url)
     storage = PlatformStorage(pool_uri="", data_uri=args.data, s3=s3, analytics_dir=args.analytics_dir)
     if args.data.startswith("s3://"):
         analytics.mirror(storage.data_store(), storage.analytics_root())
@@ -71,12 +69,11 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 def _cmd_register(args: argparse.Namespace) -> int:
     import tempfile
 
-    from dagster_aws.s3 import S3Resource
-
     from ca_platform.model_registry import register_reward_checkpoint
+    from ca_platform.resources import s3_resource
     from ca_platform.storage import open_store
 
-    s3 = S3Resource(endpoint_url=args.s3_endpoint_url) if args.s3_endpoint_url else S3Resource()
+    s3 = s3_resource(args.s3_endpoint_url)
     with tempfile.TemporaryDirectory(prefix="ca-register-") as scratch:
         version = register_reward_checkpoint(open_store(args.data, s3.get_client), Path(args.folder), Path(scratch))
     print(f"registered reward model version {version}; it is now current (materialize reward_scores to rescore)")

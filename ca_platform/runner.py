@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from dagster import AssetsDefinition, DagsterInstance, materialize
-from dagster_aws.s3 import S3Resource
 
 from ca_platform import analytics, layout
 from ca_platform.assets import ALL_ASSETS, COMPRESSION_ASSETS, REWARD_ASSETS, SHARD_SCORE_ASSETS, SPINE_ASSETS
@@ -30,6 +29,7 @@ from ca_platform.resources import (
     QualityConfig,
     RewardModelConfig,
     ScoringConfig,
+    s3_resource,
 )
 from ca_platform.storage import DataStore, read_json
 
@@ -69,7 +69,7 @@ def build_resources(
     keep_fraction: float | None = None,
 ) -> dict[str, object]:
     """Resources for an in-process run; `download_options` are DownloadConfig fields."""
-    s3 = S3Resource(endpoint_url=s3_endpoint_url) if s3_endpoint_url else S3Resource()
+    s3 = s3_resource(s3_endpoint_url)
     return {
         "storage": PlatformStorage(pool_uri=pool_uri, data_uri=data_uri, s3=s3, analytics_dir=analytics_dir),
         "downloader": DownloadConfig(allow_hosts=",".join(allow_hosts), **(download_options or {})),

@@ -23,6 +23,11 @@ from ca_platform.quality import QualityThresholds
 from ca_platform.storage import DataStore, is_s3_uri, open_store
 
 
+def s3_resource(endpoint_url: str | None = None) -> S3Resource:
+    """dagster-aws's S3 resource, at `endpoint_url` when given (an S3-compatible server), else boto3's default."""
+    return S3Resource(endpoint_url=endpoint_url) if endpoint_url else S3Resource()
+
+
 class PlatformStorage(ConfigurableResource):
     """Where the pool is read from and where the platform writes: local directories or s3://bucket/prefix."""
 
