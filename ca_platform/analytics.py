@@ -27,6 +27,7 @@ from ca_platform.storage import DataStore
 VIEW_SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "downloads": schemas.DOWNLOAD_ROWS,
     "scores": schemas.SCORES,
+    "subsets": schemas.SUBSETS,
 }
 
 

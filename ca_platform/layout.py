@@ -62,8 +62,29 @@ def scores_key(scorer: str, version: str, shard: str) -> str:
     return f"{SCORES_DIR}/{scorer}/{version}/{shard}.parquet"
 
 
+SUBSETS_DIR = "subsets"
+SUBSET_MEMBERSHIP_FILE = "membership.parquet"
+SUBSET_UIDS_FILE = "uids.txt"
+SUBSET_MANIFEST_FILE = "manifest.json"
+
+
+def subset_prefix(variant: str, shard: str) -> str:
+    """One shard's part of a compressed subset: its tar, uid list, manifest and membership table."""
+    return f"{SUBSETS_DIR}/{variant}/{shard}"
+
+
+def subset_tar_key(variant: str, shard: str) -> str:
+    return f"{subset_prefix(variant, shard)}/{shard}.tar"
+
+
+def subset_membership_key(variant: str, shard: str) -> str:
+    """Every downloaded pair of the shard, kept or not; written last, it marks the shard's subset complete."""
+    return f"{subset_prefix(variant, shard)}/{SUBSET_MEMBERSHIP_FILE}"
+
+
 # DuckDB view name -> glob of the parquet files it reads, relative to the data root (or its local mirror).
 VIEW_GLOBS: dict[str, str] = {
     "downloads": f"{DOWNLOADS_DIR}/*/{ROWS_FILE}",
     "scores": f"{SCORES_DIR}/*/*/*.parquet",
+    "subsets": f"{SUBSETS_DIR}/*/*/{SUBSET_MEMBERSHIP_FILE}",
 }

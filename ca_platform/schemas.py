@@ -58,6 +58,24 @@ SCORES: Mapping[str, pl.DataType] = {
 }
 
 
+# Subset variants: which pairs each way of compressing keeps, at the same keep fraction.
+REWARD_TOPK = "reward_topk"  # the reward model's top k (the method)
+CLIPSCORE_TOPK = "clipscore_topk"  # CLIP score's top k (DataComp's baseline)
+RANDOM_TOPK = "random_topk"  # a seeded uniform sample of k
+SUBSET_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK)
+
+# One row per downloaded pair per subset variant: kept or dropped, with the score that decided it.
+SUBSETS: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    SHARD: pl.String(),
+    "variant": pl.String(),  # one of SUBSET_VARIANTS
+    "model_version": pl.String(),  # the scorer's version; for random_topk "seed-<n>"
+    "keep_fraction": pl.Float64(),
+    "score": pl.Float64(),  # the reward / CLIP score, or the uniform random key in [0, 1)
+    "kept": pl.Boolean(),
+}
+
+
 class Status:
     """Outcome words of a pool row; anything but SUCCESS carries an `error` saying why."""
 
