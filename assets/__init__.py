@@ -1,15 +1,17 @@
 """Software-defined assets, one module per stage of the lineage."""
 
 from ca_platform.assets.baselines import blip_score_model, clip_score_model
-from ca_platform.assets.compression import score_threshold
+from ca_platform.assets.compression import compressed_subset, score_threshold
 from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.assets.evaluation import preference_accuracy
 from ca_platform.assets.pool import raw_pool_shard
-from ca_platform.assets.reward import preference_data, reward_model
-from ca_platform.assets.scores import reward_scores
+from ca_platform.assets.reward import preference_data, registered_reward_checkpoint, reward_model
+from ca_platform.assets.scores import clip_scores, reward_scores
 
 SPINE_ASSETS = [raw_pool_shard, downloaded_shard]
 REWARD_ASSETS = [preference_data, reward_model, clip_score_model, blip_score_model, preference_accuracy]
-SHARD_SCORE_ASSETS = [reward_scores]
-COMPRESSION_ASSETS = [score_threshold]
-ALL_ASSETS = SPINE_ASSETS + REWARD_ASSETS + SHARD_SCORE_ASSETS + COMPRESSION_ASSETS
+SHARD_SCORE_ASSETS = [reward_scores, clip_scores]
+THRESHOLD_ASSETS = [score_threshold]
+SHARD_SUBSET_ASSETS = [compressed_subset]
+SOURCE_ASSETS = [registered_reward_checkpoint]
+ALL_ASSETS = SOURCE_ASSETS + SPINE_ASSETS + REWARD_ASSETS + SHARD_SCORE_ASSETS + THRESHOLD_ASSETS + SHARD_SUBSET_ASSETS

@@ -2,7 +2,7 @@
 
 from dagster import AssetSelection, define_asset_job
 
-from ca_platform.assets import REWARD_ASSETS, SHARD_SCORE_ASSETS, SPINE_ASSETS
+from ca_platform.assets import REWARD_ASSETS, SHARD_SCORE_ASSETS, SHARD_SUBSET_ASSETS, SPINE_ASSETS, THRESHOLD_ASSETS
 from ca_platform.assets.partitions import pool_shards
 
 shard_spine_job = define_asset_job(
@@ -20,5 +20,10 @@ shard_scores_job = define_asset_job(
     "shard_scores",
     selection=AssetSelection.assets(*SHARD_SCORE_ASSETS),
     partitions_def=pool_shards,
-    description="Score one downloaded shard with the current reward model.",
+    description="Score one downloaded shard with the current reward model and CLIP score.",
+)
+compression_job = define_asset_job(
+    "compression",
+    selection=AssetSelection.assets(*THRESHOLD_ASSETS, *SHARD_SUBSET_ASSETS),
+    description="The global cut of every subset variant, then each shard's compressed subsets.",
 )

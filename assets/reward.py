@@ -4,18 +4,41 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    ObserveResult,
+    asset,
+    observable_source_asset,
+)
 
 from ca_platform import layout
+from ca_platform.assets.automation import (
+    OBSERVE_REGISTRATIONS,
+    ON_NEW_REGISTERED_CHECKPOINT,
+    REGISTERED_REWARD_CHECKPOINT,
+)
 from ca_platform.assets.baselines import blip_score_model
 from ca_platform.blip_itm import BlipItmScorer
-from ca_platform.model_registry import BLIP_SCORE, current_model, load_scorer
+from ca_platform.model_registry import (
+    BLIP_SCORE,
+    REWARD_MODEL,
+    current_model,
+    load_scorer,
+)
+from ca_platform.model_registry import (
+    registered_reward_checkpoint as read_registered_checkpoint,
+)
 from ca_platform.preference_sets import load_preference_split, stage_preferences
 from ca_platform.preferences import preference_pairs
 from ca_platform.resources import DownloadConfig, PlatformStorage, PreferencesConfig, RewardModelConfig
 from ca_platform.reward_model import RewardModelSpec, TrainConfig, save_reward_model, train_reward_model
-from ca_platform.storage import fetch_folder, publish_folder, read_json, write_json
+from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
 
 
 @asset(group_name="reward", kinds={"jsonl"})
@@ -67,7 +90,31 @@ def pool_blip_backbone(storage: PlatformStorage, folder: Path) -> str:
     return scorer.version
 
 
-@asset(deps=[preference_data, blip_score_model], group_name="reward", kinds={"pytorch", "safetensors"})
+NO_REGISTERED_CHECKPOINT = "none"
+
+
+@observable_source_asset(
+    key=REGISTERED_REWARD_CHECKPOINT, group_name="reward", automation_condition=OBSERVE_REGISTRATIONS
+)
+def registered_reward_checkpoint(storage: PlatformStorage) -> ObserveResult:
+    """A reward-model checkpoint trained elsewhere and pinned with `ca-platform register-reward-model`; its
+    data version is the checkpoint's content hash ("none" while nothing is pinned)."""
+    with storage.staging_dir("registered-reward") as staging:
+        document = read_registered_checkpoint(storage.data_store(), staging)
+    if document is None:
+        return ObserveResult(data_version=DataVersion(NO_REGISTERED_CHECKPOINT))
+    return ObserveResult(
+        data_version=DataVersion(document["version"]),
+        metadata={"version": document["version"], "registered_from": document["registered_from"]},
+    )
+
+
+@asset(
+    deps=[preference_data, blip_score_model, registered_reward_checkpoint],
+    automation_condition=ON_NEW_REGISTERED_CHECKPOINT,
+    group_name="reward",
+    kinds={"pytorch", "safetensors"},
+)
 def reward_model(
     context: AssetExecutionContext,
     storage: PlatformStorage,
@@ -77,8 +124,15 @@ def reward_model(
     """A BLIP-backbone reward model trained on the preferences with a held-out split by image, saved as a
     checkpoint versioned by content hash. By default it starts from blip_score_model's BLIP; "tiny" starts
     from scratch and a folder from a local pretrained BLIP. Retraining is skipped when the recipe
-    (preference set, backbone, model and training settings) has not changed."""
+    (preference set, backbone, model and training settings) has not changed. While a checkpoint is pinned
+    (registered_reward_checkpoint), that checkpoint is the reward model and nothing is trained."""
     data = storage.data_store()
+    with storage.staging_dir("reward-model") as staging:
+        pinned = read_registered_checkpoint(data, staging)
+        if pinned is not None:
+            context.log.info(f"reward model {pinned['version']} is pinned, from {pinned['registered_from']}")
+            write_json(data, layout.current_model_key(REWARD_MODEL), pinned, staging)
+            return _reward_model_result(data, pinned)
     spec = RewardModelSpec(
         backbone=reward_training.backbone,
         image_size=reward_training.image_size,
@@ -108,7 +162,7 @@ def reward_model(
             spec = replace(spec, backbone=str(staging / "backbone"))
         else:
             recipe = training_recipe(preferences_doc["version"], spec, config, split)
-        current = read_json(data, layout.current_model_key("reward_model"), staging)
+        current = read_json(data, layout.current_model_key(REWARD_MODEL), staging)
         if current is not None and current.get("recipe") == recipe:
             context.log.info(f"reward model {current['version']} already trained from this recipe: reused")
         else:
@@ -116,23 +170,28 @@ def reward_model(
             train, heldout = load_preference_split(folder, *split)
             trained = train_reward_model(train, heldout, spec, config)
             version, checkpoint = save_reward_model(trained, staging / "checkpoints")
-            publish_folder(data, checkpoint, layout.model_prefix("reward_model", version))
+            publish_folder(data, checkpoint, layout.model_prefix(REWARD_MODEL, version))
             current = {
                 "version": version,
                 "recipe": recipe,
                 "preferences": preferences_doc["version"],
                 "metrics": trained.metrics,
             }
-            write_json(data, layout.current_model_key("reward_model"), current, staging)
+            write_json(data, layout.current_model_key(REWARD_MODEL), current, staging)
+    return _reward_model_result(data, current)
+
+
+def _reward_model_result(data: DataStore, current: dict[str, Any]) -> MaterializeResult:
     metrics = current["metrics"]
+    source = current.get("registered_from") or f"trained on preferences {current.get('preferences')}"
     return MaterializeResult(
         metadata={
             "version": current["version"],
-            "preferences_version": current["preferences"],
-            "heldout_accuracy": float(metrics["heldout_accuracy"]),
-            "heldout_pairs": int(metrics["heldout_pairs"]),
+            "source": source,
+            "heldout_accuracy": float(metrics.get("heldout_accuracy", float("nan"))),
+            "heldout_pairs": int(metrics.get("heldout_pairs", 0)),
             "metrics": MetadataValue.json(metrics),
-            "checkpoint": MetadataValue.path(data.uri_of(layout.model_prefix("reward_model", current["version"]))),
+            "checkpoint": MetadataValue.path(data.uri_of(layout.model_prefix(REWARD_MODEL, current["version"]))),
         },
         data_version=DataVersion(current["version"]),
     )

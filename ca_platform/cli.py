@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep",
         type=float,
         metavar="K",
-        help="keep this fraction of the scored pool (e.g. 0.3): compute the global score threshold",
+        help="keep this fraction of the scored pool (e.g. 0.3): the cut and subsets of every variant",
     )
     _add_s3(run)
     run.set_defaults(func=_cmd_run)

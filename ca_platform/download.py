@@ -257,5 +257,10 @@ def downloaded_shards(store: DataStore) -> list[str]:
 def fetch_shard_download(store: DataStore, shard: str, scratch: Path) -> tuple[pl.DataFrame, list[Path]]:
     """A shard's ledger and local paths of the tars holding its successfully downloaded images."""
     ledger = pl.read_parquet(fetch_to_local(store, layout.download_rows_key(shard), scratch))
+    return ledger, fetch_downloaded_tars(store, shard, ledger, scratch)
+
+
+def fetch_downloaded_tars(store: DataStore, shard: str, ledger: pl.DataFrame, scratch: Path) -> list[Path]:
+    """Local paths of the tars of a shard's ledger that hold its successfully downloaded images."""
     names = sorted(ledger.filter(pl.col(STATUS) == Status.SUCCESS)["tar"].unique().to_list())
-    return ledger, [fetch_to_local(store, layout.download_tar_key(shard, name), scratch) for name in names]
+    return [fetch_to_local(store, layout.download_tar_key(shard, name), scratch) for name in names]

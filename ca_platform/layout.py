@@ -57,6 +57,11 @@ def current_model_key(kind: str) -> str:
     return f"{model_root(kind)}/{CURRENT_FILE}"
 
 
+def registered_model_key(kind: str) -> str:
+    """A checkpoint registered from outside and pinned as the kind's model until unpinned."""
+    return f"{model_root(kind)}/registered.json"
+
+
 def scores_key(scorer: str, version: str, shard: str) -> str:
     """One shard's scores by one model version: versions live side by side."""
     return f"{SCORES_DIR}/{scorer}/{version}/{shard}.parquet"
@@ -73,8 +78,12 @@ def subset_prefix(variant: str, shard: str) -> str:
     return f"{SUBSETS_DIR}/{variant}/{shard}"
 
 
+def subset_tar_name(shard: str) -> str:
+    return f"{shard}.tar"
+
+
 def subset_tar_key(variant: str, shard: str) -> str:
-    return f"{subset_prefix(variant, shard)}/{shard}.tar"
+    return f"{subset_prefix(variant, shard)}/{subset_tar_name(shard)}"
 
 
 def subset_membership_key(variant: str, shard: str) -> str:

@@ -67,11 +67,26 @@ def _cached_scorer(kind: str, origin: str, folder: str, version: str, device: st
 
 
 def register_reward_checkpoint(store: DataStore, source: Path, scratch: Path) -> str:
-    """Make a reward-model checkpoint trained elsewhere (a folder as `save_reward_model` writes it) the
-    current version; it must load (safetensors only) before it is copied. Returns its version."""
+    """Pin a reward-model checkpoint trained elsewhere (a folder as `save_reward_model` writes it): it must
+    load (safetensors only) before it is copied. `reward_model` adopts the pinned version instead of training
+    until it is unpinned. Returns its version."""
     version, folder = register_reward_model(source, scratch / "checkpoints")
     metrics = load_reward_model(folder, device="cpu").metrics
     publish_folder(store, folder, layout.model_prefix(REWARD_MODEL, version))
     document = {"version": version, "registered_from": str(source.resolve()), "metrics": metrics}
-    write_json(store, layout.current_model_key(REWARD_MODEL), document, scratch)
+    write_json(store, layout.registered_model_key(REWARD_MODEL), document, scratch)
     return version
+
+
+def registered_reward_checkpoint(store: DataStore, scratch: Path) -> dict[str, Any] | None:
+    """The pinned reward-model checkpoint's document, or None when reward_model trains its own."""
+    return read_json(store, layout.registered_model_key(REWARD_MODEL), scratch)
+
+
+def unpin_reward_checkpoint(store: DataStore) -> bool:
+    """Let reward_model train from the preferences again; False when nothing was pinned."""
+    key = layout.registered_model_key(REWARD_MODEL)
+    if not store.exists(key):
+        return False
+    store.delete(key)
+    return True

@@ -16,8 +16,15 @@ from typing import Any
 
 from dagster import AssetsDefinition, DagsterInstance, materialize
 
-from ca_platform import analytics, layout
-from ca_platform.assets import ALL_ASSETS, COMPRESSION_ASSETS, REWARD_ASSETS, SHARD_SCORE_ASSETS, SPINE_ASSETS
+from ca_platform import analytics, layout, schemas
+from ca_platform.assets import (
+    ALL_ASSETS,
+    REWARD_ASSETS,
+    SHARD_SCORE_ASSETS,
+    SHARD_SUBSET_ASSETS,
+    SPINE_ASSETS,
+    THRESHOLD_ASSETS,
+)
 from ca_platform.assets.partitions import POOL_SHARDS
 from ca_platform.pool import discover_shards
 from ca_platform.resources import (
@@ -127,8 +134,8 @@ def run_lineage(
     compress: bool = False,
 ) -> LineageRun:
     """Materialize the lineage: every shard's spine, then (with a preference file) the reward model and its
-    baselines once, every downloaded shard's reward scores, and (with `compress`) the global score cut;
-    one run per shard and stage."""
+    baselines once, every downloaded shard's reward and CLIP scores, and (with `compress`) the global cut
+    of every subset variant and each shard's compressed subsets; one run per shard and stage."""
     instance = instance or default_instance()
     storage = resources["storage"]
     preferences = resources["preferences"]
@@ -143,7 +150,12 @@ def run_lineage(
             scored = [_materialize(SHARD_SCORE_ASSETS, resources, instance, key, log_level) for key in downloaded]
             runs += scored
             if compress and all(run.success for run in scored):
-                runs.append(_materialize(COMPRESSION_ASSETS, resources, instance, None, log_level))
+                threshold = _materialize(THRESHOLD_ASSETS, resources, instance, None, log_level)
+                runs.append(threshold)
+                if threshold.success:
+                    runs += [
+                        _materialize(SHARD_SUBSET_ASSETS, resources, instance, key, log_level) for key in downloaded
+                    ]
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
     return LineageRun(storage, runs)
 
@@ -180,16 +192,24 @@ def report(run: LineageRun) -> str:
     )
     if scores.rows:
         lines += ["", "scores (DuckDB view `scores`):", scores.as_text()]
-    threshold = _read_report(run.storage, "score_threshold.json")
-    if threshold:
-        kept, total = threshold["kept"], threshold["total"]
-        ratio = total / kept if kept else float("inf")
-        lines += [
-            "",
-            f"compression (reward model {threshold['model_version']}, keep {threshold['keep_fraction']}): "
-            f"kept {kept} of {total} scored pairs, dropped {total - kept} ({ratio:.1f}x smaller), "
-            f"threshold score {threshold['score']}",
-        ]
+    thresholds = _read_report(run.storage, "score_threshold.json")
+    if thresholds:
+        lines += ["", "compressed subsets (DuckDB view `subsets`):"]
+        for variant, threshold in thresholds.items():
+            kept, total = threshold["kept"], threshold["total"]
+            ratio = total / kept if kept else float("inf")
+            lines.append(
+                f"  {variant:15s} keep {threshold['keep_fraction']}: kept {kept} of {total} pairs, dropped "
+                f"{total - kept} ({ratio:.1f}x smaller), ranked by {threshold['model_version']}"
+            )
+        per_shard = analytics.query(
+            db,
+            "SELECT shard, count(*) FILTER (variant = ?) AS pairs, "
+            + ", ".join(f"count(*) FILTER (variant = '{v}' AND kept) AS {v}" for v in schemas.SUBSET_VARIANTS)
+            + " FROM subsets GROUP BY shard ORDER BY shard",
+            [schemas.REWARD_TOPK],
+        )
+        lines += [per_shard.as_text()]
     accuracy = _read_report(run.storage, "preference_accuracy.json")
     if accuracy:
         lines += ["", f"held-out preference accuracy ({accuracy['pairs']} human-ordered pairs, ties excluded):"]

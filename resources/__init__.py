@@ -198,6 +198,7 @@ class CompressionConfig(ConfigurableResource):
     """How hard to compress: the fraction of the pool the reward model keeps (the paper goes down to ~0.12)."""
 
     keep_fraction: float = Field(default=0.3, ge=0.0, le=1.0)
+    random_seed: int = Field(default=0, description="Seed of the random_topk baseline's uniform sample.")
 
 
 def resources_from_env() -> dict[str, ConfigurableResource]:

@@ -1,8 +1,20 @@
-"""The shard sensor: new parquet files in the pool become partitions and get their runs."""
+"""What starts runs without anyone clicking: new pool shards, new model versions, and a retraining cron."""
 
-from dagster import DefaultSensorStatus, RunRequest, SensorEvaluationContext, SensorResult, sensor
+import os
 
-from ca_platform.assets.jobs import shard_spine_job
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    RunRequest,
+    ScheduleDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    sensor,
+)
+
+from ca_platform.assets.jobs import reward_models_job, shard_spine_job
 from ca_platform.assets.partitions import POOL_SHARDS, pool_shards
 from ca_platform.pool import discover_shards
 from ca_platform.resources import PlatformStorage
@@ -22,3 +34,23 @@ def pool_shard_sensor(context: SensorEvaluationContext, storage: PlatformStorage
         run_requests=[RunRequest(partition_key=s.key, run_key=f"{s.key}@{s.fingerprint}") for s in shards],
         dynamic_partitions_requests=[pool_shards.build_add_request(new_keys)] if new_keys else [],
     )
+
+
+# Evaluates the assets' automation conditions (ca_platform.assets.automation): a new reward-model version
+# rescores every shard, then the threshold and subsets follow, as one backfill.
+automation_sensor = AutomationConditionSensorDefinition(
+    "automation_sensor",
+    target=AssetSelection.all(include_sources=True),
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Rescoring on new model versions, then threshold and subsets; observes registered checkpoints.",
+)
+
+# Retrain on the user's cron (CA_REWARD_CRON): an unchanged recipe reuses the model and so rescores nothing.
+reward_refresh_schedule = ScheduleDefinition(
+    name="reward_refresh_schedule",
+    job=reward_models_job,
+    cron_schedule=os.environ.get("CA_REWARD_CRON", "0 3 * * 1"),
+    default_status=DefaultScheduleStatus.RUNNING if os.environ.get("CA_REWARD_CRON") else DefaultScheduleStatus.STOPPED,
+    description="Re-stage the preferences and retrain the reward model and baselines; new versions are rescored.",
+)
