@@ -10,6 +10,7 @@ from ca_platform.assets.scores import clip_scores, reward_scores
 
 SPINE_ASSETS = [raw_pool_shard, downloaded_shard]
 REWARD_ASSETS = [preference_data, reward_model, clip_score_model, blip_score_model, preference_accuracy]
+PINNED_REWARD_ASSETS = [reward_model, clip_score_model]  # a pinned checkpoint needs no preferences
 SHARD_SCORE_ASSETS = [reward_scores, clip_scores]
 THRESHOLD_ASSETS = [score_threshold]
 SHARD_SUBSET_ASSETS = [compressed_subset]

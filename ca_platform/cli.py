@@ -67,16 +67,34 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
+    import os
     import tempfile
 
-    from ca_platform.model_registry import register_reward_checkpoint
+    from ca_platform import runner
+    from ca_platform.model_registry import register_reward_checkpoint, unpin_reward_checkpoint
     from ca_platform.resources import s3_resource
     from ca_platform.storage import open_store
 
     s3 = s3_resource(args.s3_endpoint_url)
-    with tempfile.TemporaryDirectory(prefix="ca-register-") as scratch:
-        version = register_reward_checkpoint(open_store(args.data, s3.get_client), Path(args.folder), Path(scratch))
-    print(f"registered reward model version {version}; it is now current (materialize reward_scores to rescore)")
+    store = open_store(args.data, s3.get_client)
+    if args.unpin:
+        done = unpin_reward_checkpoint(store)
+        print("unpinned: reward_model trains from the preferences again" if done else "nothing was pinned")
+    elif args.folder is None:
+        raise SystemExit("register-reward-model: give a checkpoint folder, or --unpin")
+    else:
+        with tempfile.TemporaryDirectory(prefix="ca-register-") as scratch:
+            version = register_reward_checkpoint(store, Path(args.folder), Path(scratch))
+        print(
+            f"pinned reward model version {version}: reward_model adopts it on its next run, then every shard is "
+            "rescored (automatically when the automation sensor runs)"
+        )
+    if os.environ.get("DAGSTER_HOME"):
+        resources = runner.build_resources("", args.data, s3_endpoint_url=args.s3_endpoint_url)
+        observed = runner.observe_registrations(resources)
+        if not observed.success:
+            print(f"could not record the registration on the Dagster instance: {observed.error}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -157,8 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_s3(sql)
     sql.set_defaults(func=_cmd_sql)
 
-    register = sub.add_parser("register-reward-model", help="make a reward-model checkpoint from elsewhere current")
-    register.add_argument("folder", help="checkpoint folder (model.safetensors, config.json, tokenizer, ...)")
+    register = sub.add_parser("register-reward-model", help="pin a reward-model checkpoint trained elsewhere")
+    register.add_argument(
+        "folder", nargs="?", help="checkpoint folder (model.safetensors, config.json, tokenizer, ...)"
+    )
+    register.add_argument("--unpin", action="store_true", help="train reward_model from the preferences again")
     register.add_argument("--data", required=True, help="the data root whose models it joins")
     _add_s3(register)
     register.set_defaults(func=_cmd_register)

@@ -14,18 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import AssetsDefinition, DagsterInstance, materialize
+from dagster import AssetsDefinition, DagsterInstance, SourceAsset, materialize
 
 from ca_platform import analytics, layout, schemas
 from ca_platform.assets import (
     ALL_ASSETS,
+    PINNED_REWARD_ASSETS,
     REWARD_ASSETS,
     SHARD_SCORE_ASSETS,
     SHARD_SUBSET_ASSETS,
+    SOURCE_ASSETS,
     SPINE_ASSETS,
     THRESHOLD_ASSETS,
 )
 from ca_platform.assets.partitions import POOL_SHARDS
+from ca_platform.model_registry import registered_reward_checkpoint
 from ca_platform.pool import discover_shards
 from ca_platform.resources import (
     BaselineConfig,
@@ -104,7 +107,7 @@ def register_shards(pool: DataStore, instance: DagsterInstance) -> list[str]:
 
 
 def _materialize(
-    selection: Sequence[AssetsDefinition],
+    selection: Sequence[AssetsDefinition | SourceAsset],
     resources: dict[str, object],
     instance: DagsterInstance,
     partition_key: str | None,
@@ -133,17 +136,21 @@ def run_lineage(
     log_level: str = "WARNING",
     compress: bool = False,
 ) -> LineageRun:
-    """Materialize the lineage: every shard's spine, then (with a preference file) the reward model and its
-    baselines once, every downloaded shard's reward and CLIP scores, and (with `compress`) the global cut
-    of every subset variant and each shard's compressed subsets; one run per shard and stage."""
+    """Materialize the lineage: every shard's spine, then (with a preference file, or a pinned checkpoint)
+    the reward model and its baselines once, every downloaded shard's reward and CLIP scores, and (with
+    `compress`) the global cut of every subset variant and each shard's compressed subsets; one run per shard
+    and stage."""
     instance = instance or default_instance()
     storage = resources["storage"]
     preferences = resources["preferences"]
     assert isinstance(storage, PlatformStorage) and isinstance(preferences, PreferencesConfig)
     shards = register_shards(storage.pool_store(), instance)
     runs = [_materialize(SPINE_ASSETS, resources, instance, key, log_level) for key in shards]
-    if preferences.uri:
-        models = _materialize(REWARD_ASSETS, resources, instance, None, log_level)
+    with tempfile.TemporaryDirectory() as scratch:
+        pinned = registered_reward_checkpoint(storage.data_store(), Path(scratch)) is not None
+    if preferences.uri or pinned:
+        stage = REWARD_ASSETS if preferences.uri else PINNED_REWARD_ASSETS
+        models = _materialize(stage, resources, instance, None, log_level)
         runs.append(models)
         if models.success:
             downloaded = [run.target for run in runs if run.success and run.target != POOL_WIDE]
@@ -158,6 +165,11 @@ def run_lineage(
                     ]
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
     return LineageRun(storage, runs)
+
+
+def observe_registrations(resources: dict[str, object], instance: DagsterInstance | None = None) -> StageRun:
+    """Record the pinned reward checkpoint's version on the instance, for the automation sensor to act on."""
+    return _materialize(SOURCE_ASSETS, resources, instance or default_instance(), None, "WARNING")
 
 
 def _root_cause(error: Any) -> str:

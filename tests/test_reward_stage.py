@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 from dagster import DagsterInstance, materialize
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
@@ -35,6 +36,19 @@ def _resources(pool: Path, data: Path, preferences: Path, scoring: ScoringConfig
     )
 
 
+def _subset_tar_uids(data: Path, variant: str) -> list[str]:
+    """The uids in a variant's subset tars, read with webdataset itself as a training job would."""
+    tars = sorted(str(p) for p in (data / layout.SUBSETS_DIR / variant).glob("*/*.tar"))
+    dataset = (
+        wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg;png", "txt", "json")
+    )
+    uids = []
+    for image, caption, meta in dataset:
+        assert image.size[0] > 0 and caption
+        uids.append(meta["uid"])
+    return uids
+
+
 @pytest.mark.slow
 def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., Path], tmp_path: Path) -> None:
     pool = web_pool(rows_per_shard=6)
@@ -51,7 +65,9 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
     db = data / layout.ANALYTICS_DB
     downloaded = analytics.query(db, "SELECT count(*) FROM downloads WHERE status = 'success'").rows[0][0]
     per_version = analytics.query(
-        db, "SELECT model_version, count(*), count(DISTINCT (shard, uid)) FROM scores GROUP BY model_version"
+        db,
+        "SELECT model_version, count(*), count(DISTINCT (shard, uid)) FROM scores WHERE scorer = 'reward_model' "
+        "GROUP BY model_version",
     ).rows
     assert len(per_version) == 1 and per_version[0][1:] == (downloaded, downloaded)
 
@@ -61,20 +77,32 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
         0.0 <= accuracy[k] <= 1.0 for k in ("reward_model", "clip_score", "blip_score")
     )
     assert "held-out preference accuracy" in report(first)
-    threshold = json.loads((data / layout.REPORTS_DIR / "score_threshold.json").read_text())
-    assert (threshold["total"], threshold["kept"]) == (downloaded, keep_count(0.3, downloaded))
-    assert f"kept {threshold['kept']} of {downloaded}" in report(first)
+    thresholds = json.loads((data / layout.REPORTS_DIR / "score_threshold.json").read_text())
+    assert set(thresholds) == {"reward_topk", "clipscore_topk", "random_topk"}
+    for variant, threshold in thresholds.items():
+        assert (threshold["total"], threshold["kept"]) == (downloaded, keep_count(0.3, downloaded)), variant
+        kept_uids = _subset_tar_uids(data, variant)
+        expected = analytics.query(db, "SELECT uid FROM subsets WHERE variant = ? AND kept", [variant]).rows
+        assert sorted(kept_uids) == sorted(uid for (uid,) in expected) and len(kept_uids) == threshold["kept"]
+    assert analytics.query(db, "SELECT count(*) FROM subsets").rows == [(3 * downloaded,)]
+    assert f"kept {thresholds['reward_topk']['kept']} of {downloaded}" in report(first)
 
     # a backfill run over a range of shards scores them all with one load of the model
     ranged = materialize(
-        ALL_ASSETS, selection=SHARD_SCORE_ASSETS, instance=instance, resources=_resources(pool, data, preferences),
+        ALL_ASSETS,
+        selection=SHARD_SCORE_ASSETS,
+        instance=instance,
+        resources=_resources(pool, data, preferences),
         tags={ASSET_PARTITION_RANGE_START_TAG: "part-00000", ASSET_PARTITION_RANGE_END_TAG: "part-00001"},
     )
     assert ranged.success
-    assert [e.passed for e in ranged.get_asset_check_evaluations()] == [True]
+    assert [e.passed for e in ranged.get_asset_check_evaluations()] == [True, True]  # reward and CLIP scores
     shards = ranged.asset_materializations_for_node("reward_scores")[0].metadata["shards"].value
     assert sorted(shards) == ["part-00000", "part-00001"]
-    assert analytics.query(db, "SELECT count(*) FROM scores").rows == [(downloaded,)]
+    assert analytics.query(db, "SELECT scorer, count(*) FROM scores GROUP BY ALL ORDER BY ALL").rows == [
+        ("clip_score", downloaded),
+        ("reward_model", downloaded),
+    ]
 
     # unchanged preferences: the reward model is not retrained and no second version appears
     current = json.loads((data / layout.current_model_key("reward_model")).read_text())
@@ -84,7 +112,9 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
     # changed preferences: a new version, scored beside the old one
     changed = write_shapes_preferences(tmp_path / "prefs2", ShapesPreferenceConfig(images=24, seed=5))
     assert run_lineage(_resources(pool, data, changed), instance).success
-    per_version = analytics.query(db, "SELECT model_version, count(*) FROM scores GROUP BY ALL ORDER BY ALL").rows
+    per_version = analytics.query(
+        db, "SELECT model_version, count(*) FROM scores WHERE scorer = 'reward_model' GROUP BY ALL ORDER BY ALL"
+    ).rows
     assert len(per_version) == 2 and {n for _, n in per_version} == {downloaded}
     assert current["version"] in {v for v, _ in per_version}
 
@@ -103,7 +133,7 @@ def test_bad_preference_file_fails_the_stage_naming_the_row(web_pool: Callable[.
     assert "prefs.jsonl: row 2: field 'captions'" in failures[0].error
 
 
-def test_a_checkpoint_trained_elsewhere_becomes_the_current_version(tmp_path: Path, capsys) -> None:
+def test_a_checkpoint_trained_elsewhere_is_pinned_until_unpinned(tmp_path: Path, capsys) -> None:
     from ca_platform import cli
     from ca_platform.model_registry import REWARD_MODEL, current_model
     from ca_platform.reward_model import RewardModelSpec, TrainedRewardModel, build_reward_model, save_reward_model
@@ -118,10 +148,20 @@ def test_a_checkpoint_trained_elsewhere_becomes_the_current_version(tmp_path: Pa
         {"reward_mean": 0.0, "reward_std": 1.0},
     )
     version, folder = save_reward_model(trained, tmp_path / "elsewhere")
-    assert cli.main(["register-reward-model", str(folder), "--data", str(tmp_path / "data")]) == 0
+    data = tmp_path / "data"
+    assert cli.main(["register-reward-model", str(folder), "--data", str(data)]) == 0
     assert version in capsys.readouterr().out
-    document = current_model(LocalStore(tmp_path / "data"), REWARD_MODEL, tmp_path / "scratch")
+    resources = build_resources(str(tmp_path / "pool"), str(data))
+    adopted = materialize(ALL_ASSETS, selection=["reward_model"], resources=resources)
+    assert adopted.success  # pinned: adopted without preferences or training
+    assert adopted.asset_materializations_for_node("reward_model")[0].metadata["source"].value == str(folder)
+    document = current_model(LocalStore(data), REWARD_MODEL, tmp_path / "scratch")
     assert document["version"] == version and document["registered_from"] == str(folder)
+
+    assert cli.main(["register-reward-model", "--unpin", "--data", str(data)]) == 0
+    assert "unpinned" in capsys.readouterr().out
+    retrain = materialize(ALL_ASSETS, selection=["reward_model"], resources=resources, raise_on_error=False)
+    assert not retrain.success  # unpinned, it trains from preferences, and there are none yet
 
     (folder / "pytorch_model.bin").write_bytes(b"not to be unpickled")
     with pytest.raises(Exception, match="refusing pickle files"):
