@@ -17,6 +17,8 @@ from ca_platform.resources import PlatformStorage, PreferencesConfig, ScoringCon
 from ca_platform.scoring import score_pairs
 from ca_platform.storage import fetch_folder, read_json
 
+PREFERENCE_ACCURACY_REPORT = f"{layout.REPORTS_DIR}/preference_accuracy.json"
+
 
 @asset(
     deps=[preference_data, reward_model, clip_score_model, blip_score_model],
@@ -46,7 +48,7 @@ def preference_accuracy(
             versions[kind] = scorer.version
         local = staging / "preference_accuracy.json"
         local.write_text(json.dumps(report, indent=2))
-        data.put_file(local, f"{layout.REPORTS_DIR}/preference_accuracy.json", consume=True)
+        data.put_file(local, PREFERENCE_ACCURACY_REPORT, consume=True)
     table = "| scorer | held-out preference accuracy | version |\n| --- | --- | --- |\n" + "\n".join(
         f"| {kind} | {report[kind]:.3f} | {versions[kind]} |" for kind in versions
     )

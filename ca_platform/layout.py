@@ -91,6 +91,25 @@ def subset_membership_key(variant: str, shard: str) -> str:
     return f"{subset_prefix(variant, shard)}/{SUBSET_MEMBERSHIP_FILE}"
 
 
+EVALUATION_DIR = "evaluation"
+CURRENT_EVALUATION_KEY = f"{EVALUATION_DIR}/{CURRENT_FILE}"  # which evaluation set is current
+
+
+def evaluation_prefix(version: str) -> str:
+    """A downloaded evaluation set (tars, ledger, references), named by the content hash of its file."""
+    return f"{EVALUATION_DIR}/{version}"
+
+
+def trained_model_kind(model: str, variant: str) -> str:
+    """Checkpoints of one model ("clip_checkpoint", "blip_checkpoint") trained on one training-set variant."""
+    return f"{model}/{variant}"
+
+
+def variant_report_key(report: str, variant: str) -> str:
+    """One variant's evaluation report, e.g. reports/retrieval/reward_topk.json."""
+    return f"{REPORTS_DIR}/{report}/{variant}.json"
+
+
 # DuckDB view name -> glob of the parquet files it reads, relative to the data root (or its local mirror).
 VIEW_GLOBS: dict[str, str] = {
     "downloads": f"{DOWNLOADS_DIR}/*/{ROWS_FILE}",

@@ -394,18 +394,18 @@ class _Claim:
     background: tuple[str, str] | None = None  # (colour, pattern)
 
 
-def _scene_key(scene: Scene) -> tuple[str, str, frozenset[SceneObject]]:
+def scene_key(scene: Scene) -> tuple[str, str, frozenset[SceneObject]]:
     """Equal for scenes that render the same image (object order does not matter)."""
     return scene.background_colour, scene.background_pattern, frozenset(scene.objects)
 
 
-def _pool_scene_keys(config: ShapesWorldConfig) -> set[tuple[str, str, frozenset[SceneObject]]]:
+def pool_scene_keys(config: ShapesWorldConfig) -> set[tuple[str, str, frozenset[SceneObject]]]:
     """The scenes of a shapes-world pool, without rendering it: generate_pool draws each shard's scenes
     first from default_rng([seed, shard])."""
     keys = set()
     for shard in range(config.shards):
         rng = np.random.default_rng([config.seed, shard])
-        keys.update(_scene_key(sample_scene(rng)) for _ in range(config.rows_per_shard))
+        keys.update(scene_key(sample_scene(rng)) for _ in range(config.rows_per_shard))
     return keys
 
 
@@ -594,12 +594,12 @@ def _sample_preference(
 def sample_shapes_preferences(config: ShapesPreferenceConfig = ShapesPreferenceConfig()) -> list[ShapesPreference]:
     """Simulated preference rows on distinct shapes-world scenes, none of them a scene of `avoid_pool`."""
     rng = np.random.default_rng([config.seed, PREFERENCE_STREAM])
-    taken = _pool_scene_keys(config.avoid_pool) if config.avoid_pool is not None else set()
+    taken = pool_scene_keys(config.avoid_pool) if config.avoid_pool is not None else set()
     scenes: list[Scene] = []
     while len(scenes) < config.images:
         scene = sample_scene(rng)
-        if _scene_key(scene) not in taken:
-            taken.add(_scene_key(scene))
+        if scene_key(scene) not in taken:
+            taken.add(scene_key(scene))
             scenes.append(scene)
     rows = []
     for index, scene in enumerate(scenes):
@@ -607,7 +607,7 @@ def sample_shapes_preferences(config: ShapesPreferenceConfig = ShapesPreferenceC
             other = scenes[(index + 1 + int(rng.integers(len(scenes) - 1))) % len(scenes)]
         else:
             other = sample_scene(rng)
-            while _scene_key(other) == _scene_key(scene):
+            while scene_key(other) == scene_key(scene):
                 other = sample_scene(rng)
         rows.append(_sample_preference(scene, other, config, rng))
     return rows

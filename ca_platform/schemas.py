@@ -63,6 +63,8 @@ REWARD_TOPK = "reward_topk"  # the reward model's top k (the method)
 CLIPSCORE_TOPK = "clipscore_topk"  # CLIP score's top k (DataComp's baseline)
 RANDOM_TOPK = "random_topk"  # a seeded uniform sample of k
 SUBSET_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK)
+FULL = "full"  # every downloaded pair: what compression is measured against
+TRAINING_VARIANTS = (FULL, *SUBSET_VARIANTS)
 
 # One row per downloaded pair per subset variant: kept or dropped, with the score that decided it.
 SUBSETS: Mapping[str, pl.DataType] = {

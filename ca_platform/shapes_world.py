@@ -290,6 +290,11 @@ def describe(scene: Scene) -> str:
     return _compose([_object_phrase(obj) for obj in scene.objects], _background_phrase(scene))
 
 
+def describe_objects(scene: Scene) -> str:
+    """A shorter true caption: the objects only, as a second annotator might write it."""
+    return _compose([_object_phrase(obj) for obj in scene.objects], None)
+
+
 def normalise_caption(text: str) -> str:
     """Lower-case, collapse spaces and drop trailing punctuation, for comparing captions."""
     return " ".join(text.lower().split()).rstrip(".!").strip()

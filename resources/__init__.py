@@ -201,6 +201,37 @@ class CompressionConfig(ConfigurableResource):
     random_seed: int = Field(default=0, description="Seed of the random_topk baseline's uniform sample.")
 
 
+class EvaluationConfig(ConfigurableResource):
+    """The held-out clean evaluation set: parquet `url, caption` (rows sharing a URL: one image, several
+    references)."""
+
+    uri: str | None = Field(default=None, description="Local parquet file with url, caption columns.")
+    batch_size: int = 64
+    max_new_tokens: int = 24
+    device: str | None = None
+
+
+class ModelTrainingConfig(ConfigurableResource):
+    """How the CLIP and BLIP models are trained on each training-set variant.
+
+    The budget is equal across variants: in samples seen (DataComp's rule; by default `full_epochs` passes
+    over the full pool, so a subset at k = 0.3 is seen about 3.3 times as often), or in epochs.
+    """
+
+    clip_source: str = Field(default="tiny", description='"tiny" (from config) or a local pretrained CLIP folder.')
+    blip_source: str = Field(default="tiny", description='"tiny" (from config) or a local pretrained BLIP folder.')
+    budget: str = Field(default="samples", description='"samples": equal samples seen; "epochs": equal epochs.')
+    samples_seen: int | None = Field(default=None, description="Samples seen per model; default full_epochs x pool.")
+    full_epochs: float = 3.0
+    epochs: int = Field(default=3, description='Epochs per model when budget is "epochs".')
+    image_size: int = 64
+    batch_size: int = 32
+    clip_learning_rate: float = 5e-4
+    blip_learning_rate: float = 5e-4
+    seed: int = 0
+    device: str | None = None
+
+
 def resources_from_env() -> dict[str, ConfigurableResource]:
     """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI.
 
@@ -219,6 +250,8 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
         "reward_training": RewardModelConfig(),
         "scoring": ScoringConfig(),
         "compression": CompressionConfig(keep_fraction=float(os.environ.get("CA_KEEP_FRACTION", "0.3"))),
+        "evaluation": EvaluationConfig(uri=os.environ.get("CA_EVAL_URI")),
+        "model_training": ModelTrainingConfig(),
         "baselines": BaselineConfig(
             clip_pretrained_dir=os.environ.get("CA_CLIP_DIR"), blip_pretrained_dir=os.environ.get("CA_BLIP_DIR")
         ),

@@ -23,8 +23,8 @@ from ca_platform.preference_data import (
     _claim_text,
     _competition_ranking,
     _full_claim,
-    _pool_scene_keys,
-    _scene_key,
+    pool_scene_keys,
+    scene_key,
     read_preferences,
     resolve_images,
     sample_shapes_preferences,
@@ -306,9 +306,9 @@ def test_images_never_repeat_a_default_pool_image(generated: Path, tmp_path: Pat
     assert len(pref_images) == len(set(pref_images)) == 300
     assert not pool_images & set(pref_images)
     # The exclusion covers every pool scene, including rows whose link is dead and have no image file.
-    truth_keys = {_scene_key(scene_from_json(text)) for text in read_truth(pool.truth_dir)["scene_json"]}
-    assert _pool_scene_keys(ShapesWorldConfig()) == truth_keys
-    assert not truth_keys & {_scene_key(row.scene) for row in sample_shapes_preferences()}
+    truth_keys = {scene_key(scene_from_json(text)) for text in read_truth(pool.truth_dir)["scene_json"]}
+    assert pool_scene_keys(ShapesWorldConfig()) == truth_keys
+    assert not truth_keys & {scene_key(row.scene) for row in sample_shapes_preferences()}
 
 
 def test_rankings_follow_the_annotation_criteria(generated: Path) -> None:

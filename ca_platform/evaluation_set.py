@@ -1,0 +1,115 @@
+"""The held-out evaluation set the trained models are judged on: parquet `url, caption`, COCO style.
+
+Rows that share a URL are one image with several reference captions. Images come through the same guarded
+img2dataset download as the pool, and every row is accounted for: an image that fails to download is in
+the ledger with its reason and is left out of the metrics, which say how many images they cover.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ca_platform import schemas
+from ca_platform.download import DownloadSettings, download_shard
+from ca_platform.schemas import CAPTION, UID, URL, Status
+from ca_platform.scoring import iter_pairs
+
+EVALUATION_SHARD = "evaluation"
+LEDGER_FILE = "rows.parquet"
+REFERENCES_FILE = "references.parquet"
+
+
+class EvaluationSetError(ValueError):
+    """An unusable evaluation file; the message names the file and the rows."""
+
+
+def evaluation_version(path: Path) -> str:
+    """The file's content hash: the same file is downloaded and evaluated on once."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def read_evaluation_file(path: Path) -> pl.DataFrame:
+    """`uid, url, caption` per row; the uid names the image (sha1 of its URL)."""
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several types for a file that is not parquet
+        raise EvaluationSetError(f"{path}: not a readable parquet file ({error})") from error
+    missing = [c for c in (URL, CAPTION) if c not in table.schema.names]
+    if missing:
+        raise EvaluationSetError(f"{path}: missing column(s) {missing} (columns: {table.schema.names})")
+    frame = pl.from_arrow(table.select([URL, CAPTION]))
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.with_columns(pl.col(URL).cast(pl.String).str.strip_chars(), pl.col(CAPTION).cast(pl.String))
+    bad = frame.with_row_index("row").filter(
+        pl.col(URL).is_null()
+        | (pl.col(URL) == "")
+        | pl.col(CAPTION).is_null()
+        | (pl.col(CAPTION).str.strip_chars() == "")
+    )
+    if bad.height:
+        raise EvaluationSetError(f"{path}: empty url or caption at rows {(bad['row'] + 1).head(5).to_list()}")
+    if frame.is_empty():
+        raise EvaluationSetError(f"{path}: no rows")
+    uids = pl.Series(UID, [hashlib.sha1(url.encode("utf-8")).hexdigest()[:24] for url in frame[URL]])
+    return frame.with_columns(uids).select(UID, URL, CAPTION)
+
+
+def download_evaluation_set(path: Path, out_dir: Path, settings: DownloadSettings) -> pl.DataFrame:
+    """Download each distinct image of the file into `out_dir` (tars + ledger) beside the references;
+    returns the ledger (one row per distinct image)."""
+    frame = read_evaluation_file(path)
+    images = frame.unique(UID, keep="first", maintain_order=True)
+    raw = schemas.conform(
+        images.with_row_index(schemas.ROW_INDEX).with_columns(
+            pl.lit(EVALUATION_SHARD).alias(schemas.SHARD), pl.lit(None, dtype=pl.String).alias("skip_reason")
+        ),
+        schemas.RAW_SHARD,
+    )
+    result = download_shard(raw, out_dir / "download", settings)
+    for name, tar in result.tars.items():
+        tar.rename(out_dir / name)
+    shutil.rmtree(out_dir / "download")  # img2dataset's own bookkeeping; the ledger says it all
+    result.rows.write_parquet(out_dir / LEDGER_FILE)
+    frame.select(UID, CAPTION).write_parquet(out_dir / REFERENCES_FILE)
+    return result.rows
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    uids: list[str]  # one per downloaded image, in uid order
+    images: list[Image.Image]
+    references: list[list[str]]  # the captions of each image
+    not_downloaded: int  # images of the file that failed to download (in the ledger with their reason)
+
+    @property
+    def captions(self) -> tuple[list[str], list[int]]:
+        """Every reference caption flattened, and the index of the image each belongs to (for retrieval)."""
+        flat, owner = [], []
+        for index, references in enumerate(self.references):
+            flat += references
+            owner += [index] * len(references)
+        return flat, owner
+
+
+def load_evaluation_set(folder: Path) -> EvaluationSet:
+    """The downloaded images of a folder `download_evaluation_set` wrote, with their reference captions."""
+    ledger = pl.read_parquet(folder / LEDGER_FILE)
+    references = pl.read_parquet(folder / REFERENCES_FILE).group_by(UID, maintain_order=True).agg(pl.col(CAPTION))
+    by_uid = dict(zip(references[UID], references[CAPTION].to_list()))
+    tars = sorted(folder / name for name in ledger.filter(pl.col(schemas.STATUS) == Status.SUCCESS)["tar"].unique())
+    pairs = sorted(iter_pairs(tars), key=lambda pair: pair[0])
+    if not pairs:
+        raise EvaluationSetError(f"{folder}: no evaluation image was downloaded (see {folder / LEDGER_FILE})")
+    return EvaluationSet(
+        uids=[uid for uid, _, _ in pairs],
+        images=[image for _, image, _ in pairs],
+        references=[by_uid[uid] for uid, _, _ in pairs],
+        not_downloaded=ledger.filter(pl.col(schemas.STATUS) != Status.SUCCESS).height,
+    )

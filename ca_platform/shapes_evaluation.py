@@ -1,0 +1,53 @@
+"""The demo's clean evaluation set: shapes-world images the pool never shows, with true captions.
+
+Each image has two references, as COCO has several: the full description and the objects-only one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ca_platform.preference_data import pool_scene_keys, scene_key
+from ca_platform.shapes_world import ShapesWorldConfig, describe, describe_objects, render_scene, sample_scene
+
+# RNG stream of the evaluation scenes, default_rng([seed, EVALUATION_STREAM]); the pool's shards use
+# streams 0..shards-1 and the preferences 7919.
+EVALUATION_STREAM = 104729
+EVALUATION_IMAGES_DIR = "eval-images"
+EVALUATION_FILE = "evaluation.parquet"
+
+
+def write_shapes_evaluation_set(
+    out_dir: Path,
+    base_url: str,
+    images: int = 200,
+    seed: int = 0,
+    avoid_pool: ShapesWorldConfig | None = None,
+    image_size: int = 64,
+) -> Path:
+    """Render `images` distinct scenes (none a scene of `avoid_pool`) under `out_dir/eval-images/`, served at
+    `base_url`, and write `out_dir/evaluation.parquet` with columns url, caption; returns the parquet path."""
+    rng = np.random.default_rng([seed, EVALUATION_STREAM])
+    taken = pool_scene_keys(avoid_pool) if avoid_pool is not None else set()
+    images_dir = out_dir / EVALUATION_IMAGES_DIR
+    images_dir.mkdir(parents=True, exist_ok=True)
+    urls, captions = [], []
+    index = 0
+    while index < images:
+        scene = sample_scene(rng)
+        if scene_key(scene) in taken:
+            continue
+        taken.add(scene_key(scene))
+        name = f"eval-{index:05d}.png"
+        render_scene(scene, image_size).save(images_dir / name, format="PNG")
+        for caption in dict.fromkeys([describe(scene), describe_objects(scene)]):
+            urls.append(f"{base_url.rstrip('/')}/{EVALUATION_IMAGES_DIR}/{name}")
+            captions.append(caption)
+        index += 1
+    path = out_dir / EVALUATION_FILE
+    pq.write_table(pa.table({"url": pa.array(urls, pa.string()), "caption": pa.array(captions, pa.string())}), path)
+    return path
