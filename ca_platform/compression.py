@@ -107,12 +107,10 @@ def shard_membership(files_root: Path, threshold: ScoreThreshold, shard: str) ->
     relation, params = ranked_pairs(files_root, threshold.variant, threshold.model_version, shard)
     condition, condition_params = kept_condition(threshold)
     with duckdb.connect() as con:
-        frame = pl.from_arrow(
-            con.execute(
-                f"SELECT uid, shard, score, {condition} AS kept FROM ({relation}) ORDER BY uid",
-                [*condition_params, *params],
-            ).to_arrow_table()
-        )
+        frame = con.sql(
+            f"SELECT uid, shard, score, {condition} AS kept FROM ({relation}) ORDER BY uid",
+            params=[*condition_params, *params],
+        ).pl()
     frame = frame.with_columns(
         pl.lit(threshold.variant).alias("variant"),
         pl.lit(threshold.model_version).alias("model_version"),
