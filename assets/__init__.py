@@ -4,15 +4,31 @@ from ca_platform.assets.baselines import blip_score_model, clip_score_model
 from ca_platform.assets.compression import compressed_subset, score_threshold
 from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.assets.evaluation import preference_accuracy
+from ca_platform.assets.model_evaluation import captioning_eval, evaluation_set, retrieval_eval
 from ca_platform.assets.pool import raw_pool_shard
+from ca_platform.assets.report import curation_report
 from ca_platform.assets.reward import preference_data, registered_reward_checkpoint, reward_model
 from ca_platform.assets.scores import clip_scores, reward_scores
+from ca_platform.assets.training import blip_checkpoint, clip_checkpoint
 
+SOURCE_ASSETS = [registered_reward_checkpoint]
 SPINE_ASSETS = [raw_pool_shard, downloaded_shard]
 REWARD_ASSETS = [preference_data, reward_model, clip_score_model, blip_score_model, preference_accuracy]
 PINNED_REWARD_ASSETS = [reward_model, clip_score_model]  # a pinned checkpoint needs no preferences
 SHARD_SCORE_ASSETS = [reward_scores, clip_scores]
 THRESHOLD_ASSETS = [score_threshold]
 SHARD_SUBSET_ASSETS = [compressed_subset]
-SOURCE_ASSETS = [registered_reward_checkpoint]
-ALL_ASSETS = SOURCE_ASSETS + SPINE_ASSETS + REWARD_ASSETS + SHARD_SCORE_ASSETS + THRESHOLD_ASSETS + SHARD_SUBSET_ASSETS
+EVALUATION_SET_ASSETS = [evaluation_set]
+VARIANT_MODEL_ASSETS = [clip_checkpoint, blip_checkpoint, retrieval_eval, captioning_eval]  # per training variant
+REPORT_ASSETS = [curation_report]
+ALL_ASSETS = (
+    SOURCE_ASSETS
+    + SPINE_ASSETS
+    + REWARD_ASSETS
+    + SHARD_SCORE_ASSETS
+    + THRESHOLD_ASSETS
+    + SHARD_SUBSET_ASSETS
+    + EVALUATION_SET_ASSETS
+    + VARIANT_MODEL_ASSETS
+    + REPORT_ASSETS
+)

@@ -9,6 +9,8 @@ from typing import Any
 
 import polars as pl
 from dagster import (
+    AllPartitionMapping,
+    AssetDep,
     AssetExecutionContext,
     AssetsDefinition,
     DataVersion,
@@ -85,7 +87,10 @@ def checkpoint_asset(
     @asset(
         name=name,
         partitions_def=training_variants,
-        deps=[downloaded_shard, compressed_subset],
+        deps=[
+            AssetDep(upstream, partition_mapping=AllPartitionMapping())
+            for upstream in (downloaded_shard, compressed_subset)
+        ],
         group_name="training",
         kinds={"pytorch", "safetensors"},
     )

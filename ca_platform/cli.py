@@ -28,7 +28,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.s3_endpoint_url,
         preferences_uri=args.preferences,
         keep_fraction=args.keep,
+        evaluation_uri=args.eval,
     )
+    if args.eval and args.keep is None:
+        raise SystemExit("run: --eval needs --keep K (the subsets the models are trained on)")
     run = runner.run_lineage(resources, compress=args.keep is not None)
     print(runner.report(run))
     return 0 if run.success else 1
@@ -102,6 +105,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
     from ca_platform.image_server import ImageServer
     from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.shapes_evaluation import write_shapes_evaluation_set
     from ca_platform.shapes_world import ShapesWorldConfig, generate_pool
 
     root = Path(args.dir).resolve()
@@ -119,6 +123,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             root / "preferences", ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
         )
         print(f"preferences: {preferences} (images disjoint from the pool)")
+        evaluation = write_shapes_evaluation_set(
+            world_dir, server.base_url, images=args.eval_images, seed=args.seed, avoid_pool=config
+        )
+        print(f"evaluation set: {evaluation} ({args.eval_images} held-out images, 2 references each)")
         resources = runner.build_resources(
             str(world.pool_dir),
             str(root / "data"),
@@ -126,6 +134,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             download_options={"thread_count": 16},
             preferences_uri=str(preferences),
             keep_fraction=args.keep,
+            evaluation_uri=str(evaluation),
         )
         run = runner.run_lineage(resources, compress=True)
     print(runner.report(run))
@@ -159,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="keep this fraction of the scored pool (e.g. 0.3): the cut and subsets of every variant",
     )
+    run.add_argument(
+        "--eval",
+        metavar="FILE",
+        help="held-out evaluation set (parquet url, caption): with --keep, train CLIP and BLIP on every variant, "
+        "evaluate them and write reports/curation_report.json",
+    )
     _add_s3(run)
     run.set_defaults(func=_cmd_run)
 
@@ -191,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--keep", type=float, default=0.3, help="fraction of the pool to keep")
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
+    demo.add_argument("--eval-images", type=int, default=300, help="held-out evaluation images")
     demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")
     demo.set_defaults(func=_cmd_demo)

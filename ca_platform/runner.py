@@ -19,21 +19,27 @@ from dagster import AssetsDefinition, DagsterInstance, SourceAsset, materialize
 from ca_platform import analytics, layout, schemas
 from ca_platform.assets import (
     ALL_ASSETS,
+    EVALUATION_SET_ASSETS,
     PINNED_REWARD_ASSETS,
+    REPORT_ASSETS,
     REWARD_ASSETS,
     SHARD_SCORE_ASSETS,
     SHARD_SUBSET_ASSETS,
     SOURCE_ASSETS,
     SPINE_ASSETS,
     THRESHOLD_ASSETS,
+    VARIANT_MODEL_ASSETS,
 )
 from ca_platform.assets.partitions import POOL_SHARDS
+from ca_platform.curation_report import CurationRow, curation_text
 from ca_platform.model_registry import registered_reward_checkpoint
 from ca_platform.pool import discover_shards
 from ca_platform.resources import (
     BaselineConfig,
     CompressionConfig,
     DownloadConfig,
+    EvaluationConfig,
+    ModelTrainingConfig,
     PlatformStorage,
     PreferencesConfig,
     QualityConfig,
@@ -77,6 +83,8 @@ def build_resources(
     baselines: BaselineConfig | None = None,
     scoring: ScoringConfig | None = None,
     keep_fraction: float | None = None,
+    evaluation_uri: str | None = None,
+    model_training: ModelTrainingConfig | None = None,
 ) -> dict[str, object]:
     """Resources for an in-process run; `download_options` are DownloadConfig fields."""
     s3 = s3_resource(s3_endpoint_url)
@@ -89,6 +97,8 @@ def build_resources(
         "baselines": baselines or BaselineConfig(),
         "scoring": scoring or ScoringConfig(),
         "compression": CompressionConfig(keep_fraction=keep_fraction if keep_fraction is not None else 0.3),
+        "evaluation": EvaluationConfig(uri=evaluation_uri),
+        "model_training": model_training or ModelTrainingConfig(),
     }
 
 
@@ -138,12 +148,14 @@ def run_lineage(
 ) -> LineageRun:
     """Materialize the lineage: every shard's spine, then (with a preference file, or a pinned checkpoint)
     the reward model and its baselines once, every downloaded shard's reward and CLIP scores, and (with
-    `compress`) the global cut of every subset variant and each shard's compressed subsets; one run per shard
-    and stage."""
+    `compress`) the global cut of every subset variant and each shard's compressed subsets, and (with an
+    evaluation set as well) per training variant a CLIP and a BLIP, their evaluations and the curation
+    report; one run per shard, variant and stage."""
     instance = instance or default_instance()
     storage = resources["storage"]
-    preferences = resources["preferences"]
+    preferences, evaluation = resources["preferences"], resources["evaluation"]
     assert isinstance(storage, PlatformStorage) and isinstance(preferences, PreferencesConfig)
+    assert isinstance(evaluation, EvaluationConfig)
     shards = register_shards(storage.pool_store(), instance)
     runs = [_materialize(SPINE_ASSETS, resources, instance, key, log_level) for key in shards]
     with tempfile.TemporaryDirectory() as scratch:
@@ -160,11 +172,25 @@ def run_lineage(
                 threshold = _materialize(THRESHOLD_ASSETS, resources, instance, None, log_level)
                 runs.append(threshold)
                 if threshold.success:
-                    runs += [
-                        _materialize(SHARD_SUBSET_ASSETS, resources, instance, key, log_level) for key in downloaded
-                    ]
+                    subsets = [_materialize(SHARD_SUBSET_ASSETS, resources, instance, k, log_level) for k in downloaded]
+                    runs += subsets
+                    if evaluation.uri and all(run.success for run in subsets):
+                        runs += _train_and_evaluate(resources, instance, log_level)
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
     return LineageRun(storage, runs)
+
+
+def _train_and_evaluate(resources: dict[str, object], instance: DagsterInstance, log_level: str) -> list[StageRun]:
+    """The evaluation set, then per training variant its CLIP and BLIP and their evaluations, then the report."""
+    runs = [_materialize(EVALUATION_SET_ASSETS, resources, instance, None, log_level)]
+    if runs[0].success:
+        runs += [
+            _materialize(VARIANT_MODEL_ASSETS, resources, instance, variant, log_level)
+            for variant in schemas.TRAINING_VARIANTS
+        ]
+        if all(run.success for run in runs):
+            runs.append(_materialize(REPORT_ASSETS, resources, instance, None, log_level))
+    return runs
 
 
 def observe_registrations(resources: dict[str, object], instance: DagsterInstance | None = None) -> StageRun:
@@ -207,7 +233,8 @@ def report(run: LineageRun) -> str:
     thresholds = _read_report(run.storage, "score_threshold.json")
     if thresholds:
         lines += ["", "compressed subsets (DuckDB view `subsets`):"]
-        for variant, threshold in thresholds.items():
+        for variant in (v for v in schemas.SUBSET_VARIANTS if v in thresholds):
+            threshold = thresholds[variant]
             kept, total = threshold["kept"], threshold["total"]
             ratio = total / kept if kept else float("inf")
             lines.append(
@@ -236,6 +263,14 @@ def report(run: LineageRun) -> str:
             failed = [n for n, ok in r.checks.items() if not ok]
             lines.append(f"  FAILED {r.target}: {r.error or 'checks failed: ' + ', '.join(failed)}")
     lines.append(f'\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} "SELECT ...")')
+    curation = _read_report(run.storage, "curation_report.json")
+    if curation:
+        rows = [CurationRow(variant=v, **curation[v]) for v in schemas.TRAINING_VARIANTS if v in curation]
+        lines += [
+            "",
+            "curation report (reports/curation_report.md; models trained on each variant, equal samples seen):",
+            curation_text(rows),
+        ]
     return "\n".join(lines)
 
 

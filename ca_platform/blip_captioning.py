@@ -1,0 +1,160 @@
+"""A BLIP captioner trained on a training-set variant, and greedy captions for captioning evaluation.
+
+BLIP's decoder reads a caption after a beginning-of-sequence token and cross-attends to the image; at
+generation it starts from that token alone and stops at [SEP]. transformers' `generate` replaces the first
+input id with `text_config.bos_token_id` but `forward` does not, so training does the same replacement
+itself: for the tiny model bos is BERT's [CLS] (what the tokenizer puts first anyway), for a pretrained
+Salesforce BLIP it is [DEC].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import BlipConfig, BlipForConditionalGeneration
+
+from ca_platform.devices import inference_autocast, pick_device
+from ca_platform.image_preprocessing import ImageTransform
+from ca_platform.scoring import (
+    TINY_MAX_TOKENS,
+    TINY_WIDTH,
+    PairPreprocessor,
+    Prepared,
+    local_model_dir,
+    pretrained_preprocessor,
+    tiny_text_tower,
+    tiny_vision_tower,
+    to_device,
+)
+from ca_platform.subset_training import (
+    TrainingBudget,
+    describe_source,
+    load_trained_model,
+    save_trained_model,
+    train_on_tars,
+)
+from ca_platform.tokenization import bert_tokenizer
+
+TRAINED_CAPTIONER = "blip_captioner"
+PRETRAINED_MAX_TOKENS = 64  # BLIP's text tower allows 512; web captions that long are noise
+IGNORED_LABEL = -100  # cross-entropy's ignore_index
+
+
+def build_blip_captioner(
+    source: str = "tiny", image_size: int = 64
+) -> tuple[BlipForConditionalGeneration, PairPreprocessor]:
+    """A fresh tiny BLIP captioner (BERT WordPiece text side) or a pretrained one from a local folder.
+
+    The tiny config's text ids follow the BERT tokenizer: bos = [CLS], eos and sep = [SEP], pad = [PAD], so
+    generation starts where training does and stops at the [SEP] that ends every training caption.
+    `image_size` applies to the tiny model; a pretrained model keeps the resolution it was trained at.
+    """
+    if source == "tiny":
+        tokenizer = bert_tokenizer(TINY_MAX_TOKENS)
+        config = BlipConfig(
+            text_config={**tiny_text_tower(tokenizer), "sep_token_id": tokenizer.sep_token_id},
+            vision_config=tiny_vision_tower(image_size),
+            projection_dim=TINY_WIDTH,
+            image_text_hidden_size=TINY_WIDTH,
+        )
+        model = BlipForConditionalGeneration(config)
+        return model, PairPreprocessor(ImageTransform(image_size), tokenizer, TINY_MAX_TOKENS)
+    folder = local_model_dir(source)
+    model = BlipForConditionalGeneration.from_pretrained(str(folder), use_safetensors=True, dtype=torch.float32)
+    max_tokens = min(model.config.text_config.max_position_embeddings, PRETRAINED_MAX_TOKENS)
+    return model, pretrained_preprocessor(folder, model.config.vision_config.image_size, max_tokens)
+
+
+@dataclass
+class TrainedCaptioner:
+    model: BlipForConditionalGeneration
+    preprocessor: PairPreprocessor
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def captioning_loss(model: BlipForConditionalGeneration, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy of the captions given their images, padding ignored, after BLIP's bos."""
+    input_ids = batch["input_ids"].clone()
+    input_ids[:, 0] = model.config.text_config.bos_token_id
+    labels = input_ids.masked_fill(batch["attention_mask"] == 0, IGNORED_LABEL)
+    return model(
+        pixel_values=batch["pixel_values"], input_ids=input_ids, attention_mask=batch["attention_mask"], labels=labels
+    ).loss
+
+
+def train_blip_captioner_on_tars(
+    tars: Sequence[Path | str],
+    budget: TrainingBudget,
+    source: str = "tiny",
+    image_size: int = 64,
+    batch_size: int = 32,
+    learning_rate: float = 5e-4,
+    seed: int = 0,
+    device: str | None = None,
+) -> TrainedCaptioner:
+    """A BLIP captioner trained with its language-modelling loss on the pairs of the tars, until the budget is spent."""
+    torch.manual_seed(seed)
+    model, preprocessor = build_blip_captioner(source, image_size)
+    target = pick_device(device)
+
+    def loss(samples: list[Prepared]) -> torch.Tensor:
+        return captioning_loss(model, to_device(preprocessor.collate(samples), target))
+
+    metrics = train_on_tars(
+        model,
+        preprocessor,
+        tars,
+        loss,
+        budget,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        device=target,
+    )
+    return TrainedCaptioner(
+        model, preprocessor, {"model": TRAINED_CAPTIONER, "source": describe_source(source), **metrics}
+    )
+
+
+def save_trained_captioner(trained: TrainedCaptioner, root: Path) -> tuple[str, Path]:
+    """`root/<version>`: safetensors weights (the tied LM head once), BlipConfig, preprocessing, tokenizer, metrics."""
+    return save_trained_model(trained.model, trained.preprocessor, trained.metrics, root, TRAINED_CAPTIONER)
+
+
+def load_trained_captioner(
+    folder: Path, device: str | None = None
+) -> tuple[BlipForConditionalGeneration, PairPreprocessor]:
+    """The model (in eval mode, on `device`) and preprocessor of a folder written by `save_trained_captioner`."""
+    model, preprocessor, _ = load_trained_model(folder, BlipConfig, BlipForConditionalGeneration, TRAINED_CAPTIONER)
+    return model.to(pick_device(device)), preprocessor
+
+
+def generate_captions(
+    model: BlipForConditionalGeneration,
+    preprocessor: PairPreprocessor,
+    images: Sequence[Image.Image],
+    batch_size: int = 32,
+    max_new_tokens: int = 20,
+    device: str | None = None,
+) -> list[str]:
+    """One greedy caption per image, in order, without special tokens.
+
+    At most as many new tokens as the decoder has positions left after bos.
+    """
+    target = pick_device(device)
+    model.to(target).eval()
+    new_tokens = min(max_new_tokens, model.config.text_config.max_position_embeddings - 1)
+    captions: list[str] = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.stack([preprocessor.transform(image) for image in images[start : start + batch_size]])
+        with torch.inference_mode(), inference_autocast(target):
+            ids = model.generate(
+                pixel_values=pixels.to(target), max_new_tokens=new_tokens, do_sample=False, num_beams=1
+            )
+        captions += [text.strip() for text in preprocessor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return captions
