@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 
 from ca_platform import layout, schemas
+from ca_platform.score_queries import install_macros, stale_macros
 from ca_platform.storage import DataStore
 
 # View name -> the schema of the files it reads, for a typed empty view before any file exists.
@@ -68,20 +69,25 @@ def _view_sql(name: str, files_root: Path) -> str:
 
 
 def ensure_views(db_path: Path, files_root: Path) -> None:
-    """Create or update every view; writes the database only when a definition changes."""
+    """Create or update every view and the ready-made query macros (`score_queries.sql`); writes the database
+    only when a definition changes."""
     wanted = {name: _view_sql(name, files_root) for name in VIEW_SCHEMAS}
     current: dict[str, str] = {}
+    macros_stale = True
     if db_path.exists():
         with _connect(db_path, read_only=True) as con:
             current = dict(con.execute("SELECT view_name, comment FROM duckdb_views() WHERE NOT internal").fetchall())
+            macros_stale = bool(stale_macros(con))
     stale = {name: sql for name, sql in wanted.items() if current.get(name) != _fingerprint(sql)}
-    if not stale:
+    if not stale and not macros_stale:
         return
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with _connect(db_path, read_only=False) as con:
         for name, sql in stale.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
             con.execute(f"COMMENT ON VIEW {name} IS '{_fingerprint(sql).replace(chr(39), chr(39) * 2)}'")
+        if macros_stale:
+            install_macros(con)
 
 
 def _fingerprint(sql: str) -> str:

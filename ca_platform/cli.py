@@ -65,6 +65,13 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     if args.data.startswith("s3://"):
         analytics.mirror(storage.data_store(), storage.analytics_root())
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
+    if args.list or args.query is None:
+        from ca_platform.score_queries import describe_macros
+
+        print("views: downloads, scores, subsets; ready-made queries (SELECT * FROM <macro>(...)):")
+        for _, signature, description in describe_macros():
+            print(f"\n  {signature}\n    {description}")
+        return 0
     print(analytics.query(storage.analytics_db(), args.query).as_text())
     return 0
 
@@ -183,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_s3(shards)
     shards.set_defaults(func=_cmd_shards)
 
-    sql = sub.add_parser("sql", help="query the DuckDB analytics views (downloads, ...)")
-    sql.add_argument("query")
+    sql = sub.add_parser("sql", help="query the DuckDB analytics views and ready-made macros (--list shows them)")
+    sql.add_argument("query", nargs="?", help="SQL, e.g. \"SELECT * FROM score_quantiles('reward_model')\"")
+    sql.add_argument("--list", action="store_true", help="list the views and the ready-made query macros")
     sql.add_argument("--data", required=True, help="the data root the runs wrote to")
     sql.add_argument("--analytics-dir", help="local folder for the database of an S3 data root")
     _add_s3(sql)
