@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.nn.functional import cross_entropy
 from transformers import BlipConfig, BlipForConditionalGeneration
 
 from ca_platform.devices import inference_autocast, pick_device
@@ -42,7 +43,6 @@ from ca_platform.tokenization import bert_tokenizer
 
 TRAINED_CAPTIONER = "blip_captioner"
 PRETRAINED_MAX_TOKENS = 64  # BLIP's text tower allows 512; web captions that long are noise
-IGNORED_LABEL = -100  # cross-entropy's ignore_index
 
 
 def build_blip_captioner(
@@ -78,13 +78,22 @@ class TrainedCaptioner:
 
 
 def captioning_loss(model: BlipForConditionalGeneration, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy of the captions given their images, padding ignored, after BLIP's bos."""
+    """BLIP's language-modelling loss: next-token cross-entropy of the captions given their images, after bos.
+
+    The same value as `model(..., labels=input_ids with padding at -100).loss`, but the vocabulary-wide
+    logits are computed for caption tokens only, not for padding: they dominate the cost of a small model
+    (30,522 BERT words per position), and a padded batch of web captions is often half padding.
+    """
     input_ids = batch["input_ids"].clone()
     input_ids[:, 0] = model.config.text_config.bos_token_id
-    labels = input_ids.masked_fill(batch["attention_mask"] == 0, IGNORED_LABEL)
-    return model(
-        pixel_values=batch["pixel_values"], input_ids=input_ids, attention_mask=batch["attention_mask"], labels=labels
-    ).loss
+    image = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    decoder = model.text_decoder
+    hidden = decoder.bert(
+        input_ids=input_ids, attention_mask=batch["attention_mask"], encoder_hidden_states=image, is_decoder=True
+    ).last_hidden_state
+    predicted = batch["attention_mask"][:, 1:].bool()  # each position predicts the next token, if there is one
+    logits = decoder.cls(hidden[:, :-1][predicted])
+    return cross_entropy(logits.float(), input_ids[:, 1:][predicted], label_smoothing=decoder.label_smoothing)
 
 
 def train_blip_captioner_on_tars(

@@ -179,7 +179,8 @@ def train_on_tars(
     batches = training_batches(paths, preprocessor.prepare, pairs_per_epoch, total, batch_size, seed, shuffle_buffer)
     torch.manual_seed(seed)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    # Fused: the optimizer step takes a tenth of the per-tensor loop's time on small models.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device.type in ("cpu", "cuda"))
     losses: list[float] = []
     seen = 0
     started = time.perf_counter()

@@ -226,8 +226,8 @@ class ModelTrainingConfig(ConfigurableResource):
     epochs: int = Field(default=3, description='Epochs per model when budget is "epochs".')
     image_size: int = 64
     batch_size: int = 32
-    clip_learning_rate: float = 5e-4
-    blip_learning_rate: float = 5e-4
+    clip_learning_rate: float = 2e-3
+    blip_learning_rate: float = 5e-3  # a tiny captioner barely moves at 5e-4
     seed: int = 0
     device: str | None = None
 
