@@ -112,6 +112,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
     from ca_platform.image_server import ImageServer
     from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.resources import ModelTrainingConfig
     from ca_platform.shapes_evaluation import write_shapes_evaluation_set
     from ca_platform.shapes_world import ShapesWorldConfig, generate_pool
 
@@ -142,6 +143,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             preferences_uri=str(preferences),
             keep_fraction=args.keep,
             evaluation_uri=str(evaluation),
+            model_training=ModelTrainingConfig(full_epochs=args.full_epochs),
         )
         run = runner.run_lineage(resources, compress=True)
     print(runner.report(run))
@@ -215,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", type=float, default=0.3, help="fraction of the pool to keep")
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--eval-images", type=int, default=300, help="held-out evaluation images")
+    demo.add_argument(
+        "--full-epochs",
+        type=float,
+        default=8.0,
+        help="training budget of every variant's CLIP and BLIP: samples seen = this many passes over the full pool",
+    )
     demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")
     demo.set_defaults(func=_cmd_demo)

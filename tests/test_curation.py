@@ -1,0 +1,83 @@
+"""The whole lineage with an evaluation set: models on every training variant, evaluated, in one report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from dagster import DagsterInstance
+
+from ca_platform import layout
+from ca_platform.clip_training import train_clip_on_tars
+from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardModelConfig, ScoringConfig
+from ca_platform.runner import build_resources, report, run_lineage
+from ca_platform.schemas import TRAINING_VARIANTS
+from ca_platform.subset_training import TrainingBudget
+from tests.conftest import RoutesServer, png_bytes
+
+CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"}
+
+
+@pytest.mark.slow
+def test_the_report_lists_every_variant_as_measured(
+    web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
+) -> None:
+    pool = web_pool(rows_per_shard=12)
+    evaluation = tmp_path / "eval.parquet"
+    urls = [
+        routes_server.add(f"/eval/{i}.png", png_bytes(30, 30, seed=500 + i), Content_Type="image/png") for i in range(6)
+    ]
+    pl.DataFrame(
+        {"url": urls + urls[:2], "caption": [f"picture number {i}" for i in range(6)] + ["a first", "a second"]}
+    ).write_parquet(evaluation)
+    data = tmp_path / "data"
+    resources = build_resources(
+        str(pool),
+        str(data),
+        ["127.0.0.1"],
+        download_options={"thread_count": 4},
+        preferences_uri=str(write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=24))),
+        reward_training=RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8),
+        baselines=BaselineConfig(epochs=1, batch_size=8),
+        scoring=ScoringConfig(num_workers=0, batch_size=16),
+        keep_fraction=0.5,
+        evaluation_uri=str(evaluation),
+        model_training=ModelTrainingConfig(full_epochs=2, image_size=32, batch_size=8),
+    )
+    run = run_lineage(resources, DagsterInstance.ephemeral(), compress=True)
+    assert run.success, [r for r in run.runs if not r.success]
+
+    reports = data / layout.REPORTS_DIR
+    curation = json.loads((reports / "curation_report.json").read_text())
+    assert set(curation) == set(TRAINING_VARIANTS)
+    for variant, figures in curation.items():
+        assert CONTRACT_KEYS <= set(figures), variant
+        assert all(0.0 <= figures[k] <= 1.0 for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5")), variant
+        assert figures["cider"] >= 0.0
+        retrieval = json.loads((reports / "retrieval" / f"{variant}.json").read_text())
+        assert retrieval["i2t_r1"] == figures["i2t_r1"]  # the report shows what the evaluation measured
+    assert curation["full"]["kept_fraction"] == 1.0 and curation["reward_topk"]["kept_fraction"] == pytest.approx(0.5)
+    assert (reports / "curation_report.png").stat().st_size > 0
+    assert all(v in (reports / "curation_report.md").read_text() for v in TRAINING_VARIANTS)
+    assert "curation report" in report(run)
+
+    # equal budget: every variant's models saw the same number of samples
+    seen = {
+        json.loads((data / layout.current_model_key(layout.trained_model_kind(m, v))).read_text())["metrics"][
+            "samples_seen"
+        ]
+        for m in ("clip_checkpoint", "blip_checkpoint")
+        for v in TRAINING_VARIANTS
+    }
+    assert len(seen) == 1
+
+    # a tiny CLIP trained a few dozen steps on a real subset tar: its loss falls
+    tars = sorted((data / layout.SUBSETS_DIR / "reward_topk").glob("*/*.tar"))
+    trained = train_clip_on_tars(tars, TrainingBudget(samples_seen=240), image_size=32, batch_size=8)
+    losses = np.asarray(trained.metrics["loss"])
+    assert losses[-5:].mean() < losses[:5].mean()
