@@ -19,17 +19,15 @@ from PIL import Image
 from torch.nn.functional import cross_entropy
 from transformers import BlipConfig, BlipForConditionalGeneration
 
+from ca_platform.blip_itm import tiny_blip_config
 from ca_platform.devices import inference_autocast, pick_device
 from ca_platform.image_preprocessing import ImageTransform
 from ca_platform.scoring import (
     TINY_MAX_TOKENS,
-    TINY_WIDTH,
     PairPreprocessor,
     Prepared,
     local_model_dir,
     pretrained_preprocessor,
-    tiny_text_tower,
-    tiny_vision_tower,
     to_device,
 )
 from ca_platform.subset_training import (
@@ -56,13 +54,7 @@ def build_blip_captioner(
     """
     if source == "tiny":
         tokenizer = bert_tokenizer(TINY_MAX_TOKENS)
-        config = BlipConfig(
-            text_config={**tiny_text_tower(tokenizer), "sep_token_id": tokenizer.sep_token_id},
-            vision_config=tiny_vision_tower(image_size),
-            projection_dim=TINY_WIDTH,
-            image_text_hidden_size=TINY_WIDTH,
-        )
-        model = BlipForConditionalGeneration(config)
+        model = BlipForConditionalGeneration(tiny_blip_config(tokenizer, image_size))
         return model, PairPreprocessor(ImageTransform(image_size), tokenizer, TINY_MAX_TOKENS)
     folder = local_model_dir(source)
     model = BlipForConditionalGeneration.from_pretrained(str(folder), use_safetensors=True, dtype=torch.float32)

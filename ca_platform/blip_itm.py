@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.nn.functional import cross_entropy
-from transformers import BlipConfig, BlipForImageTextRetrieval
+from transformers import BlipConfig, BlipForImageTextRetrieval, PreTrainedTokenizerBase
 
 from ca_platform.checkpoints import content_version
 from ca_platform.devices import pick_device
@@ -42,6 +42,16 @@ CONTRASTIVE_TEMPERATURE = 0.07  # BLIP's initial ITC temperature
 PRETRAINED_MAX_TOKENS = 64  # BLIP's text tower allows 512; web captions that long are noise
 
 
+def tiny_blip_config(tokenizer: PreTrainedTokenizerBase, image_size: int) -> BlipConfig:
+    """The tiny BLIP of tests and the demo (ITM scorer and captioner alike), with the BERT tokenizer's ids."""
+    return BlipConfig(
+        text_config={**tiny_text_tower(tokenizer), "sep_token_id": tokenizer.sep_token_id},
+        vision_config=tiny_vision_tower(image_size),
+        projection_dim=TINY_WIDTH,
+        image_text_hidden_size=TINY_WIDTH,
+    )
+
+
 def build_blip_itm(source: str = "tiny", image_size: int = 64) -> tuple[BlipForImageTextRetrieval, PairPreprocessor]:
     """A fresh tiny BLIP ITM model (BERT WordPiece text side) or a pretrained one from a local folder.
 
@@ -49,13 +59,7 @@ def build_blip_itm(source: str = "tiny", image_size: int = 64) -> tuple[BlipForI
     """
     if source == "tiny":
         tokenizer = bert_tokenizer(TINY_MAX_TOKENS)
-        config = BlipConfig(
-            text_config={**tiny_text_tower(tokenizer), "sep_token_id": tokenizer.sep_token_id},
-            vision_config=tiny_vision_tower(image_size),
-            projection_dim=TINY_WIDTH,
-            image_text_hidden_size=TINY_WIDTH,
-        )
-        model = BlipForImageTextRetrieval(config)
+        model = BlipForImageTextRetrieval(tiny_blip_config(tokenizer, image_size))
         return model, PairPreprocessor(ImageTransform(image_size), tokenizer, TINY_MAX_TOKENS)
     folder = local_model_dir(source)
     model = BlipForImageTextRetrieval.from_pretrained(str(folder), use_safetensors=True, dtype=torch.float32)
