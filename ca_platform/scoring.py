@@ -390,12 +390,18 @@ def save_pair_model(
     config.pop("transformers_version", None)  # the version hashes weights and settings, not the library
     preprocessing = {"scorer": scorer_name, **preprocessor.settings()}
     with tempfile.TemporaryDirectory() as tokenizer_dir:
-        files = _canonical_tokenizer(preprocessor.tokenizer).save_pretrained(tokenizer_dir)
-        _drop_load_keys(Path(tokenizer_dir) / TOKENIZER_CONFIG_FILE)
-        extra = {Path(f).name: Path(f) for f in files if Path(f).is_file()}
+        extra = tokenizer_files(preprocessor.tokenizer, Path(tokenizer_dir))
         return write_checkpoint(
             root, model.state_dict(), {CONFIG_FILE: config, PREPROCESSING_FILE: preprocessing}, extra
         )
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase, folder: Path) -> dict[str, Path]:
+    """The tokenizer saved into `folder` as a checkpoint carries it: name -> file, free of per-call state, so
+    a checkpoint's version does not depend on how the tokenizer was last used."""
+    files = _canonical_tokenizer(tokenizer).save_pretrained(str(folder))
+    _drop_load_keys(folder / TOKENIZER_CONFIG_FILE)
+    return {Path(f).name: Path(f) for f in files if Path(f).is_file()}
 
 
 def _canonical_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -28,12 +28,10 @@ from ca_platform.image_preprocessing import ImageTransform, decode_image
 from ca_platform.scoring import (
     CONFIG_FILE,
     PREPROCESSING_FILE,
-    TOKENIZER_CONFIG_FILE,
     PairPreprocessor,
     Prepared,
     SampleError,
-    _canonical_tokenizer,
-    _drop_load_keys,
+    tokenizer_files,
 )
 from ca_platform.webdataset_io import TarSample, iter_samples
 
@@ -253,10 +251,7 @@ def save_trained_model(
         METRICS_FILE: {k: v for k, v in metrics.items() if k not in UNVERSIONED_METRICS},
     }
     with tempfile.TemporaryDirectory() as tokenizer_dir:
-        files = _canonical_tokenizer(preprocessor.tokenizer).save_pretrained(tokenizer_dir)
-        _drop_load_keys(Path(tokenizer_dir) / TOKENIZER_CONFIG_FILE)
-        extra = {Path(f).name: Path(f) for f in files if Path(f).is_file()}
-        return write_checkpoint(root, weights, documents, extra)
+        return write_checkpoint(root, weights, documents, tokenizer_files(preprocessor.tokenizer, Path(tokenizer_dir)))
 
 
 def load_trained_model(
