@@ -11,8 +11,12 @@ import polars as pl
 import pytest
 from moto.server import ThreadedMotoServer
 
-from ca_platform import cli, layout
+from ca_platform import analytics, cli, layout
+from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardModelConfig, ScoringConfig
 from ca_platform.runner import build_resources, run_lineage
+from ca_platform.schemas import SUBSET_VARIANTS
+from tests.conftest import RoutesServer, png_bytes
 
 
 def _free_port() -> int:
@@ -86,3 +90,46 @@ def test_pool_and_data_on_s3(web_pool: Callable[..., Path], s3_endpoint: str, tm
     )
     assert code == 0
     assert capsys.readouterr().out.splitlines()[-1].split("|") == ["12 ", " 12"]
+
+
+@pytest.mark.slow
+def test_subsets_models_and_report_on_s3(
+    web_pool: Callable[..., Path], routes_server: RoutesServer, s3_endpoint: str, tmp_path: Path
+) -> None:
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket="platform")
+    evaluation = tmp_path / "eval.parquet"
+    urls = [
+        routes_server.add(f"/eval/{i}.png", png_bytes(30, 30, seed=700 + i), Content_Type="image/png") for i in range(4)
+    ]
+    pl.DataFrame({"url": urls, "caption": [f"picture {i}" for i in range(4)]}).write_parquet(evaluation)
+    resources = build_resources(
+        str(web_pool(rows_per_shard=8)),
+        "s3://platform/ca",
+        ["127.0.0.1"],
+        s3_endpoint_url=s3_endpoint,
+        download_options={"thread_count": 4},
+        analytics_dir=str(tmp_path / "analytics"),
+        preferences_uri=str(write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=24))),
+        reward_training=RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8),
+        baselines=BaselineConfig(epochs=1, batch_size=8),
+        scoring=ScoringConfig(num_workers=0, batch_size=16),
+        keep_fraction=0.5,
+        evaluation_uri=str(evaluation),
+        model_training=ModelTrainingConfig(full_epochs=1, image_size=32, batch_size=8),
+    )
+    run = run_lineage(resources, compress=True)
+    assert run.success, [r for r in run.runs if not r.success]
+
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="platform", Prefix="ca/")
+    keys = {o["Key"] for page in pages for o in page["Contents"]}
+    for variant in SUBSET_VARIANTS:
+        for shard in ("part-00000", "part-00001"):
+            assert f"ca/{layout.subset_tar_key(variant, shard)}" in keys
+            assert f"ca/{layout.subset_membership_key(variant, shard)}" in keys
+    assert "ca/reports/curation_report.json" in keys
+    subsets = analytics.query(tmp_path / "analytics" / layout.ANALYTICS_DB, "SELECT count(*) FROM subsets").rows
+    downloaded = analytics.query(
+        tmp_path / "analytics" / layout.ANALYTICS_DB, "SELECT count(*) FROM downloads WHERE status = 'success'"
+    ).rows
+    assert subsets[0][0] == 3 * downloaded[0][0] > 0
