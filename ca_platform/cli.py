@@ -30,9 +30,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         keep_fraction=args.keep,
         evaluation_uri=args.eval,
     )
-    if args.eval and args.keep is None:
-        raise SystemExit("run: --eval needs --keep K (the subsets the models are trained on)")
-    run = runner.run_lineage(resources, compress=args.keep is not None)
+    run = runner.run_lineage(resources, compress=args.keep is not None or args.eval is not None)
     print(runner.report(run))
     return 0 if run.success else 1
 
@@ -180,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--eval",
         metavar="FILE",
-        help="held-out evaluation set (parquet url, caption): with --keep, train CLIP and BLIP on every variant, "
-        "evaluate them and write reports/curation_report.json",
+        help="held-out evaluation set (parquet url, caption): after the subsets (at --keep, default 0.3), train "
+        "CLIP and BLIP on every variant, evaluate them and write reports/curation_report.json",
     )
     _add_s3(run)
     run.set_defaults(func=_cmd_run)
