@@ -77,19 +77,87 @@ def ranked_pairs(files_root: Path, variant: str, model_version: str, shard: str 
 
 
 def score_threshold(files_root: Path, variant: str, model_version: str, keep_fraction: float) -> ScoreThreshold:
-    """The cut of `variant` over all shards under `files_root` (a local data root or its mirror)."""
+    """The cut of `variant` over all shards under `files_root` (a local data root or its mirror).
+
+    Found by selection rather than by sorting every pair with its strings: the kept-th best score by one
+    `quantile_disc` pass over the score column, then its place among the pairs tied at that score, the only
+    rows whose uid and shard are read. random_topk computes its key from every uid at each pass, so its cut is
+    looked for in one pass first, among the few pairs whose uniform keys lie near where the cut must fall.
+    """
     relation, params = ranked_pairs(files_root, variant, model_version)
     with duckdb.connect() as con:
         total = con.execute(f"SELECT count(*) FROM ({relation})", params).fetchone()[0]
         kept = keep_count(keep_fraction, total)
         last = None
-        if kept:
-            last = con.execute(
-                f"SELECT score, uid, shard FROM ({relation}) ORDER BY score DESC, uid ASC, shard ASC LIMIT 1 OFFSET ?",
-                [*params, kept - 1],
-            ).fetchone()
+        if kept and variant == RANDOM_TOPK:
+            last = _cut_near_uniform_rank(con, relation, params, total, kept)
+        if kept and last is None:
+            last = _cut_by_selection(con, relation, params, total, kept)
     score, uid, shard = last if last else (None, None, None)
     return ScoreThreshold(variant, model_version, keep_fraction, total, kept, score, uid, shard)
+
+
+def _selection_fraction(values: int, kept: int) -> float:
+    """The `quantile_disc` fraction that selects the kept-th largest of `values` scores.
+
+    DuckDB picks the ascending index max(1, n - floor(n - n*q)) - 1; q = (n - kept + 0.5) / n puts n*q half
+    way between integers, far from floor's edges for any n a double counts exactly, so the index is n - kept.
+    """
+    return (values - kept + 0.5) / values
+
+
+def _cut_by_selection(
+    con: duckdb.DuckDBPyConnection, relation: str, params: list[Any], total: int, kept: int
+) -> tuple[float, str, str]:
+    """(score, uid, shard) of the kept-th pair in rank order: its score by selection, then its place in the ties."""
+    scored, score = con.execute(
+        f"SELECT count(score), quantile_disc(score, ?) FROM ({relation})", [_selection_fraction(total, kept), *params]
+    ).fetchone()
+    if scored < total:
+        # ORDER BY ranks pairs without a score last: the cut is among the scored ones, or it is no cut at all
+        if kept > scored:
+            shard, uid = con.execute(
+                f"SELECT shard, uid FROM ({relation}) WHERE score IS NULL ORDER BY shard, uid LIMIT 1", params
+            ).fetchone()
+            raise ValueError(
+                f"{total - scored} of {total} pairs have no score (first: shard {shard}, uid {uid}) and keeping "
+                f"{kept} would reach them: rescore them or lower the keep fraction"
+            )
+        score = con.execute(
+            f"SELECT quantile_disc(score, ?) FROM ({relation})", [_selection_fraction(scored, kept), *params]
+        ).fetchone()[0]
+    # the offset among the ties is kept - 1 - (pairs scoring above them); both scans read the score column
+    # and DuckDB pushes `score = ?` into the parquet reader, so only the tied rows' strings are decoded
+    return con.execute(
+        f"SELECT score, uid, shard FROM ({relation}) WHERE score = ? ORDER BY uid, shard LIMIT 1 "
+        f"OFFSET ? - 1 - (SELECT count(*) FROM ({relation}) WHERE score > ?)",
+        [*params, score, kept, *params, score],
+    ).fetchone()
+
+
+def _cut_near_uniform_rank(
+    con: duckdb.DuckDBPyConnection, relation: str, params: list[Any], total: int, kept: int
+) -> tuple[float, str, str] | None:
+    """(score, uid, shard) of the kept-th pair when keys are uniform on [0, 1), in one pass; None if it is not
+    where they put it (then the selection decides).
+
+    The kept-th largest of n uniform keys lies within a few sqrt(p(1 - p) / n) of 1 - p, p = kept / n; the pass
+    counts the keys above a band of 8 of those (plus 16 / n, for p near 0 or 1) either side and ranks the pairs
+    inside it, about 16 sqrt(n p (1 - p)) of them. The count says whether the kept-th pair is among them, so
+    the result is exact either way.
+    """
+    share = kept / total
+    spread = 8 * math.sqrt(share * (1 - share) / total) + 16 / total
+    low, high = 1 - share - spread, 1 - share + spread
+    above, near = con.execute(
+        f"SELECT count(*) FILTER (WHERE score > ?), list(struct_pack(score, uid, shard) "
+        f"ORDER BY score DESC, uid, shard) FILTER (WHERE score >= ? AND score <= ?) FROM ({relation})",
+        [high, low, high, *params],
+    ).fetchone()
+    place = kept - above - 1
+    if near is None or not 0 <= place < len(near):
+        return None
+    return near[place]["score"], near[place]["uid"], near[place]["shard"]
 
 
 def kept_condition(threshold: ScoreThreshold) -> tuple[str, list[Any]]:
@@ -127,21 +195,38 @@ class ScoreHistogram:
 
 
 def score_histogram(files_root: Path, threshold: ScoreThreshold, bins: int = 40) -> ScoreHistogram:
-    """Kept and dropped pairs per equal-width score bin of one variant, counted in DuckDB (no scores in memory)."""
+    """Kept and dropped pairs per equal-width score bin of one variant, counted in DuckDB (no scores in memory).
+
+    Pairs scoring above the threshold's score are kept and those below dropped whatever their uid, so for
+    scored variants the range pass and the bin pass read the score column alone; the pairs tied at that score
+    (all in one bin) are counted apart, in a scan that decodes the strings of those rows only. random_topk
+    reads every uid for its key at each pass anyway, so its bin pass applies the whole kept condition.
+    """
     relation, params = ranked_pairs(files_root, threshold.variant, threshold.model_version)
     condition, condition_params = kept_condition(threshold)
+    count_ties_apart = threshold.kept > 0 and threshold.variant != RANDOM_TOPK
+    if count_ties_apart:
+        condition, condition_params = "score > ?", [threshold.score]
     with duckdb.connect() as con:
         low, high = con.execute(f"SELECT min(score), max(score) FROM ({relation})", params).fetchone()
         if low is None:
             return ScoreHistogram([0.0, 1.0], [0], [0])
         width = (high - low) / bins or 1.0
         rows = con.execute(
-            f"SELECT least(CAST(floor((score - ?) / ?) AS INTEGER), ?) AS bin, "
-            f"count(*) FILTER ({condition}), count(*) FILTER (NOT {condition}) "
-            f"FROM ({relation}) GROUP BY bin",
-            [low, width, bins - 1, *condition_params, *condition_params, *params],
+            f"SELECT least(CAST(floor((score - ?) / ?) AS INTEGER), ?) AS bin, count(*), "
+            f"count(*) FILTER ({condition}), count(*) FILTER (score = ?) FROM ({relation}) GROUP BY bin",
+            [low, width, bins - 1, *condition_params, threshold.score, *params],
         ).fetchall()
+        tied_kept = 0
+        if count_ties_apart and any(tied for *_, tied in rows):
+            # the uid test sits in FILTER, not WHERE: a WHERE conjunct on uid would be pushed into the scan too,
+            # which would then decode every uid (1.8x the time at 10M pairs)
+            tied_kept = con.execute(
+                f"SELECT count(*) FILTER (uid < ? OR (uid = ? AND shard <= ?)) FROM ({relation}) WHERE score = ?",
+                [threshold.uid, threshold.uid, threshold.shard, *params, threshold.score],
+            ).fetchone()[0]
     kept, dropped = [0] * bins, [0] * bins
-    for index, kept_count, dropped_count in rows:
-        kept[index], dropped[index] = kept_count, dropped_count
+    for index, pairs, kept_count, tied in rows:
+        kept[index] = kept_count + (tied_kept if tied else 0)
+        dropped[index] = pairs - kept[index]
     return ScoreHistogram([low + i * width for i in range(bins + 1)], kept, dropped)

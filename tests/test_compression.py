@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 
 from ca_platform import layout
-from ca_platform.compression import keep_count, kept_condition, score_threshold
+from ca_platform.compression import (
+    ScoreHistogram,
+    ScoreThreshold,
+    _cut_near_uniform_rank,
+    keep_count,
+    kept_condition,
+    random_version,
+    ranked_pairs,
+    score_histogram,
+    score_threshold,
+)
+from ca_platform.schemas import Status
+
+SCORE_COLUMNS = {"uid": pl.String, "shard": pl.String, "score": pl.Float64}
 
 
 def _write(root: Path, shard: str, rows: list[tuple[str, float]]) -> None:
@@ -56,3 +71,178 @@ def test_nothing_kept_and_bad_fraction(tmp_path: Path) -> None:
     assert none.kept == 0 and _kept(tmp_path, none) == []
     with pytest.raises(ValueError, match="within"):
         keep_count(1.5, 3)
+
+
+# Brute force: the cut as the module docstring defines it, by sorting every pair in Python.
+Pair = tuple[float, str, str]  # score, uid, shard
+
+
+def _rank(pairs: list[Pair]) -> list[Pair]:
+    return sorted(pairs, key=lambda pair: (-pair[0], pair[1], pair[2]))
+
+
+def _expected(pairs: list[Pair], keep_fraction: float) -> tuple[int, Pair | None, set[tuple[str, str]]]:
+    ranked = _rank(pairs)
+    kept = keep_count(keep_fraction, len(pairs))
+    return kept, ranked[kept - 1] if kept else None, {(shard, uid) for _, uid, shard in ranked[:kept]}
+
+
+def _tied_pairs(root: Path, seed: int, shards: int = 3, per_shard: int = 120, levels: int = 6) -> list[Pair]:
+    """Scores from a few levels (many ties) and uids from a small pool, so uids repeat across shards."""
+    rng = np.random.default_rng(seed)
+    pairs: list[Pair] = []
+    for index in range(shards):
+        shard = f"part-{index:02d}"
+        uids = rng.choice(2 * per_shard, size=per_shard, replace=False)
+        rows = [(f"u{uid:04d}", float(level) / 4) for uid, level in zip(uids, rng.integers(0, levels, per_shard))]
+        _write(root, shard, rows)
+        pairs += [(score, uid, shard) for uid, score in rows]
+    return pairs
+
+
+def _histogram_reference(root: Path, threshold: ScoreThreshold, bins: int) -> tuple[list[int], list[int]]:
+    """Kept and dropped per bin by evaluating kept_condition on every pair: what score_histogram must count."""
+    relation, params = ranked_pairs(root, threshold.variant, threshold.model_version)
+    condition, condition_params = kept_condition(threshold)
+    with duckdb.connect() as con:
+        low, high = con.execute(f"SELECT min(score), max(score) FROM ({relation})", params).fetchone()
+        width = (high - low) / bins or 1.0
+        rows = con.execute(
+            f"SELECT least(CAST(floor((score - ?) / ?) AS INTEGER), ?) AS bin, count(*) FILTER ({condition}), "
+            f"count(*) FILTER (NOT {condition}) FROM ({relation}) GROUP BY bin",
+            [low, width, bins - 1, *condition_params, *condition_params, *params],
+        ).fetchall()
+    kept, dropped = [0] * bins, [0] * bins
+    for index, kept_count, dropped_count in rows:
+        kept[index], dropped[index] = kept_count, dropped_count
+    return kept, dropped
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("keep_fraction", [0.0, 0.003, 0.3, 0.5, 1.0])
+def test_cut_matches_a_full_sort_with_many_ties_and_uids_repeated_across_shards(
+    tmp_path: Path, seed: int, keep_fraction: float
+) -> None:
+    pairs = _tied_pairs(tmp_path, seed)
+    kept, last, members = _expected(pairs, keep_fraction)
+    threshold = score_threshold(tmp_path, "reward_topk", "v1", keep_fraction)
+    assert (threshold.total, threshold.kept) == (len(pairs), kept)
+    assert (threshold.score, threshold.uid, threshold.shard) == (last or (None, None, None))
+    assert set(_kept(tmp_path, threshold)) == members
+
+    histogram = score_histogram(tmp_path, threshold, bins=7)
+    assert (histogram.kept, histogram.dropped) == _histogram_reference(tmp_path, threshold, 7)
+    assert sum(histogram.kept) == kept and sum(histogram.dropped) == len(pairs) - kept
+
+
+def test_every_cut_of_small_sets_matches_a_full_sort(tmp_path: Path) -> None:
+    """Every kept count of sets of 1 to 9 pairs: the selection's position arithmetic at every place."""
+    rng = np.random.default_rng(7)
+    for size in range(1, 10):
+        root = tmp_path / str(size)
+        rows = [(f"u{i}", float(rng.integers(0, 3))) for i in range(size)]
+        half = (size + 1) // 2
+        _write(root, "a", rows[:half])
+        if size > half:
+            _write(root, "b", rows[half:])
+        pairs = [(score, uid, "a" if i < half else "b") for i, (uid, score) in enumerate(rows)]
+        ranked = _rank(pairs)
+        for kept in range(1, size + 1):
+            threshold = score_threshold(root, "reward_topk", "v1", kept / size)
+            assert threshold.kept == kept
+            assert (threshold.score, threshold.uid, threshold.shard) == ranked[kept - 1], (size, kept)
+
+
+@pytest.mark.parametrize("keep_fraction", [0.001, 0.3, 0.999, 1.0])
+def test_all_tied_and_heavy_ties_at_the_cut(tmp_path: Path, keep_fraction: float) -> None:
+    all_tied = tmp_path / "all"
+    for shard in ("a", "b"):
+        _write(all_tied, shard, [(f"u{i:03d}", 0.5) for i in range(300)])
+    heavy = tmp_path / "heavy"  # 90% share the score the cut falls in, a few score above and below it
+    for shard in ("a", "b"):
+        _write(heavy, shard, [(f"u{i:03d}", 0.9 if i < 10 else 0.1 if i >= 290 else 0.5) for i in range(300)])
+    for root in (all_tied, heavy):
+        pairs = [(score, uid, shard) for shard, uid, score in _scores(root)]
+        kept, last, members = _expected(pairs, keep_fraction)
+        threshold = score_threshold(root, "reward_topk", "v1", keep_fraction)
+        assert threshold.kept == kept and (threshold.score, threshold.uid, threshold.shard) == last
+        assert set(_kept(root, threshold)) == members
+        histogram = score_histogram(root, threshold, bins=4)
+        assert (histogram.kept, histogram.dropped) == _histogram_reference(root, threshold, 4)
+
+
+def _scores(root: Path) -> list[tuple[str, str, float]]:
+    pattern = (root / layout.SCORES_DIR / "reward_model" / "v1" / "*.parquet").as_posix()
+    with duckdb.connect() as con:
+        return con.execute(f"SELECT shard, uid, score FROM read_parquet('{pattern}')").fetchall()
+
+
+def _write_ledgers(root: Path, shards: dict[str, list[tuple[str, str]]]) -> None:
+    for shard, rows in shards.items():
+        path = root / layout.download_rows_key(shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame(
+            {"uid": [u for u, _ in rows], "shard": [shard] * len(rows), "status": [s for _, s in rows]}
+        ).write_parquet(path)
+
+
+def _random_pairs(root: Path, seed: int) -> list[Pair]:
+    """random_topk's ranked pairs, keyed by the platform's own key expression (the definition under test is
+    the cut, not the key)."""
+    relation, params = ranked_pairs(root, "random_topk", random_version(seed))
+    with duckdb.connect() as con:
+        return con.execute(f"SELECT score, uid, shard FROM ({relation})", params).fetchall()
+
+
+@pytest.mark.parametrize("keep_fraction", [0.0, 0.001, 0.3, 1.0])
+def test_random_cut_matches_a_full_sort(tmp_path: Path, keep_fraction: float) -> None:
+    rng = np.random.default_rng(3)
+    shards = {}
+    for index in range(3):  # uids drawn from one pool, so some pairs share a uid (and so a key) across shards
+        uids = rng.choice(3000, size=1500, replace=False)
+        statuses = rng.choice([Status.SUCCESS, "failed_to_download"], size=1500, p=[0.9, 0.1])
+        shards[f"part-{index:02d}"] = [(f"u{uid:05d}", str(status)) for uid, status in zip(uids, statuses)]
+    _write_ledgers(tmp_path, shards)
+    pairs = _random_pairs(tmp_path, 11)
+    assert len(pairs) == sum(status == Status.SUCCESS for rows in shards.values() for _, status in rows)
+    kept, last, _ = _expected(pairs, keep_fraction)
+    threshold = score_threshold(tmp_path, "random_topk", random_version(11), keep_fraction)
+    assert (threshold.total, threshold.kept) == (len(pairs), kept)
+    assert (threshold.score, threshold.uid, threshold.shard) == (last or (None, None, None))
+    histogram = score_histogram(tmp_path, threshold, bins=5)
+    assert (histogram.kept, histogram.dropped) == _histogram_reference(tmp_path, threshold, 5)
+
+
+def test_random_cut_outside_the_expected_band_falls_back_to_selection(tmp_path: Path) -> None:
+    """One uid in every shard: every key is the same, far from where uniform keys would put the cut."""
+    _write_ledgers(tmp_path, {f"part-{i:04d}": [("same", Status.SUCCESS)] for i in range(2000)})
+    pairs = _random_pairs(tmp_path, 0)
+    key = pairs[0][0]
+    assert abs(key - 0.7) > 0.1, "pick another uid: the band around 0.7 must miss the common key"
+    relation, params = ranked_pairs(tmp_path, "random_topk", random_version(0))
+    with duckdb.connect() as con:
+        assert _cut_near_uniform_rank(con, relation, params, 2000, 600) is None
+    threshold = score_threshold(tmp_path, "random_topk", random_version(0), 0.3)
+    assert (threshold.score, threshold.uid, threshold.shard) == (key, "same", "part-0599")
+
+
+def test_a_stale_threshold_is_counted_by_its_condition(tmp_path: Path) -> None:
+    """The histogram counts what kept_condition keeps even when the threshold does not come from these files."""
+    _tied_pairs(tmp_path, 5)
+    fresh = score_threshold(tmp_path, "reward_topk", "v1", 0.4)
+    stale = replace(fresh, kept=fresh.kept - 17, uid="u0100")
+    assert score_histogram(tmp_path, stale, bins=6) == ScoreHistogram(
+        score_histogram(tmp_path, fresh, bins=6).edges, *_histogram_reference(tmp_path, stale, 6)
+    )
+
+
+def test_pairs_without_a_score_rank_last_and_a_cut_reaching_them_is_refused(tmp_path: Path) -> None:
+    _write(tmp_path, "a", [("u1", 0.9), ("u2", 0.5), ("u3", 0.5)])
+    path = tmp_path / layout.scores_key("reward_model", "v1", "b")
+    pl.DataFrame({"uid": ["u0", "u4"], "shard": ["b", "b"], "score": [None, 0.7]}, schema=SCORE_COLUMNS).write_parquet(
+        path
+    )
+    threshold = score_threshold(tmp_path, "reward_topk", "v1", 0.6)  # 3 of 5: u1, u4, then u2 of the 0.5 ties
+    assert (threshold.total, threshold.kept, threshold.score, threshold.uid) == (5, 3, 0.5, "u2")
+    with pytest.raises(ValueError, match="1 of 5 pairs have no score .*shard b, uid u0"):
+        score_threshold(tmp_path, "reward_topk", "v1", 1.0)
