@@ -46,11 +46,14 @@ class Automation:
         definitions = Definitions(assets=ALL_ASSETS, resources=self.resources)
         result = evaluate_automation_conditions(definitions, self.instance, cursor=self.cursor)
         self.cursor = result.cursor
-        return {
+        requested = {
             name: set(partitions)
             for name in ASSET_NAMES
             if (partitions := result.get_requested_partitions(AssetKey.from_user_string(name)))
         }
+        if requested.pop("registered_reward_checkpoint", None):  # its 5-minute observation cron ticked meanwhile
+            self.observe_registration()
+        return requested
 
     def run(self, requested: dict[str, set[str | None]]) -> None:
         """Materialize what a tick requested, in dependency order, one run per partition."""
