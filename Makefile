@@ -38,6 +38,7 @@ ui: install $(DAGSTER_HOME_DIR)/dagster.yaml
 benchmarks: install
 	$(BIN)/python benchmarks/download.py
 	$(BIN)/python benchmarks/scoring.py
+	$(BIN)/python benchmarks/analytics.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) $(DAGSTER_HOME_DIR) *.egg-info
