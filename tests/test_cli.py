@@ -168,3 +168,33 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
         ledger = pl.read_parquet(data / layout.download_rows_key(shard))
         on_disk = {p.name for p in (data / layout.download_prefix(shard)).glob("*.tar")}
         assert on_disk == set(ledger["tar"].drop_nulls())
+
+
+@pytest.mark.slow
+def test_run_with_eval_runs_the_whole_lineage_and_writes_the_report(
+    web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
+) -> None:
+    from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+    from tests.conftest import png_bytes
+
+    evaluation = tmp_path / "eval.parquet"
+    urls = [
+        routes_server.add(f"/eval/{i}.png", png_bytes(30, 30, seed=900 + i), Content_Type="image/png") for i in range(4)
+    ]
+    pl.DataFrame({"url": urls, "caption": [f"picture {i}" for i in range(4)]}).write_parquet(evaluation)
+    preferences = write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=200))
+    data = tmp_path / "data"
+    done = subprocess.run(
+        [BIN / "ca-platform", "run", "--pool", str(web_pool(rows_per_shard=8)), "--data", str(data)]
+        + ["--allow-host", "127.0.0.1", "--preferences", str(preferences), "--eval", str(evaluation)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = yaml.safe_load((data / layout.REPORTS_DIR / "curation_report.json").read_text())
+    assert set(report) == {"full", "reward_topk", "clipscore_topk", "random_topk"}
+    assert all({"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"} <= set(v) for v in report.values())
+    assert report["reward_topk"]["kept_fraction"] == pytest.approx(0.3, abs=0.05)  # --keep defaults to 0.3
+    assert "curation report" in done.stdout and "kept" in done.stdout

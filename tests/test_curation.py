@@ -12,6 +12,7 @@ import pytest
 from dagster import DagsterInstance
 
 from ca_platform import layout
+from ca_platform.blip_captioning import train_blip_captioner_on_tars
 from ca_platform.clip_training import train_clip_on_tars
 from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
 from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardModelConfig, ScoringConfig
@@ -76,8 +77,9 @@ def test_the_report_lists_every_variant_as_measured(
     }
     assert len(seen) == 1
 
-    # a tiny CLIP trained a few dozen steps on a real subset tar: its loss falls
+    # a tiny CLIP and a tiny BLIP trained a few dozen steps on the real subset tars: their losses fall
     tars = sorted((data / layout.SUBSETS_DIR / "reward_topk").glob("*/*.tar"))
-    trained = train_clip_on_tars(tars, TrainingBudget(samples_seen=240), image_size=32, batch_size=8)
-    losses = np.asarray(trained.metrics["loss"])
-    assert losses[-5:].mean() < losses[:5].mean()
+    budget = TrainingBudget(samples_seen=240)
+    for train, rate in ((train_clip_on_tars, 2e-3), (train_blip_captioner_on_tars, 5e-3)):
+        losses = np.asarray(train(tars, budget, image_size=32, batch_size=8, learning_rate=rate).metrics["loss"])
+        assert losses[-5:].mean() < losses[:5].mean(), train.__name__
