@@ -321,16 +321,7 @@ def train_pair_model(
             indices = order[start : start + batch_size]
             if len(indices) < 2:
                 continue
-            with inference_autocast(device):
-                loss = batch_loss([prepared[i] for i in indices])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            value = float(loss.detach().float().cpu())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {len(losses)}")
-            losses.append(value)
+            losses.append(training_step(model, optimizer, batch_loss, [prepared[i] for i in indices], device))
     model.eval()
     return {
         "loss": losses,
@@ -343,6 +334,29 @@ def train_pair_model(
         "device": str(device),
         "seconds": time.perf_counter() - started,
     }
+
+
+def training_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch_loss: Callable[[list[Prepared]], torch.Tensor],
+    batch: list[Prepared],
+    device: torch.device,
+) -> float:
+    """One optimiser step on a batch (bf16 autocast on CUDA, gradients clipped at norm 1); returns its loss.
+
+    A loss that is no longer finite stops training at once rather than training on garbage.
+    """
+    with inference_autocast(device):
+        loss = batch_loss(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    value = float(loss.detach().float().cpu())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"training loss became {value}")
+    return value
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -23,7 +23,6 @@ from PIL import Image
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from ca_platform.checkpoints import CheckpointError, content_version, read_json, read_weights, write_checkpoint
-from ca_platform.devices import inference_autocast
 from ca_platform.image_preprocessing import ImageTransform, decode_image
 from ca_platform.scoring import (
     CONFIG_FILE,
@@ -32,6 +31,7 @@ from ca_platform.scoring import (
     Prepared,
     SampleError,
     tokenizer_files,
+    training_step,
 )
 from ca_platform.webdataset_io import TarSample, iter_samples
 
@@ -185,16 +185,10 @@ def train_on_tars(
     for batch in batches:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate * learning_rate_factor(seen / total)
-        with inference_autocast(device):
-            loss = batch_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        value = float(loss.detach().float().cpu())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {len(losses)} on {paths}")
-        losses.append(value)
+        try:
+            losses.append(training_step(model, optimizer, batch_loss, batch, device))
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{error} at step {len(losses)} on {[str(p) for p in paths]}") from error
         seen += len(batch)
     seconds = time.perf_counter() - started
     model.eval()
