@@ -3,6 +3,7 @@
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
@@ -12,6 +13,7 @@ from ca_platform.blip_captioning import generate_captions, load_trained_captione
 from ca_platform.caption_metrics import bleu4, cider_d
 from ca_platform.clip_training import embed_pairs, load_trained_clip
 from ca_platform.evaluation_set import (
+    LEDGER_FILE,
     EvaluationSet,
     download_evaluation_set,
     evaluation_version,
@@ -22,7 +24,7 @@ from ca_platform.resources import DownloadConfig, EvaluationConfig, PlatformStor
 from ca_platform.retrieval_metrics import cosine_similarity_matrix, retrieval_recall
 from ca_platform.schemas import STATUS, Status
 from ca_platform.score_plots import markdown_table
-from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
+from ca_platform.storage import DataStore, fetch_folder, fetch_to_local, publish_folder, read_json, write_json
 
 RETRIEVAL = "retrieval"
 CAPTIONING = "captioning"
@@ -33,17 +35,22 @@ def evaluation_set(
     storage: PlatformStorage, evaluation: EvaluationConfig, downloader: DownloadConfig
 ) -> MaterializeResult:
     """The clean held-out set (parquet url, caption) downloaded through the guarded img2dataset, stored by the
-    file's content hash; rows sharing a URL are one image with several references."""
+    file's content hash (so the same file is downloaded once); rows sharing a URL are one image with several
+    references."""
     if not evaluation.uri:
         raise Failure("no evaluation set configured: pass --eval FILE or set CA_EVAL_URI")
     data = storage.data_store()
     path = Path(evaluation.uri)
     version = evaluation_version(path)
+    ledger_key = f"{layout.evaluation_prefix(version)}/{LEDGER_FILE}"
     with storage.staging_dir("evaluation-set") as staging:
-        ledger = download_evaluation_set(path, staging / "set", downloader.settings())
-        publish_folder(data, staging / "set", layout.evaluation_prefix(version), index_name="rows.parquet")
+        if data.exists(ledger_key):  # this file was downloaded before: the set is reused as it is
+            ledger = pl.read_parquet(fetch_to_local(data, ledger_key, staging))
+        else:
+            ledger = download_evaluation_set(path, staging / "set", downloader.settings())
+            publish_folder(data, staging / "set", layout.evaluation_prefix(version), index_name=LEDGER_FILE)
         write_json(data, layout.CURRENT_EVALUATION_KEY, {"version": version, "source": str(path)}, staging)
-    downloaded = ledger.filter(ledger[STATUS] == Status.SUCCESS).height
+    downloaded = ledger.filter(pl.col(STATUS) == Status.SUCCESS).height
     return MaterializeResult(
         metadata={"version": version, "images": ledger.height, "downloaded": downloaded, "source": str(path)},
         data_version=DataVersion(version),
@@ -162,7 +169,3 @@ def captioning_eval(
             "examples": MetadataValue.md(markdown_table(["a reference", "generated"], examples)),
         }
     )
-
-
-def read_variant_report(data: DataStore, report: str, variant: str, scratch: Path) -> dict[str, Any] | None:
-    return read_json(data, layout.variant_report_key(report, variant), scratch)

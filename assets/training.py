@@ -38,30 +38,33 @@ BLIP_CHECKPOINT = "blip_checkpoint"
 @dataclass(frozen=True)
 class TrainingSet:
     keys: list[str]  # the webdataset tars of the variant, under the data root
-    fingerprint: str  # changes when any of those tars changes
+    fingerprint: str  # of the pairs themselves (shard, uid, image sha256, caption): the same after a re-pack
     pairs: int
 
 
 def training_set(data: DataStore, variant: str, scratch: Path) -> TrainingSet:
     """The tars of a variant: every downloaded shard's tars for `full`, its compressed subsets otherwise."""
-    keys, pairs = [], 0
+    keys, pairs = [], []
     for shard in downloaded_shards(data):
+        ledger = pl.read_parquet(fetch_to_local(data, layout.download_rows_key(shard), scratch / "ledgers"))
+        members = ledger.filter(pl.col(schemas.STATUS) == schemas.Status.SUCCESS)
         if variant == schemas.FULL:
-            ledger = pl.read_parquet(fetch_to_local(data, layout.download_rows_key(shard), scratch / "ledgers"))
-            successes = ledger.filter(pl.col(schemas.STATUS) == schemas.Status.SUCCESS)
-            keys += [layout.download_tar_key(shard, name) for name in sorted(successes["tar"].unique())]
-            pairs += successes.height
-            continue
-        manifest = read_json(data, f"{layout.subset_prefix(variant, shard)}/{layout.SUBSET_MANIFEST_FILE}", scratch)
-        if manifest is None or not data.exists(layout.subset_membership_key(variant, shard)):
-            raise Failure(f"shard {shard} has no {variant} subset yet: materialize compressed_subset for it first")
-        keys.append(f"{layout.subset_prefix(variant, shard)}/{manifest['tar']}")
-        pairs += manifest["kept"]
+            keys += [layout.download_tar_key(shard, name) for name in sorted(members["tar"].unique())]
+        else:
+            manifest = read_json(data, f"{layout.subset_prefix(variant, shard)}/{layout.SUBSET_MANIFEST_FILE}", scratch)
+            if manifest is None or not data.exists(layout.subset_membership_key(variant, shard)):
+                raise Failure(f"shard {shard} has no {variant} subset yet: materialize compressed_subset for it first")
+            membership = pl.read_parquet(
+                fetch_to_local(data, layout.subset_membership_key(variant, shard), scratch / "memberships")
+            )
+            kept = membership.filter(pl.col("kept"))[schemas.UID].implode()
+            members = members.filter(pl.col(schemas.UID).is_in(kept))
+            keys.append(f"{layout.subset_prefix(variant, shard)}/{manifest['tar']}")
+        pairs.append(members.select(schemas.SHARD, schemas.UID, "sha256", schemas.CAPTION))
     if not keys:
         raise Failure(f"no training data for {variant}: no shard has been downloaded")
-    stamps = {obj.key: obj.fingerprint for obj in data.list()}
-    digest = hashlib.sha256(json.dumps([(k, stamps.get(k)) for k in keys]).encode()).hexdigest()
-    return TrainingSet(keys, digest, pairs)
+    table = pl.concat(pairs).sort(schemas.SHARD, schemas.UID)
+    return TrainingSet(keys, hashlib.sha256(table.write_csv().encode()).hexdigest(), table.height)
 
 
 def full_pool_pairs(data: DataStore, scratch: Path) -> int:

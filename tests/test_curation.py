@@ -68,6 +68,7 @@ def test_the_report_lists_every_variant_as_measured(
     assert "curation report" in report(run)
 
     # equal budget: every variant's models saw the same number of samples
+    seen_by = TRAINING_VARIANTS
     seen = {
         json.loads((data / layout.current_model_key(layout.trained_model_kind(m, v))).read_text())["metrics"][
             "samples_seen"
@@ -76,6 +77,16 @@ def test_the_report_lists_every_variant_as_measured(
         for v in TRAINING_VARIANTS
     }
     assert len(seen) == 1
+
+    # a second run reuses the downloaded evaluation set and trains nothing again: the data and settings are the same
+    versions = {v: json.loads((data / layout.current_model_key(f"clip_checkpoint/{v}")).read_text()) for v in seen_by}
+    evaluation_ledger = next((data / layout.EVALUATION_DIR).glob("*/rows.parquet")).stat().st_mtime_ns
+    assert run_lineage(resources, DagsterInstance.ephemeral(), compress=True).success
+    assert next((data / layout.EVALUATION_DIR).glob("*/rows.parquet")).stat().st_mtime_ns == evaluation_ledger
+    assert all(
+        json.loads((data / layout.current_model_key(f"clip_checkpoint/{v}")).read_text()) == versions[v]
+        for v in seen_by
+    )
 
     # a tiny CLIP and a tiny BLIP trained a few dozen steps on the real subset tars: their losses fall
     tars = sorted((data / layout.SUBSETS_DIR / "reward_topk").glob("*/*.tar"))

@@ -24,10 +24,10 @@ from ca_platform.preference_data import (
     _competition_ranking,
     _full_claim,
     pool_scene_keys,
-    scene_key,
     read_preferences,
     resolve_images,
     sample_shapes_preferences,
+    scene_key,
     write_preferences,
     write_shapes_preferences,
 )
