@@ -14,6 +14,7 @@ from dagster import (
     sensor,
 )
 
+from ca_platform.assets.automation import REGISTERED_REWARD_CHECKPOINT
 from ca_platform.assets.jobs import reward_models_job, shard_spine_job
 from ca_platform.assets.partitions import POOL_SHARDS, pool_shards
 from ca_platform.pool import discover_shards
@@ -40,7 +41,7 @@ def pool_shard_sensor(context: SensorEvaluationContext, storage: PlatformStorage
 # rescores every shard, then the threshold and subsets follow, as one backfill.
 automation_sensor = AutomationConditionSensorDefinition(
     "automation_sensor",
-    target=AssetSelection.all(include_sources=True),
+    target=AssetSelection.all() | AssetSelection.assets(REGISTERED_REWARD_CHECKPOINT),
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description="Rescoring on new model versions, then threshold and subsets; observes registered checkpoints.",
