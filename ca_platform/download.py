@@ -21,6 +21,7 @@ from ca_platform import download_guard, layout, schemas
 from ca_platform.download_guard import GuardPolicy, guarded_urlopen
 from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, STATUS, UID, URL, Status
 from ca_platform.storage import DataStore, fetch_to_local
+from ca_platform.webdataset_io import tar_members
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 
@@ -80,45 +81,10 @@ def classify(img2dataset_status: str | None, error: str | None) -> str:
 
 
 def _tar_member_sizes(tar_path: Path, extension: str) -> dict[str, int]:
-    """Sample key -> size of its `.extension` member, from the tar's headers alone.
-
-    A plain header walk, since `tarfile.getmembers` costs a tenth of the download itself on a full shard.
-    webdataset writes a pax header before each member; its `path`/`size` records override the next
-    member's header fields.
-    """
-    sizes = {}
+    """Sample key -> size of its `.extension` member, from the tar's headers alone (a full shard's
+    `tarfile.getmembers` would cost a tenth of the download itself)."""
     suffix = f".{extension}"
-    overrides: dict[str, str] = {}
-    with open(tar_path, "rb") as tar:
-        while True:
-            header = tar.read(512)
-            if len(header) < 512 or header == b"\0" * 512:
-                return sizes
-            kind = header[156:157]
-            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-            padded = (size + 511) // 512 * 512
-            if kind == b"x":
-                overrides = _pax_records(tar.read(padded)[:size])
-                continue
-            if kind in (b"g", b"L", b"K"):
-                raise ValueError(f"{tar_path}: unexpected tar header type {kind!r}")
-            name = overrides.get("path") or header[:100].rstrip(b"\0").decode("utf-8")
-            size = int(overrides.get("size", size))
-            overrides = {}
-            if name.endswith(suffix):
-                sizes[name[: -len(suffix)]] = size
-            tar.seek((size + 511) // 512 * 512, 1)
-
-
-def _pax_records(block: bytes) -> dict[str, str]:
-    records = {}
-    while block:
-        length, _, rest = block.partition(b" ")
-        record = rest[: int(length) - len(length) - 2]
-        key, _, value = record.partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8")
-        block = block[int(length) :]
-    return records
+    return {m.name[: -len(suffix)]: m.size for m in tar_members(tar_path) if m.name.endswith(suffix)}
 
 
 def _run_downloader(

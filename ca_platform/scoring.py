@@ -32,7 +32,7 @@ from ca_platform.checkpoints import CheckpointError, read_json, read_weights, wr
 from ca_platform.devices import inference_autocast, pick_device
 from ca_platform.image_preprocessing import CLIP_MEAN, CLIP_STD, ImageTransform, decode_image
 from ca_platform.scorer import PairScorer
-from ca_platform.webdataset_io import TarSample, iter_samples
+from ca_platform.webdataset_io import TarSample, iter_samples, iter_samples_strided
 
 CONFIG_FILE = "config.json"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -88,9 +88,9 @@ class _Unscorable:
 class _PreparedTarPairs(IterableDataset):
     """(uid, prepared) per sample; worker k of n takes the samples whose running index is k mod n.
 
-    Striding by sample rather than by tar keeps workers evenly loaded whatever the tar count: each worker
-    reads every tar's bytes, which is cheap next to decoding the images it keeps. A sample that does not
-    decode ends the worker's stream with an `_Unscorable`.
+    Striding by sample rather than by tar keeps workers evenly loaded whatever the tar count; each worker walks
+    every tar's headers but reads only its own samples' bytes. A sample that does not decode ends the worker's
+    stream with an `_Unscorable`.
     """
 
     def __init__(self, tars: Sequence[Path], prepare: Callable[[Image.Image, str], Prepared]) -> None:
@@ -100,17 +100,13 @@ class _PreparedTarPairs(IterableDataset):
     def __iter__(self) -> Iterator[tuple[str, Prepared] | _Unscorable]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        index = 0
-        for tar in self.tars:
-            for sample in iter_samples([tar]):
-                if index % workers == worker:
-                    try:
-                        uid, image, caption = _decode_sample(tar, sample)
-                    except SampleError as error:
-                        yield _Unscorable(str(error))
-                        return
-                    yield uid, self.prepare(image, caption)
-                index += 1
+        for tar, sample in iter_samples_strided(self.tars, worker, workers):
+            try:
+                uid, image, caption = _decode_sample(tar, sample)
+            except SampleError as error:
+                yield _Unscorable(str(error))
+                return
+            yield uid, self.prepare(image, caption)
 
 
 def _one_thread_per_worker(worker_id: int) -> None:

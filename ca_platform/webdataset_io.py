@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,3 +49,99 @@ def iter_samples(tars: Iterable[Path | str]) -> Iterator[TarSample]:
         meta = json.loads(raw["json"]) if "json" in raw else {}
         caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
         yield TarSample(raw["__key__"], raw[image_format], image_format, caption, meta)
+
+
+@dataclass(frozen=True)
+class TarMember:
+    name: str
+    offset: int  # of the member's data in the file
+    size: int
+
+
+# webdataset's split of a member name into sample key and extension: up to the first dot of the base name.
+_KEY_AND_EXTENSION = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def tar_members(tar_path: Path) -> Iterator[TarMember]:
+    """The regular file members of an uncompressed tar from its headers alone, seeking over the data.
+
+    A plain header walk (pax `path`/`size` records honoured, as webdataset's writer emits them) costs a tenth
+    of what `tarfile` or webdataset spend per member, and reads none of the data it skips.
+    """
+    overrides: dict[str, str] = {}
+    with open(tar_path, "rb") as tar:
+        while True:
+            header = tar.read(512)
+            if len(header) < 512 or header == b"\0" * 512:
+                return
+            kind = header[156:157]
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+            padded = (size + 511) // 512 * 512
+            if kind == b"x":
+                overrides = _pax_records(tar.read(padded)[:size])
+                continue
+            if kind in (b"g", b"L", b"K"):
+                raise ValueError(f"{tar_path}: unexpected tar header type {kind!r}")
+            name = overrides.get("path") or header[:100].rstrip(b"\0").decode("utf-8")
+            size = int(overrides.get("size", size))
+            overrides = {}
+            if kind in (b"0", b"\0"):
+                yield TarMember(name, tar.tell(), size)
+            tar.seek((size + 511) // 512 * 512, 1)
+
+
+def _pax_records(block: bytes) -> dict[str, str]:
+    records = {}
+    while block:
+        length, _, rest = block.partition(b" ")
+        record = rest[: int(length) - len(length) - 2]
+        key, _, value = record.partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8")
+        block = block[int(length) :]
+    return records
+
+
+def iter_samples_strided(tars: Iterable[Path | str], part: int, parts: int) -> Iterator[tuple[Path, TarSample]]:
+    """(tar, sample) of the samples whose running index over all the tars is `part` mod `parts`.
+
+    For DataLoader workers: each walks the headers and reads only its own samples' bytes, where going through
+    `iter_samples` every worker would read and parse every sample to drop (parts - 1) / parts of them. Same
+    samples, keys and members as `iter_samples` (consecutive members sharing a key form a sample).
+    """
+    index = 0
+    for tar in tars:
+        path = Path(tar)
+        with open(path, "rb") as data:
+            for key, members in _samples_of(path):
+                if index % parts == part:
+                    yield path, _sample_from(path, key, members, data)
+                index += 1
+
+
+def _samples_of(tar_path: Path) -> Iterator[tuple[str, dict[str, TarMember]]]:
+    key, members = None, {}
+    for member in tar_members(tar_path):
+        match = _KEY_AND_EXTENSION.match(member.name)
+        if match is None:
+            continue
+        if match[1] != key and members:
+            yield key, members
+            members = {}
+        key = match[1]
+        members[match[2].lower()] = member  # webdataset lower-cases extensions too
+    if members:
+        yield key, members
+
+
+def _sample_from(tar_path: Path, key: str, members: dict[str, TarMember], data: Any) -> TarSample:
+    def read(extension: str) -> bytes:
+        member = members[extension]
+        data.seek(member.offset)
+        return data.read(member.size)
+
+    image_format = next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+    if image_format is None:
+        raise ValueError(f"{tar_path}: sample {key!r} has no image member")
+    meta = json.loads(read("json")) if "json" in members else {}
+    caption = read("txt").decode("utf-8") if "txt" in members else ""
+    return TarSample(key, read(image_format), image_format, caption, meta)
