@@ -40,14 +40,16 @@ class TrainingSet:
     keys: list[str]  # the webdataset tars of the variant, under the data root
     fingerprint: str  # of the pairs themselves (shard, uid, image sha256, caption): the same after a re-pack
     pairs: int
+    pool_pairs: int  # downloaded pairs of the whole pool, what the samples-seen budget is counted in
 
 
 def training_set(data: DataStore, variant: str, scratch: Path) -> TrainingSet:
     """The tars of a variant: every downloaded shard's tars for `full`, its compressed subsets otherwise."""
-    keys, pairs = [], []
+    keys, pairs, pool_pairs = [], [], 0
     for shard in downloaded_shards(data):
         ledger = pl.read_parquet(fetch_to_local(data, layout.download_rows_key(shard), scratch / "ledgers"))
         members = ledger.filter(pl.col(schemas.STATUS) == schemas.Status.SUCCESS)
+        pool_pairs += members.height
         if variant == schemas.FULL:
             keys += [layout.download_tar_key(shard, name) for name in sorted(members["tar"].unique())]
         else:
@@ -64,11 +66,7 @@ def training_set(data: DataStore, variant: str, scratch: Path) -> TrainingSet:
     if not keys:
         raise Failure(f"no training data for {variant}: no shard has been downloaded")
     table = pl.concat(pairs).sort(schemas.SHARD, schemas.UID)
-    return TrainingSet(keys, hashlib.sha256(table.write_csv().encode()).hexdigest(), table.height)
-
-
-def full_pool_pairs(data: DataStore, scratch: Path) -> int:
-    return training_set(data, schemas.FULL, scratch).pairs
+    return TrainingSet(keys, hashlib.sha256(table.write_csv().encode()).hexdigest(), table.height, pool_pairs)
 
 
 def budget_for(config: ModelTrainingConfig, full_pairs: int) -> TrainingBudget:
@@ -108,7 +106,7 @@ def checkpoint_asset(
         kind = layout.trained_model_kind(name, variant)
         with storage.staging_dir(f"{name}-{variant}") as staging:
             dataset = training_set(data, variant, staging)
-            budget = budget_for(model_training, full_pool_pairs(data, staging))
+            budget = budget_for(model_training, dataset.pool_pairs)
             settings = model_training.model_dump(exclude={"device"})
             recipe = hashlib.sha256(
                 json.dumps([name, dataset.fingerprint, settings, repr(budget)], sort_keys=True).encode()

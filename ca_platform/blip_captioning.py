@@ -25,17 +25,14 @@ from ca_platform.image_preprocessing import ImageTransform
 from ca_platform.scoring import (
     TINY_MAX_TOKENS,
     PairPreprocessor,
-    Prepared,
     local_model_dir,
     pretrained_preprocessor,
-    to_device,
 )
 from ca_platform.subset_training import (
     TrainingBudget,
-    describe_source,
     load_trained_model,
     save_trained_model,
-    train_on_tars,
+    train_built_model,
 )
 from ca_platform.tokenization import bert_tokenizer
 
@@ -99,27 +96,20 @@ def train_blip_captioner_on_tars(
     device: str | None = None,
 ) -> TrainedCaptioner:
     """A BLIP captioner trained with its language-modelling loss on the pairs of the tars, until the budget is spent."""
-    torch.manual_seed(seed)
-    model, preprocessor = build_blip_captioner(source, image_size)
-    target = pick_device(device)
-
-    def loss(samples: list[Prepared]) -> torch.Tensor:
-        return captioning_loss(model, to_device(preprocessor.collate(samples), target))
-
-    metrics = train_on_tars(
-        model,
-        preprocessor,
+    model, preprocessor, metrics = train_built_model(
+        build_blip_captioner,
+        captioning_loss,
+        TRAINED_CAPTIONER,
         tars,
-        loss,
         budget,
+        source=source,
+        image_size=image_size,
         batch_size=batch_size,
         learning_rate=learning_rate,
         seed=seed,
-        device=target,
+        device=device,
     )
-    return TrainedCaptioner(
-        model, preprocessor, {"model": TRAINED_CAPTIONER, "source": describe_source(source), **metrics}
-    )
+    return TrainedCaptioner(model, preprocessor, metrics)
 
 
 def save_trained_captioner(trained: TrainedCaptioner, root: Path) -> tuple[str, Path]:

@@ -16,13 +16,12 @@ from transformers import CLIPConfig, CLIPModel
 
 from ca_platform.clip_score import TrainedClip, build_clip
 from ca_platform.devices import inference_autocast, pick_device
-from ca_platform.scoring import PairPreprocessor, Prepared, to_device
+from ca_platform.scoring import PairPreprocessor
 from ca_platform.subset_training import (
     TrainingBudget,
-    describe_source,
     load_trained_model,
     save_trained_model,
-    train_on_tars,
+    train_built_model,
 )
 
 TRAINED_CLIP = "trained_clip"
@@ -39,25 +38,24 @@ def train_clip_on_tars(
     device: str | None = None,
 ) -> TrainedClip:
     """A CLIP trained on the pairs of the tars until the budget is spent: CLIPModel's own contrastive loss."""
-    torch.manual_seed(seed)
-    model, preprocessor = build_clip(source, image_size)
-    target = pick_device(device)
-
-    def contrastive_loss(samples: list[Prepared]) -> torch.Tensor:
-        return model(**to_device(preprocessor.collate(samples), target), return_loss=True).loss
-
-    metrics = train_on_tars(
-        model,
-        preprocessor,
+    model, preprocessor, metrics = train_built_model(
+        build_clip,
+        _contrastive_loss,
+        TRAINED_CLIP,
         tars,
-        contrastive_loss,
         budget,
+        source=source,
+        image_size=image_size,
         batch_size=batch_size,
         learning_rate=learning_rate,
         seed=seed,
-        device=target,
+        device=device,
     )
-    return TrainedClip(model, preprocessor, {"model": TRAINED_CLIP, "source": describe_source(source), **metrics})
+    return TrainedClip(model, preprocessor, metrics)
+
+
+def _contrastive_loss(model: CLIPModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch, return_loss=True).loss
 
 
 def save_trained_clip(trained: TrainedClip, root: Path) -> tuple[str, Path]:

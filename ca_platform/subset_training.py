@@ -23,6 +23,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from ca_platform.checkpoints import CheckpointError, content_version, read_json, read_weights, write_checkpoint
+from ca_platform.devices import pick_device
 from ca_platform.image_preprocessing import ImageTransform, decode_image
 from ca_platform.scoring import (
     CONFIG_FILE,
@@ -30,6 +31,7 @@ from ca_platform.scoring import (
     PairPreprocessor,
     Prepared,
     SampleError,
+    to_device,
     tokenizer_files,
     training_step,
 )
@@ -207,6 +209,44 @@ def train_on_tars(
         "seconds": seconds,
         "samples_per_second": seen / max(seconds, 1e-9),
     }
+
+
+def train_built_model(
+    build: Callable[[str, int], tuple[PreTrainedModel, PairPreprocessor]],
+    batch_loss: Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor],
+    kind: str,
+    tars: Sequence[Path | str],
+    budget: TrainingBudget,
+    *,
+    source: str,
+    image_size: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    device: str | None,
+) -> tuple[PreTrainedModel, PairPreprocessor, dict[str, Any]]:
+    """A model built by `build(source, image_size)` (seeded first, so its initial weights repeat) and trained
+    with `batch_loss(model, batch on the device)` on the tars until the budget is spent; metrics name `kind`
+    and the source."""
+    torch.manual_seed(seed)
+    model, preprocessor = build(source, image_size)
+    target = pick_device(device)
+
+    def loss(samples: list[Prepared]) -> torch.Tensor:
+        return batch_loss(model, to_device(preprocessor.collate(samples), target))
+
+    metrics = train_on_tars(
+        model,
+        preprocessor,
+        tars,
+        loss,
+        budget,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+        device=target,
+    )
+    return model, preprocessor, {"model": kind, "source": describe_source(source), **metrics}
 
 
 def _aliases(state_dict: Mapping[str, torch.Tensor]) -> set[str]:
