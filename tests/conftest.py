@@ -125,3 +125,14 @@ def web_pool(tmp_path: Path, routes_server: RoutesServer) -> Callable[..., Path]
         return write_pool(tmp_path / "pool", shards)
 
     return build
+
+
+def write_evaluation_file(server: RoutesServer, path: Path, images: int, seed: int) -> tuple[Path, list[str]]:
+    """An evaluation parquet (url, caption) of `images` PNGs served by `server`, one caption each; returns the
+    file and the image URLs (to add further references)."""
+    urls = [
+        server.add(f"/eval/{seed}-{i}.png", png_bytes(30, 30, seed=seed + i), Content_Type="image/png")
+        for i in range(images)
+    ]
+    pl.DataFrame({"url": urls, "caption": [f"picture {i}" for i in range(images)]}).write_parquet(path)
+    return path, urls

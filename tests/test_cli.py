@@ -175,13 +175,9 @@ def test_run_with_eval_runs_the_whole_lineage_and_writes_the_report(
     web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
 ) -> None:
     from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
-    from tests.conftest import png_bytes
+    from tests.conftest import write_evaluation_file
 
-    evaluation = tmp_path / "eval.parquet"
-    urls = [
-        routes_server.add(f"/eval/{i}.png", png_bytes(30, 30, seed=900 + i), Content_Type="image/png") for i in range(4)
-    ]
-    pl.DataFrame({"url": urls, "caption": [f"picture {i}" for i in range(4)]}).write_parquet(evaluation)
+    evaluation, _ = write_evaluation_file(routes_server, tmp_path / "eval.parquet", images=4, seed=900)
     preferences = write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=200))
     data = tmp_path / "data"
     done = subprocess.run(

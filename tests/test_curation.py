@@ -19,7 +19,7 @@ from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardMod
 from ca_platform.runner import build_resources, report, run_lineage
 from ca_platform.schemas import TRAINING_VARIANTS
 from ca_platform.subset_training import TrainingBudget
-from tests.conftest import RoutesServer, png_bytes
+from tests.conftest import RoutesServer, write_evaluation_file
 
 CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"}
 
@@ -29,13 +29,9 @@ def test_the_report_lists_every_variant_as_measured(
     web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
 ) -> None:
     pool = web_pool(rows_per_shard=12)
-    evaluation = tmp_path / "eval.parquet"
-    urls = [
-        routes_server.add(f"/eval/{i}.png", png_bytes(30, 30, seed=500 + i), Content_Type="image/png") for i in range(6)
-    ]
-    pl.DataFrame(
-        {"url": urls + urls[:2], "caption": [f"picture number {i}" for i in range(6)] + ["a first", "a second"]}
-    ).write_parquet(evaluation)
+    evaluation, urls = write_evaluation_file(routes_server, tmp_path / "eval.parquet", images=6, seed=500)
+    second_references = pl.DataFrame({"url": urls[:2], "caption": ["a first", "a second"]})
+    pl.concat([pl.read_parquet(evaluation), second_references]).write_parquet(evaluation)
     data = tmp_path / "data"
     resources = build_resources(
         str(pool),

@@ -16,7 +16,7 @@ from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_pre
 from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardModelConfig, ScoringConfig
 from ca_platform.runner import build_resources, run_lineage
 from ca_platform.schemas import SUBSET_VARIANTS
-from tests.conftest import RoutesServer, png_bytes
+from tests.conftest import RoutesServer, write_evaluation_file
 
 
 def _free_port() -> int:
@@ -98,11 +98,7 @@ def test_subsets_models_and_report_on_s3(
 ) -> None:
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket="platform")
-    evaluation = tmp_path / "eval.parquet"
-    urls = [
-        routes_server.add(f"/eval/{i}.png", png_bytes(30, 30, seed=700 + i), Content_Type="image/png") for i in range(4)
-    ]
-    pl.DataFrame({"url": urls, "caption": [f"picture {i}" for i in range(4)]}).write_parquet(evaluation)
+    evaluation, _ = write_evaluation_file(routes_server, tmp_path / "eval.parquet", images=4, seed=700)
     resources = build_resources(
         str(web_pool(rows_per_shard=8)),
         "s3://platform/ca",
