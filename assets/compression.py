@@ -138,10 +138,11 @@ def compressed_subset(context: AssetExecutionContext, storage: PlatformStorage) 
                     if t.variant in VARIANT_SCORERS
                 ],
             )
+        downloaded = ledger.filter(pl.col(schemas.STATUS) == schemas.Status.SUCCESS).height
         manifests, memberships, published = [], {}, []
         for threshold in thresholds:
             membership = shard_membership(root, threshold, shard)
-            if membership.height != ledger.filter(pl.col(schemas.STATUS) == schemas.Status.SUCCESS).height:
+            if membership.height != downloaded:
                 raise Failure(
                     f"shard {shard}: {threshold.variant} ranks {membership.height} pairs but the shard "
                     "downloaded a different number; rescore it"
