@@ -7,24 +7,24 @@ import polars as pl
 from dagster import AssetExecutionContext, Failure, MaterializeResult, MetadataValue, asset
 
 from ca_platform import analytics, layout, schemas
+from ca_platform.analytics.plots import histogram_png, markdown_image, markdown_table
 from ca_platform.assets.automation import ON_SCORES_UPDATE, ON_THRESHOLD_UPDATE
 from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.scores import clip_scores, reward_scores
-from ca_platform.compression import (
+from ca_platform.compression.subsets import write_shard_subset
+from ca_platform.compression.threshold import (
     VARIANT_SCORERS,
     ScoreThreshold,
     random_version,
     score_histogram,
     shard_membership,
 )
-from ca_platform.compression import score_threshold as compute_threshold
-from ca_platform.download import downloaded_shards, fetch_downloaded_tars
-from ca_platform.model_registry import NoModelError, current_model
+from ca_platform.compression.threshold import score_threshold as compute_threshold
+from ca_platform.ingest.download import downloaded_shards, fetch_downloaded_tars
 from ca_platform.resources import CompressionConfig, PlatformStorage
-from ca_platform.score_plots import histogram_png, markdown_image, markdown_table
+from ca_platform.scoring.registry import NoModelError, current_model
 from ca_platform.storage import fetch_to_local, is_s3_uri, publish_folder, read_json, write_json
-from ca_platform.subsets import write_shard_subset
 
 THRESHOLD_REPORT = f"{layout.REPORTS_DIR}/score_threshold.json"
 THRESHOLD_PLOT = f"{layout.REPORTS_DIR}/score_threshold.png"

@@ -7,8 +7,8 @@ from ca_platform import layout
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.pool import raw_pool_shard
 from ca_platform.assets.quality_checks import blocking_check_specs, check_results
-from ca_platform.download import download_shard, failure_counts
-from ca_platform.quality import DOWNLOAD_CHECKS, check_download
+from ca_platform.ingest.download import download_shard, failure_counts
+from ca_platform.ingest.quality import DOWNLOAD_CHECKS, check_download
 from ca_platform.resources import DownloadConfig, PlatformStorage, QualityConfig
 from ca_platform.schemas import STATUS, UID, Status
 from ca_platform.storage import fetch_to_local, publish

@@ -9,12 +9,12 @@ from dagster import MaterializeResult, MetadataValue, asset
 from ca_platform import layout
 from ca_platform.assets.baselines import blip_score_model, clip_score_model
 from ca_platform.assets.reward import preference_data, reward_model
-from ca_platform.image_preprocessing import decode_image
-from ca_platform.model_registry import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL, current_model, load_scorer
-from ca_platform.preference_sets import load_preference_split
-from ca_platform.preferences import pairwise_accuracy
+from ca_platform.models.images import decode_image
+from ca_platform.preferences.pairs import pairwise_accuracy
+from ca_platform.preferences.staging import load_preference_split
 from ca_platform.resources import PlatformStorage, PreferencesConfig, ScoringConfig
-from ca_platform.scoring import score_pairs
+from ca_platform.scoring.registry import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL, current_model, load_scorer
+from ca_platform.scoring.streaming import score_pairs
 from ca_platform.storage import fetch_folder, read_json
 
 PREFERENCE_ACCURACY_REPORT = f"{layout.REPORTS_DIR}/preference_accuracy.json"

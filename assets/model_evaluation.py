@@ -7,24 +7,24 @@ import polars as pl
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
+from ca_platform.analytics.plots import markdown_table
 from ca_platform.assets.partitions import training_variants
 from ca_platform.assets.training import BLIP_CHECKPOINT, CLIP_CHECKPOINT, blip_checkpoint, clip_checkpoint
-from ca_platform.blip_captioning import generate_captions, load_trained_captioner
-from ca_platform.caption_metrics import bleu4, cider_d
-from ca_platform.clip_training import embed_pairs, load_trained_clip
-from ca_platform.evaluation_set import (
+from ca_platform.evaluation.captions import bleu4, cider_d
+from ca_platform.evaluation.evaluation_set import (
     LEDGER_FILE,
     EvaluationSet,
     download_evaluation_set,
     evaluation_version,
     load_evaluation_set,
 )
-from ca_platform.model_registry import current_model
+from ca_platform.evaluation.retrieval import cosine_similarity_matrix, retrieval_recall
 from ca_platform.resources import DownloadConfig, EvaluationConfig, PlatformStorage
-from ca_platform.retrieval_metrics import cosine_similarity_matrix, retrieval_recall
 from ca_platform.schemas import STATUS, Status
-from ca_platform.score_plots import markdown_table
+from ca_platform.scoring.registry import current_model
 from ca_platform.storage import DataStore, fetch_folder, fetch_to_local, publish_folder, read_json, write_json
+from ca_platform.training.captioner import generate_captions, load_trained_captioner
+from ca_platform.training.clip import embed_pairs, load_trained_clip
 
 RETRIEVAL = "retrieval"
 CAPTIONING = "captioning"

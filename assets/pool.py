@@ -6,8 +6,8 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 from ca_platform import layout
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import blocking_check_specs, check_results
-from ca_platform.pool import find_shard, read_shard
-from ca_platform.quality import RAW_SHARD_CHECKS, check_raw_shard
+from ca_platform.ingest.pool import find_shard, read_shard
+from ca_platform.ingest.quality import RAW_SHARD_CHECKS, check_raw_shard
 from ca_platform.resources import PlatformStorage, QualityConfig
 
 

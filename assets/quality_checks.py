@@ -1,4 +1,4 @@
-"""Turning `ca_platform.quality` outcomes into Dagster asset checks that live on the asset itself.
+"""Turning `ca_platform.ingest.quality` outcomes into Dagster asset checks that live on the asset itself.
 
 Blocking checks on the asset (not standalone check definitions, which would load every partition): a
 failed one stops the downstream assets of that shard in the same run.
@@ -12,7 +12,7 @@ from typing import Any
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
 
-from ca_platform.quality import CheckOutcome, CheckSpec
+from ca_platform.ingest.quality import CheckOutcome, CheckSpec
 
 
 def blocking_check_specs(asset: str, specs: Sequence[CheckSpec]) -> list[AssetCheckSpec]:

@@ -3,13 +3,13 @@
 from dagster import Failure, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
+from ca_platform.analytics.plots import markdown_image
 from ca_platform.assets.compression import THRESHOLD_REPORT, score_threshold
 from ca_platform.assets.evaluation import PREFERENCE_ACCURACY_REPORT, preference_accuracy
 from ca_platform.assets.model_evaluation import CAPTIONING, RETRIEVAL, captioning_eval, retrieval_eval
-from ca_platform.curation_report import CurationRow, curation_markdown, curation_plot
+from ca_platform.evaluation.report import CurationRow, curation_markdown, curation_plot
 from ca_platform.resources import PlatformStorage
 from ca_platform.schemas import CLIPSCORE_TOPK, FULL, REWARD_TOPK, TRAINING_VARIANTS
-from ca_platform.score_plots import markdown_image
 from ca_platform.storage import read_json, write_json
 
 CURATION_REPORT = f"{layout.REPORTS_DIR}/curation_report"

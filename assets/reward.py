@@ -24,20 +24,20 @@ from ca_platform.assets.automation import (
     REGISTERED_REWARD_CHECKPOINT,
 )
 from ca_platform.assets.baselines import blip_score_model
-from ca_platform.blip_itm import BlipItmScorer
-from ca_platform.model_registry import (
+from ca_platform.preferences.pairs import preference_pairs
+from ca_platform.preferences.staging import load_preference_split, stage_preferences
+from ca_platform.resources import DownloadConfig, PlatformStorage, PreferencesConfig, RewardModelConfig
+from ca_platform.scoring.blip_itm import BlipItmScorer
+from ca_platform.scoring.registry import (
     BLIP_SCORE,
     REWARD_MODEL,
     current_model,
     load_scorer,
 )
-from ca_platform.model_registry import (
+from ca_platform.scoring.registry import (
     registered_reward_checkpoint as read_registered_checkpoint,
 )
-from ca_platform.preference_sets import load_preference_split, stage_preferences
-from ca_platform.preferences import preference_pairs
-from ca_platform.resources import DownloadConfig, PlatformStorage, PreferencesConfig, RewardModelConfig
-from ca_platform.reward_model import RewardModelSpec, TrainConfig, save_reward_model, train_reward_model
+from ca_platform.scoring.reward.model import RewardModelSpec, TrainConfig, save_reward_model, train_reward_model
 from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
 
 

@@ -21,13 +21,13 @@ from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import blocking_check_specs, check_results
 from ca_platform.assets.reward import reward_model
-from ca_platform.download import fetch_downloaded_tars
-from ca_platform.model_registry import CLIP_SCORE, REWARD_MODEL, NoModelError, current_model, load_scorer
-from ca_platform.quality import SCORE_CHECKS, CheckOutcome, check_scores
+from ca_platform.ingest.download import fetch_downloaded_tars
+from ca_platform.ingest.quality import SCORE_CHECKS, CheckOutcome, check_scores
 from ca_platform.resources import PlatformStorage, ScoringConfig
-from ca_platform.reward_model import RewardScorer
-from ca_platform.scorer import PairScorer
-from ca_platform.scoring import score_tars
+from ca_platform.scoring.registry import CLIP_SCORE, REWARD_MODEL, NoModelError, current_model, load_scorer
+from ca_platform.scoring.reward.model import RewardScorer
+from ca_platform.scoring.scorer import PairScorer
+from ca_platform.scoring.streaming import score_tars
 from ca_platform.storage import fetch_to_local
 
 SHARDS_PER_SCORING_RUN = 16

@@ -24,12 +24,12 @@ from ca_platform import layout, schemas
 from ca_platform.assets.compression import compressed_subset
 from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.assets.partitions import training_variants
-from ca_platform.blip_captioning import save_trained_captioner, train_blip_captioner_on_tars
-from ca_platform.clip_training import save_trained_clip, train_clip_on_tars
-from ca_platform.download import downloaded_shards
+from ca_platform.ingest.download import downloaded_shards
 from ca_platform.resources import ModelTrainingConfig, PlatformStorage
 from ca_platform.storage import DataStore, fetch_to_local, publish_folder, read_json, write_json
-from ca_platform.subset_training import TrainingBudget
+from ca_platform.training.captioner import save_trained_captioner, train_blip_captioner_on_tars
+from ca_platform.training.clip import save_trained_clip, train_clip_on_tars
+from ca_platform.training.tars import TrainingBudget
 
 CLIP_CHECKPOINT = "clip_checkpoint"
 BLIP_CHECKPOINT = "blip_checkpoint"

@@ -42,8 +42,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ca_platform import analytics, compression, layout, schemas, score_queries
-from ca_platform.compression import ScoreHistogram, ScoreThreshold
+from ca_platform import analytics, layout, schemas
+from ca_platform.analytics import queries as score_queries
+from ca_platform.compression import threshold as compression
+from ca_platform.compression.threshold import ScoreHistogram, ScoreThreshold
 from ca_platform.schemas import RANDOM_TOPK, REWARD_TOPK, Status
 
 SCORER = "reward_model"

@@ -26,9 +26,9 @@ from dagster import AssetKey, DagsterInstance, materialize  # noqa: E402
 
 from ca_platform.assets import SPINE_ASSETS  # noqa: E402
 from ca_platform.assets.partitions import POOL_SHARDS  # noqa: E402
-from ca_platform.image_server import ImageServer  # noqa: E402
+from ca_platform.demo.image_server import ImageServer  # noqa: E402
+from ca_platform.demo.shapes_pool import ShapesWorldConfig, generate_pool
 from ca_platform.runner import build_resources  # noqa: E402
-from ca_platform.shapes_world import ShapesWorldConfig, generate_pool  # noqa: E402
 
 PORT_FILE = "port"
 

@@ -4,7 +4,7 @@ All in one run, on webdataset tars of shapes-world images laid out as the platfo
 `txt`, `json` with the uid), with one reward model loaded once:
 - F: the scorer's `score_batch` on batches prepared and collated in memory beforehand (pairs/s);
 - D: decoding and preparation alone, through the same DataLoader workers as scoring, no model (pairs/s);
-- E: `ca_platform.scoring.score_tars` end to end (pairs/s), with its peak memory.
+- E: `ca_platform.scoring.streaming.score_tars` end to end (pairs/s), with its peak memory.
 On a GPU decode (CPU) and model (GPU) overlap, so the ideal is min(F, D); on a CPU they share the cores, so it
 is 1 / (1/F + 1/D). Goal: E / ideal >= 0.85. The model's FLOP/s is also given as a fraction of a large
 matmul at the model's dtype (float32 on the CPU, bf16 on CUDA) timed in the same run. Each figure is the
@@ -33,9 +33,11 @@ import webdataset as wds
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BlipConfig
 
-from ca_platform.devices import pick_device
-from ca_platform.image_preprocessing import decode_image
-from ca_platform.reward_model import (
+from ca_platform.demo.shapes_world import describe, render_scene, sample_scene
+from ca_platform.models.devices import pick_device
+from ca_platform.models.images import decode_image
+from ca_platform.models.tokenization import bert_tokenizer
+from ca_platform.scoring.reward.model import (
     RewardModelSpec,
     RewardScorer,
     TrainedRewardModel,
@@ -43,9 +45,7 @@ from ca_platform.reward_model import (
     load_reward_model,
     save_reward_model,
 )
-from ca_platform.scoring import prepared_batches, score_tars
-from ca_platform.shapes_world import describe, render_scene, sample_scene
-from ca_platform.tokenization import bert_tokenizer
+from ca_platform.scoring.streaming import prepared_batches, score_tars
 
 HELD_PIXEL_BYTES = 2 * 2**30  # F cycles over at most this much prepared pixel data, whatever --rows is
 TINY_IMAGE_SIZE = 64

@@ -39,7 +39,7 @@ def _cmd_shards(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from ca_platform import runner
-    from ca_platform.pool import discover_shards
+    from ca_platform.ingest.pool import discover_shards
     from ca_platform.resources import s3_resource
     from ca_platform.storage import open_store
 
@@ -64,7 +64,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         analytics.mirror(storage.data_store(), storage.analytics_root())
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
     if args.list or args.query is None:
-        from ca_platform.score_queries import describe_macros
+        from ca_platform.analytics.queries import describe_macros
 
         print("views: downloads, scores, subsets; ready-made queries (SELECT * FROM <macro>(...)):")
         for _, signature, description in describe_macros():
@@ -79,8 +79,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     import tempfile
 
     from ca_platform import runner
-    from ca_platform.model_registry import register_reward_checkpoint, unpin_reward_checkpoint
     from ca_platform.resources import s3_resource
+    from ca_platform.scoring.registry import register_reward_checkpoint, unpin_reward_checkpoint
     from ca_platform.storage import open_store
 
     s3 = s3_resource(args.s3_endpoint_url)
@@ -108,11 +108,11 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
-    from ca_platform.image_server import ImageServer
-    from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.demo.evaluation_set import write_shapes_evaluation_set
+    from ca_platform.demo.image_server import ImageServer
+    from ca_platform.demo.shapes_pool import ShapesWorldConfig, generate_pool
     from ca_platform.resources import ModelTrainingConfig
-    from ca_platform.shapes_evaluation import write_shapes_evaluation_set
-    from ca_platform.shapes_world import ShapesWorldConfig, generate_pool
 
     root = Path(args.dir).resolve()
     world_dir = root / "world"

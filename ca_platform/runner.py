@@ -31,9 +31,8 @@ from ca_platform.assets import (
     VARIANT_MODEL_ASSETS,
 )
 from ca_platform.assets.partitions import POOL_SHARDS
-from ca_platform.curation_report import CurationRow, curation_text
-from ca_platform.model_registry import registered_reward_checkpoint
-from ca_platform.pool import discover_shards
+from ca_platform.evaluation.report import CurationRow, curation_text
+from ca_platform.ingest.pool import discover_shards
 from ca_platform.resources import (
     BaselineConfig,
     CompressionConfig,
@@ -47,6 +46,7 @@ from ca_platform.resources import (
     ScoringConfig,
     s3_resource,
 )
+from ca_platform.scoring.registry import registered_reward_checkpoint
 from ca_platform.storage import DataStore, read_json
 
 POOL_WIDE = "(pool)"  # the target of a run of unpartitioned assets

@@ -16,10 +16,10 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from ca_platform import analytics, layout
-from ca_platform.download import DownloadSettings
-from ca_platform.download_guard import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
-from ca_platform.pool import PoolColumns
-from ca_platform.quality import QualityThresholds
+from ca_platform.ingest.download import DownloadSettings
+from ca_platform.ingest.download_guard import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
+from ca_platform.ingest.pool import PoolColumns
+from ca_platform.ingest.quality import QualityThresholds
 from ca_platform.storage import DataStore, is_s3_uri, open_store
 
 

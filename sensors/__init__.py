@@ -17,7 +17,7 @@ from dagster import (
 from ca_platform.assets.automation import REGISTERED_REWARD_CHECKPOINT
 from ca_platform.assets.jobs import reward_models_job, shard_spine_job
 from ca_platform.assets.partitions import POOL_SHARDS, pool_shards
-from ca_platform.pool import discover_shards
+from ca_platform.ingest.pool import discover_shards
 from ca_platform.resources import PlatformStorage
 
 

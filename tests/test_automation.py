@@ -15,11 +15,11 @@ from dagster import AssetKey, DagsterInstance, Definitions, evaluate_automation_
 
 from ca_platform import analytics, layout
 from ca_platform.assets import ALL_ASSETS
-from ca_platform.model_registry import register_reward_checkpoint
+from ca_platform.models.tokenization import bert_tokenizer
 from ca_platform.resources import BaselineConfig, ScoringConfig
-from ca_platform.reward_model import RewardModelSpec, TrainedRewardModel, build_reward_model, save_reward_model
 from ca_platform.runner import build_resources, run_lineage
-from ca_platform.tokenization import bert_tokenizer
+from ca_platform.scoring.registry import register_reward_checkpoint
+from ca_platform.scoring.reward.model import RewardModelSpec, TrainedRewardModel, build_reward_model, save_reward_model
 
 ASSET_NAMES = [a.key.to_user_string() for a in ALL_ASSETS]  # in dependency order
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ca_platform.blip_itm import (
+from ca_platform.models.checkpoints import CheckpointError
+from ca_platform.scoring.blip_itm import (
     BlipItmScorer,
     TrainedBlipItm,
     build_blip_itm,
@@ -16,9 +17,8 @@ from ca_platform.blip_itm import (
     save_blip_itm,
     train_blip_itm,
 )
-from ca_platform.checkpoints import CheckpointError
-from ca_platform.clip_score import ClipScorer, TrainedClip, build_clip, load_clip, save_clip, train_clip
-from ca_platform.scoring import score_pairs
+from ca_platform.scoring.clip_score import ClipScorer, TrainedClip, build_clip, load_clip, save_clip, train_clip
+from ca_platform.scoring.streaming import score_pairs
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 IMAGES = [Image.new("RGB", (40, 36), rgb) for rgb in COLOURS.values()]

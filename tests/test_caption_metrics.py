@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from ca_platform.caption_metrics import CorpusScore, bleu4, caption_tokens, cider_d
+from ca_platform.evaluation.captions import CorpusScore, bleu4, caption_tokens, cider_d
 
 # CIDEr-D worked example: two images, two references each (raw text, so the tokenizer is exercised too).
 CIDER_REFERENCES = {"A": ["A cat.", "A black cat!"], "B": ["A dog", "a dog runs."]}

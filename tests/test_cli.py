@@ -174,7 +174,7 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
 def test_run_with_eval_runs_the_whole_lineage_and_writes_the_report(
     web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
 ) -> None:
-    from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
     from tests.conftest import write_evaluation_file
 
     evaluation, _ = write_evaluation_file(routes_server, tmp_path / "eval.parquet", images=4, seed=900)

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from ca_platform import layout
-from ca_platform.compression import (
+from ca_platform.compression.threshold import (
     ScoreHistogram,
     ScoreThreshold,
     _cut_near_uniform_rank,

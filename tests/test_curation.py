@@ -12,13 +12,13 @@ import pytest
 from dagster import DagsterInstance
 
 from ca_platform import layout
-from ca_platform.blip_captioning import train_blip_captioner_on_tars
-from ca_platform.clip_training import train_clip_on_tars
-from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
 from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardModelConfig, ScoringConfig
 from ca_platform.runner import build_resources, report, run_lineage
 from ca_platform.schemas import TRAINING_VARIANTS
-from ca_platform.subset_training import TrainingBudget
+from ca_platform.training.captioner import train_blip_captioner_on_tars
+from ca_platform.training.clip import train_clip_on_tars
+from ca_platform.training.tars import TrainingBudget
 from tests.conftest import RoutesServer, write_evaluation_file
 
 CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"}

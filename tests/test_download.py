@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from ca_platform import schemas
-from ca_platform.download import DownloadSettings, download_shard
-from ca_platform.download_guard import GuardError, GuardPolicy, guarded_urlopen
+from ca_platform.ingest.download import DownloadSettings, download_shard
+from ca_platform.ingest.download_guard import GuardError, GuardPolicy, guarded_urlopen
+from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import Status
-from ca_platform.webdataset_io import iter_samples
 from tests.conftest import RoutesServer, bomb_png, png_bytes
 
 LOOPBACK_ALLOWED = GuardPolicy(allow_hosts=frozenset({"127.0.0.1"}), max_bytes=200_000, max_pixels=4_000_000)

@@ -7,16 +7,16 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ca_platform.download import DownloadSettings
-from ca_platform.download_guard import GuardPolicy
-from ca_platform.evaluation_set import (
+from ca_platform.demo.evaluation_set import write_shapes_evaluation_set
+from ca_platform.demo.shapes_pool import ShapesWorldConfig
+from ca_platform.evaluation.evaluation_set import (
     EvaluationSetError,
     download_evaluation_set,
     load_evaluation_set,
     read_evaluation_file,
 )
-from ca_platform.shapes_evaluation import write_shapes_evaluation_set
-from ca_platform.shapes_world import ShapesWorldConfig
+from ca_platform.ingest.download import DownloadSettings
+from ca_platform.ingest.download_guard import GuardPolicy
 from tests.conftest import RoutesServer, png_bytes
 
 SETTINGS = DownloadSettings(thread_count=4, policy=GuardPolicy(allow_hosts=frozenset({"127.0.0.1"})))

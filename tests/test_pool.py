@@ -8,7 +8,14 @@ import polars as pl
 import pytest
 
 from ca_platform import schemas
-from ca_platform.pool import MalformedShardError, PoolColumns, derive_uids, discover_shards, find_shard, read_shard
+from ca_platform.ingest.pool import (
+    MalformedShardError,
+    PoolColumns,
+    derive_uids,
+    discover_shards,
+    find_shard,
+    read_shard,
+)
 from ca_platform.storage import LocalStore
 from tests.conftest import write_pool
 

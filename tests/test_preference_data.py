@@ -14,32 +14,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ca_platform.download_guard import GuardPolicy
-from ca_platform.image_server import ImageServer
-from ca_platform.preference_data import (
-    MAX_LISTED_PROBLEMS,
-    PreferenceFormatError,
+from ca_platform.demo.annotators import (
     ShapesPreferenceConfig,
     _claim_text,
     _competition_ranking,
     _full_claim,
-    pool_scene_keys,
-    read_preferences,
-    resolve_images,
     sample_shapes_preferences,
-    scene_key,
-    write_preferences,
     write_shapes_preferences,
 )
-from ca_platform.preferences import PreferenceItem
-from ca_platform.shapes_world import (
-    ShapesWorldConfig,
-    describe,
-    generate_pool,
-    read_truth,
-    sample_scene,
-    scene_from_json,
+from ca_platform.demo.image_server import ImageServer
+from ca_platform.demo.shapes_pool import ShapesWorldConfig, generate_pool, pool_scene_keys, read_truth, scene_key
+from ca_platform.demo.shapes_world import describe, sample_scene, scene_from_json
+from ca_platform.ingest.download_guard import GuardPolicy
+from ca_platform.preferences.files import (
+    MAX_LISTED_PROBLEMS,
+    PreferenceFormatError,
+    read_preferences,
+    resolve_images,
+    write_preferences,
 )
+from ca_platform.preferences.pairs import PreferenceItem
 from tests.conftest import png_bytes
 
 GOOD = {"image": "a.png", "captions": ["a red circle", "a blue square", "IMG_1.jpg"], "ranking": [1, 3, 2]}

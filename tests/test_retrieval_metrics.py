@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ca_platform.retrieval_metrics import RetrievalRecall, cosine_similarity_matrix, retrieval_recall
+from ca_platform.evaluation.retrieval import RetrievalRecall, cosine_similarity_matrix, retrieval_recall
 
 # 4 images, 6 captions; caption j describes image CAPTION_IMAGE[j].
 CAPTION_IMAGE = [0, 0, 1, 2, 2, 3]

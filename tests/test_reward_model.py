@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 from transformers import BertModel, BlipConfig, BlipForImageTextRetrieval, BlipModel
 
-from ca_platform.checkpoints import CheckpointError, content_version
-from ca_platform.image_preprocessing import ImageTransform
-from ca_platform.preferences import PreferenceItem, PreferencePair
-from ca_platform.reward_model import (
+from ca_platform.models.checkpoints import CheckpointError, content_version
+from ca_platform.models.images import ImageTransform
+from ca_platform.models.tokenization import bert_tokenizer, minilm_folder
+from ca_platform.preferences.pairs import PreferenceItem, PreferencePair
+from ca_platform.scoring.reward.model import (
     RewardCollapseError,
     RewardModelSpec,
     RewardPreprocessor,
@@ -34,7 +35,6 @@ from ca_platform.reward_model import (
     save_reward_model,
     train_reward_model,
 )
-from ca_platform.tokenization import bert_tokenizer, minilm_folder
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 50, 220), "yellow": (230, 220, 40)}
 TRAIN_SHADES = (-25, -15, -5, 5, 15, 25)

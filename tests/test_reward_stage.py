@@ -13,8 +13,8 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from ca_platform import analytics, layout
 from ca_platform.assets import ALL_ASSETS, SHARD_SCORE_ASSETS
-from ca_platform.compression import keep_count
-from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+from ca_platform.compression.threshold import keep_count
+from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
 from ca_platform.resources import BaselineConfig, CompressionConfig, RewardModelConfig, ScoringConfig
 from ca_platform.runner import build_resources, report, run_lineage
 
@@ -135,10 +135,15 @@ def test_bad_preference_file_fails_the_stage_naming_the_row(web_pool: Callable[.
 
 def test_a_checkpoint_trained_elsewhere_is_pinned_until_unpinned(tmp_path: Path, capsys) -> None:
     from ca_platform import cli
-    from ca_platform.model_registry import REWARD_MODEL, current_model
-    from ca_platform.reward_model import RewardModelSpec, TrainedRewardModel, build_reward_model, save_reward_model
+    from ca_platform.models.tokenization import bert_tokenizer
+    from ca_platform.scoring.registry import REWARD_MODEL, current_model
+    from ca_platform.scoring.reward.model import (
+        RewardModelSpec,
+        TrainedRewardModel,
+        build_reward_model,
+        save_reward_model,
+    )
     from ca_platform.storage import LocalStore
-    from ca_platform.tokenization import bert_tokenizer
 
     tokenizer = bert_tokenizer()
     trained = TrainedRewardModel(

@@ -12,7 +12,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from ca_platform import analytics, cli, layout
-from ca_platform.preference_data import ShapesPreferenceConfig, write_shapes_preferences
+from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
 from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardModelConfig, ScoringConfig
 from ca_platform.runner import build_resources, run_lineage
 from ca_platform.schemas import SUBSET_VARIANTS

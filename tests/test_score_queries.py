@@ -13,7 +13,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ca_platform import layout, schemas, score_queries
+from ca_platform import layout, schemas
+from ca_platform.analytics import queries as score_queries
 
 V1 = {"a": {"u1": 1.0, "u2": 2.0, "u3": 3.0, "u4": 4.0}, "b": {"u5": 5.0, "u6": 6.0, "u7": 7.0, "u8": 10.0}}
 V2 = {"a": {"u1": 2.0, "u2": 1.0, "u3": 3.5, "u4": 4.0}, "b": {"u5": 9.0, "u6": 6.0, "u7": 6.0, "u9": 0.5}}

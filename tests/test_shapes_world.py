@@ -18,20 +18,16 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from ca_platform.image_server import ImageServer
-from ca_platform.shapes_world import (
+from ca_platform.demo.image_server import ImageServer
+from ca_platform.demo.shapes_pool import NoiseMix, ShapesWorldConfig, ShapesWorldPool, generate_pool, read_truth
+from ca_platform.demo.shapes_world import (
     NOISE_KINDS,
-    NoiseMix,
     Scene,
     SceneObject,
-    ShapesWorldConfig,
-    ShapesWorldPool,
     describe,
-    generate_pool,
     make_noisy_caption,
     normalise_caption,
     perturb_scene,
-    read_truth,
     render_scene,
     sample_scene,
     scene_from_json,

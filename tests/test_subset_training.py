@@ -15,7 +15,10 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from transformers import BlipConfig, BlipForConditionalGeneration, CLIPConfig, CLIPModel
 
-from ca_platform.blip_captioning import (
+from ca_platform.models.checkpoints import CheckpointError, content_version
+from ca_platform.scoring.clip_score import TrainedClip
+from ca_platform.scoring.streaming import SampleError
+from ca_platform.training.captioner import (
     TRAINED_CAPTIONER,
     TrainedCaptioner,
     captioning_loss,
@@ -24,17 +27,14 @@ from ca_platform.blip_captioning import (
     save_trained_captioner,
     train_blip_captioner_on_tars,
 )
-from ca_platform.checkpoints import CheckpointError, content_version
-from ca_platform.clip_score import TrainedClip
-from ca_platform.clip_training import (
+from ca_platform.training.clip import (
     TRAINED_CLIP,
     embed_pairs,
     load_trained_clip,
     save_trained_clip,
     train_clip_on_tars,
 )
-from ca_platform.scoring import SampleError
-from ca_platform.subset_training import (
+from ca_platform.training.tars import (
     METRICS_FILE,
     TrainingBudget,
     load_trained_model,

@@ -8,7 +8,7 @@ import tarfile
 from io import BytesIO
 from pathlib import Path
 
-from ca_platform.webdataset_io import iter_samples
+from ca_platform.ingest.webdataset_io import iter_samples
 from tests.conftest import png_bytes
 
 
@@ -43,7 +43,7 @@ def test_pickled_members_are_never_loaded(tmp_path: Path) -> None:
 def test_strided_reading_splits_the_samples_of_iter_samples_exactly(tmp_path: Path) -> None:
     import webdataset as wds
 
-    from ca_platform.webdataset_io import iter_samples_strided
+    from ca_platform.ingest.webdataset_io import iter_samples_strided
 
     tars = []
     for t in range(2):

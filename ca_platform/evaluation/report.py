@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ca_platform.score_plots import markdown_table, plt
+from ca_platform.analytics.plots import markdown_table, plt
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ca_platform.checkpoints import CheckpointError, read_json, read_weights, write_checkpoint
-from ca_platform.devices import inference_autocast, pick_device
-from ca_platform.image_preprocessing import CLIP_MEAN, CLIP_STD, ImageTransform, decode_image
-from ca_platform.scorer import PairScorer
-from ca_platform.webdataset_io import TarSample, iter_samples, iter_samples_strided
+from ca_platform.ingest.webdataset_io import TarSample, iter_samples, iter_samples_strided
+from ca_platform.models.checkpoints import CheckpointError, read_json, read_weights, write_checkpoint
+from ca_platform.models.devices import inference_autocast, pick_device
+from ca_platform.models.images import CLIP_MEAN, CLIP_STD, ImageTransform, decode_image
+from ca_platform.scoring.scorer import PairScorer
 
 CONFIG_FILE = "config.json"
 PREPROCESSING_FILE = "preprocessing.json"

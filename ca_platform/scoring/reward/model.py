@@ -35,7 +35,7 @@ from transformers import (
     BlipVisionModel,
 )
 
-from ca_platform.checkpoints import (
+from ca_platform.models.checkpoints import (
     WEIGHTS_FILE,
     CheckpointError,
     content_version,
@@ -44,10 +44,10 @@ from ca_platform.checkpoints import (
     register_folder,
     write_checkpoint,
 )
-from ca_platform.devices import inference_autocast, pick_device
-from ca_platform.image_preprocessing import ImageTransform
-from ca_platform.preferences import PreferenceItem, PreferencePair, TiePolicy, pairwise_accuracy, preference_pairs
-from ca_platform.tokenization import bert_tokenizer, minilm_folder
+from ca_platform.models.devices import inference_autocast, pick_device
+from ca_platform.models.images import ImageTransform
+from ca_platform.models.tokenization import bert_tokenizer, minilm_folder
+from ca_platform.preferences.pairs import PreferenceItem, PreferencePair, TiePolicy, pairwise_accuracy, preference_pairs
 
 CONFIG_FILE = "config.json"
 NORMALIZATION_FILE = "normalization.json"

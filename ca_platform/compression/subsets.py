@@ -16,7 +16,7 @@ import polars as pl
 import webdataset as wds
 
 from ca_platform import layout, schemas
-from ca_platform.webdataset_io import iter_samples
+from ca_platform.ingest.webdataset_io import iter_samples
 
 
 class SubsetError(RuntimeError):

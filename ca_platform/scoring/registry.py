@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ca_platform import layout
-from ca_platform.blip_itm import BlipItmScorer, load_blip_itm
-from ca_platform.clip_score import ClipScorer, load_clip
-from ca_platform.reward_model import RewardScorer, load_reward_model, register_reward_model
-from ca_platform.scorer import PairScorer
+from ca_platform.scoring.blip_itm import BlipItmScorer, load_blip_itm
+from ca_platform.scoring.clip_score import ClipScorer, load_clip
+from ca_platform.scoring.reward.model import RewardScorer, load_reward_model, register_reward_model
+from ca_platform.scoring.scorer import PairScorer
 from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
 
 REWARD_MODEL = "reward_model"

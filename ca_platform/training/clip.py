@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
-from ca_platform.clip_score import TrainedClip, build_clip
-from ca_platform.devices import inference_autocast, pick_device
-from ca_platform.scoring import PairPreprocessor
-from ca_platform.subset_training import (
+from ca_platform.models.devices import inference_autocast, pick_device
+from ca_platform.scoring.clip_score import TrainedClip, build_clip
+from ca_platform.scoring.streaming import PairPreprocessor
+from ca_platform.training.tars import (
     TrainingBudget,
     load_trained_model,
     save_trained_model,

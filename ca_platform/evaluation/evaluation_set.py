@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ca_platform import schemas
-from ca_platform.download import DownloadSettings, download_shard
+from ca_platform.ingest.download import DownloadSettings, download_shard
 from ca_platform.schemas import CAPTION, UID, URL, Status
-from ca_platform.scoring import iter_pairs
+from ca_platform.scoring.streaming import iter_pairs
 
 EVALUATION_SHARD = "evaluation"
 LEDGER_FILE = "rows.parquet"

@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 
 from ca_platform import layout
-from ca_platform.checkpoints import content_version
-from ca_platform.download_guard import GuardPolicy
-from ca_platform.preference_data import read_preferences, resolve_images, write_preferences
-from ca_platform.preferences import PreferenceItem, split_by_image
+from ca_platform.ingest.download_guard import GuardPolicy
+from ca_platform.models.checkpoints import content_version
+from ca_platform.preferences.files import read_preferences, resolve_images, write_preferences
+from ca_platform.preferences.pairs import PreferenceItem, split_by_image
 
 IMAGES_DIR = "images"
 

@@ -17,10 +17,11 @@ from PIL import Image
 from torch.nn.functional import cross_entropy
 from transformers import BlipConfig, BlipForImageTextRetrieval, PreTrainedTokenizerBase
 
-from ca_platform.checkpoints import content_version
-from ca_platform.devices import pick_device
-from ca_platform.image_preprocessing import ImageTransform
-from ca_platform.scoring import (
+from ca_platform.models.checkpoints import content_version
+from ca_platform.models.devices import pick_device
+from ca_platform.models.images import ImageTransform
+from ca_platform.models.tokenization import bert_tokenizer
+from ca_platform.scoring.streaming import (
     TINY_MAX_TOKENS,
     TINY_WIDTH,
     ModelPairScorer,
@@ -35,7 +36,6 @@ from ca_platform.scoring import (
     to_device,
     train_pair_model,
 )
-from ca_platform.tokenization import bert_tokenizer
 
 BLIP_SCORE = "blip_score"
 CONTRASTIVE_TEMPERATURE = 0.07  # BLIP's initial ITC temperature

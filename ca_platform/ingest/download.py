@@ -17,11 +17,12 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from ca_platform import download_guard, layout, schemas
-from ca_platform.download_guard import GuardPolicy, guarded_urlopen
+from ca_platform import layout, schemas
+from ca_platform.ingest import download_guard
+from ca_platform.ingest.download_guard import GuardPolicy, guarded_urlopen
+from ca_platform.ingest.webdataset_io import tar_members
 from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, STATUS, UID, URL, Status
 from ca_platform.storage import DataStore, fetch_to_local
-from ca_platform.webdataset_io import tar_members
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 

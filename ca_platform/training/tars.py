@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from ca_platform.checkpoints import CheckpointError, content_version, read_json, read_weights, write_checkpoint
-from ca_platform.devices import pick_device
-from ca_platform.image_preprocessing import ImageTransform, decode_image
-from ca_platform.scoring import (
+from ca_platform.ingest.webdataset_io import TarSample, iter_samples
+from ca_platform.models.checkpoints import CheckpointError, content_version, read_json, read_weights, write_checkpoint
+from ca_platform.models.devices import pick_device
+from ca_platform.models.images import ImageTransform, decode_image
+from ca_platform.scoring.streaming import (
     CONFIG_FILE,
     PREPROCESSING_FILE,
     PairPreprocessor,
@@ -35,7 +36,6 @@ from ca_platform.scoring import (
     tokenizer_files,
     training_step,
 )
-from ca_platform.webdataset_io import TarSample, iter_samples
 
 METRICS_FILE = "metrics.json"
 # Wall-clock figures differ from run to run; kept out of the checkpoint so that a seed fixes the version.

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ca_platform.preference_data import pool_scene_keys, scene_key
-from ca_platform.shapes_world import ShapesWorldConfig, describe, describe_objects, render_scene, sample_scene
+from ca_platform.demo.shapes_pool import ShapesWorldConfig, pool_scene_keys, scene_key
+from ca_platform.demo.shapes_world import describe, describe_objects, render_scene, sample_scene
 
 # RNG stream of the evaluation scenes, default_rng([seed, EVALUATION_STREAM]); the pool's shards use
 # streams 0..shards-1 and the preferences 7919.

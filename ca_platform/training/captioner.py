@@ -19,22 +19,22 @@ from PIL import Image
 from torch.nn.functional import cross_entropy
 from transformers import BlipConfig, BlipForConditionalGeneration
 
-from ca_platform.blip_itm import tiny_blip_config
-from ca_platform.devices import inference_autocast, pick_device
-from ca_platform.image_preprocessing import ImageTransform
-from ca_platform.scoring import (
+from ca_platform.models.devices import inference_autocast, pick_device
+from ca_platform.models.images import ImageTransform
+from ca_platform.models.tokenization import bert_tokenizer
+from ca_platform.scoring.blip_itm import tiny_blip_config
+from ca_platform.scoring.streaming import (
     TINY_MAX_TOKENS,
     PairPreprocessor,
     local_model_dir,
     pretrained_preprocessor,
 )
-from ca_platform.subset_training import (
+from ca_platform.training.tars import (
     TrainingBudget,
     load_trained_model,
     save_trained_model,
     train_built_model,
 )
-from ca_platform.tokenization import bert_tokenizer
 
 TRAINED_CAPTIONER = "blip_captioner"
 PRETRAINED_MAX_TOKENS = 64  # BLIP's text tower allows 512; web captions that long are noise

@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 
 from ca_platform import layout, schemas
-from ca_platform.score_queries import install_macros, stale_macros
+from ca_platform.analytics.queries import install_macros, stale_macros
 from ca_platform.storage import DataStore
 
 # View name -> the schema of the files it reads, for a typed empty view before any file exists.

@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel
 
-from ca_platform.checkpoints import content_version
-from ca_platform.devices import pick_device
-from ca_platform.image_preprocessing import ImageTransform
-from ca_platform.scoring import (
+from ca_platform.models.checkpoints import content_version
+from ca_platform.models.devices import pick_device
+from ca_platform.models.images import ImageTransform
+from ca_platform.models.tokenization import bert_tokenizer
+from ca_platform.scoring.streaming import (
     TINY_MAX_TOKENS,
     TINY_WIDTH,
     ModelPairScorer,
@@ -34,7 +35,6 @@ from ca_platform.scoring import (
     to_device,
     train_pair_model,
 )
-from ca_platform.tokenization import bert_tokenizer
 
 CLIP_SCORE = "clip_score"
 

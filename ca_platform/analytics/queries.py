@@ -74,7 +74,7 @@ def parse_macros(text: str, source: str = SQL_FILE) -> tuple[Macro, ...]:
     return tuple(macros)
 
 
-MACROS: tuple[Macro, ...] = parse_macros(resources.files("ca_platform").joinpath(SQL_FILE).read_text("utf-8"))
+MACROS: tuple[Macro, ...] = parse_macros(resources.files(__package__).joinpath(SQL_FILE).read_text("utf-8"))
 
 
 def describe_macros() -> list[tuple[str, str, str]]:

@@ -1,0 +1,1 @@
+"""The demo's embedded world: shapes pool, simulated annotators, evaluation set, image server."""

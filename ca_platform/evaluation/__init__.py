@@ -1,0 +1,1 @@
+"""Evaluation: the held-out set, retrieval and captioning metrics, the curation report."""

@@ -1,0 +1,1 @@
+"""The one model layer: devices, tokenizer, image preprocessing, tiny configs, the training loop, checkpoints."""

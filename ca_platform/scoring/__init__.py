@@ -1,0 +1,1 @@
+"""Pair scorers (reward model, CLIP score, BLIP ITM), streaming a shard through them, and the model registry."""

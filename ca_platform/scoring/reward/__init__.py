@@ -1,0 +1,1 @@
+"""The Compress & Align reward model: architecture, training on rankings, scoring."""
