@@ -17,10 +17,9 @@ from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.ingest.download import downloaded_shards, fetch_shard_download
 from ca_platform.models.checkpoints import content_version
 from ca_platform.resources import BaselineConfig, PlatformStorage
-from ca_platform.schemas import STATUS, UID, Status
+from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, STATUS, UID, Status
 from ca_platform.scoring.blip_itm import save_blip_itm, train_blip_itm
 from ca_platform.scoring.clip_score import save_clip, train_clip
-from ca_platform.scoring.registry import BLIP_SCORE, CLIP_SCORE
 from ca_platform.scoring.streaming import iter_pairs
 from ca_platform.storage import DataStore, fetch_to_local, publish_folder, read_json, write_json
 

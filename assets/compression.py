@@ -13,16 +13,11 @@ from ca_platform.assets.downloads import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.scores import clip_scores, reward_scores
 from ca_platform.compression.subsets import write_shard_subset
-from ca_platform.compression.threshold import (
-    VARIANT_SCORERS,
-    ScoreThreshold,
-    random_version,
-    score_histogram,
-    shard_membership,
-)
+from ca_platform.compression.threshold import ScoreThreshold, random_version, score_histogram, shard_membership
 from ca_platform.compression.threshold import score_threshold as compute_threshold
 from ca_platform.ingest.download import downloaded_shards, fetch_downloaded_tars
 from ca_platform.resources import CompressionConfig, PlatformStorage
+from ca_platform.schemas import VARIANT_SCORERS
 from ca_platform.scoring.registry import NoModelError, current_model
 from ca_platform.storage import fetch_to_local, is_s3_uri, publish_folder, read_json, write_json
 

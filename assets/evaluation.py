@@ -13,7 +13,8 @@ from ca_platform.models.images import decode_image
 from ca_platform.preferences.pairs import pairwise_accuracy
 from ca_platform.preferences.staging import load_preference_split
 from ca_platform.resources import PlatformStorage, PreferencesConfig, ScoringConfig
-from ca_platform.scoring.registry import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL, current_model, load_scorer
+from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL
+from ca_platform.scoring.registry import current_model, load_scorer
 from ca_platform.scoring.streaming import score_pairs
 from ca_platform.storage import fetch_folder, read_json
 

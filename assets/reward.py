@@ -27,13 +27,9 @@ from ca_platform.assets.baselines import blip_score_model
 from ca_platform.preferences.pairs import preference_pairs
 from ca_platform.preferences.staging import load_preference_split, stage_preferences
 from ca_platform.resources import DownloadConfig, PlatformStorage, PreferencesConfig, RewardModelConfig
+from ca_platform.schemas import BLIP_SCORE, REWARD_MODEL
 from ca_platform.scoring.blip_itm import BlipItmScorer
-from ca_platform.scoring.registry import (
-    BLIP_SCORE,
-    REWARD_MODEL,
-    current_model,
-    load_scorer,
-)
+from ca_platform.scoring.registry import current_model, load_scorer
 from ca_platform.scoring.registry import (
     registered_reward_checkpoint as read_registered_checkpoint,
 )

@@ -24,7 +24,8 @@ from ca_platform.assets.reward import reward_model
 from ca_platform.ingest.download import fetch_downloaded_tars
 from ca_platform.ingest.quality import SCORE_CHECKS, CheckOutcome, check_scores
 from ca_platform.resources import PlatformStorage, ScoringConfig
-from ca_platform.scoring.registry import CLIP_SCORE, REWARD_MODEL, NoModelError, current_model, load_scorer
+from ca_platform.schemas import CLIP_SCORE, REWARD_MODEL
+from ca_platform.scoring.registry import NoModelError, current_model, load_scorer
 from ca_platform.scoring.reward.model import RewardScorer
 from ca_platform.scoring.scorer import PairScorer
 from ca_platform.scoring.streaming import score_tars

@@ -51,12 +51,18 @@ DOWNLOAD_ROWS: Mapping[str, pl.DataType] = {
 SCORES: Mapping[str, pl.DataType] = {
     UID: pl.String(),
     SHARD: pl.String(),
-    "scorer": pl.String(),  # reward_model, clip_score, blip_score
+    "scorer": pl.String(),  # one of SCORERS
     "model_version": pl.String(),
     "score": pl.Float64(),
     "score_norm": pl.Float64(),  # (score - mean) / std with the model's own normalisation statistics
 }
 
+
+# Scorers: each kind of scoring model, the name of its checkpoints, scores and `scores.scorer` values.
+REWARD_MODEL = "reward_model"  # the Compress & Align reward model, trained on human caption rankings
+CLIP_SCORE = "clip_score"  # CLIP cosine similarity (DataComp's baseline)
+BLIP_SCORE = "blip_score"  # BLIP image-text matching probability
+SCORERS = (REWARD_MODEL, CLIP_SCORE, BLIP_SCORE)
 
 # Subset variants: which pairs each way of compressing keeps, at the same keep fraction.
 REWARD_TOPK = "reward_topk"  # the reward model's top k (the method)
@@ -65,6 +71,8 @@ RANDOM_TOPK = "random_topk"  # a seeded uniform sample of k
 SUBSET_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK)
 FULL = "full"  # every downloaded pair: what compression is measured against
 TRAINING_VARIANTS = (FULL, *SUBSET_VARIANTS)
+# The scorer whose ranking each scored variant keeps the top of (random_topk ranks by a seeded key).
+VARIANT_SCORERS: Mapping[str, str] = {REWARD_TOPK: REWARD_MODEL, CLIPSCORE_TOPK: CLIP_SCORE}
 
 # One row per downloaded pair per subset variant: kept or dropped, with the score that decided it.
 SUBSETS: Mapping[str, pl.DataType] = {

@@ -136,7 +136,8 @@ def test_bad_preference_file_fails_the_stage_naming_the_row(web_pool: Callable[.
 def test_a_checkpoint_trained_elsewhere_is_pinned_until_unpinned(tmp_path: Path, capsys) -> None:
     from ca_platform import cli
     from ca_platform.models.tokenization import bert_tokenizer
-    from ca_platform.scoring.registry import REWARD_MODEL, current_model
+    from ca_platform.schemas import REWARD_MODEL
+    from ca_platform.scoring.registry import current_model
     from ca_platform.scoring.reward.model import (
         RewardModelSpec,
         TrainedRewardModel,

@@ -17,10 +17,8 @@ import duckdb
 import polars as pl
 
 from ca_platform import layout, schemas
-from ca_platform.schemas import CLIPSCORE_TOPK, RANDOM_TOPK, REWARD_TOPK, Status
+from ca_platform.schemas import RANDOM_TOPK, VARIANT_SCORERS, Status
 
-# The scorer whose scores rank each scored variant; random_topk ranks by RANDOM_KEY_SQL instead.
-VARIANT_SCORERS: dict[str, str] = {REWARD_TOPK: "reward_model", CLIPSCORE_TOPK: "clip_score"}
 RANDOM_VERSION_PREFIX = "seed-"
 
 # A uniform key in [0, 1) from md5(seed:uid): stable across DuckDB versions, machines and file orders.

@@ -221,9 +221,14 @@ def downloaded_shards(store: DataStore) -> list[str]:
     return sorted(key[len(layout.DOWNLOADS_DIR) + 1 : -len(suffix)] for key in keys)
 
 
+def read_download_ledger(store: DataStore, shard: str, scratch: Path) -> pl.DataFrame:
+    """A shard's published download ledger (schemas.DOWNLOAD_ROWS): one row per input row."""
+    return pl.read_parquet(fetch_to_local(store, layout.download_rows_key(shard), scratch))
+
+
 def fetch_shard_download(store: DataStore, shard: str, scratch: Path) -> tuple[pl.DataFrame, list[Path]]:
     """A shard's ledger and local paths of the tars holding its successfully downloaded images."""
-    ledger = pl.read_parquet(fetch_to_local(store, layout.download_rows_key(shard), scratch))
+    ledger = read_download_ledger(store, shard, scratch)
     return ledger, fetch_downloaded_tars(store, shard, ledger, scratch)
 
 

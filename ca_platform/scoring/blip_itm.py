@@ -21,6 +21,7 @@ from ca_platform.models.checkpoints import content_version
 from ca_platform.models.devices import pick_device
 from ca_platform.models.images import ImageTransform
 from ca_platform.models.tokenization import bert_tokenizer
+from ca_platform.schemas import BLIP_SCORE
 from ca_platform.scoring.streaming import (
     TINY_MAX_TOKENS,
     TINY_WIDTH,
@@ -37,7 +38,6 @@ from ca_platform.scoring.streaming import (
     train_pair_model,
 )
 
-BLIP_SCORE = "blip_score"
 CONTRASTIVE_TEMPERATURE = 0.07  # BLIP's initial ITC temperature
 PRETRAINED_MAX_TOKENS = 64  # BLIP's text tower allows 512; web captions that long are noise
 

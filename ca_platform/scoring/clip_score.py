@@ -20,6 +20,7 @@ from ca_platform.models.checkpoints import content_version
 from ca_platform.models.devices import pick_device
 from ca_platform.models.images import ImageTransform
 from ca_platform.models.tokenization import bert_tokenizer
+from ca_platform.schemas import CLIP_SCORE
 from ca_platform.scoring.streaming import (
     TINY_MAX_TOKENS,
     TINY_WIDTH,
@@ -35,8 +36,6 @@ from ca_platform.scoring.streaming import (
     to_device,
     train_pair_model,
 )
-
-CLIP_SCORE = "clip_score"
 
 
 def build_clip(source: str = "tiny", image_size: int = 64) -> tuple[CLIPModel, PairPreprocessor]:

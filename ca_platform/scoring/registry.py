@@ -13,15 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from ca_platform import layout
+from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL
 from ca_platform.scoring.blip_itm import BlipItmScorer, load_blip_itm
 from ca_platform.scoring.clip_score import ClipScorer, load_clip
 from ca_platform.scoring.reward.model import RewardScorer, load_reward_model, register_reward_model
 from ca_platform.scoring.scorer import PairScorer
 from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
-
-REWARD_MODEL = "reward_model"
-CLIP_SCORE = "clip_score"
-BLIP_SCORE = "blip_score"
 
 _LOADERS: dict[str, Callable[[Path, str | None], PairScorer]] = {
     REWARD_MODEL: lambda folder, device: RewardScorer(load_reward_model(folder, device=device)),

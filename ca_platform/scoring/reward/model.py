@@ -48,6 +48,7 @@ from ca_platform.models.devices import inference_autocast, pick_device
 from ca_platform.models.images import ImageTransform
 from ca_platform.models.tokenization import bert_tokenizer, minilm_folder
 from ca_platform.preferences.pairs import PreferenceItem, PreferencePair, TiePolicy, pairwise_accuracy, preference_pairs
+from ca_platform.schemas import REWARD_MODEL
 
 CONFIG_FILE = "config.json"
 NORMALIZATION_FILE = "normalization.json"
@@ -579,7 +580,7 @@ class RewardScorer:
     than methods, so handing them to DataLoader workers pickles the preprocessing alone, never the model.
     """
 
-    name = "reward_model"
+    name = REWARD_MODEL
 
     def __init__(self, loaded: LoadedRewardModel) -> None:
         self.loaded = loaded
