@@ -37,14 +37,9 @@ from ca_platform.demo.shapes_world import describe, render_scene, sample_scene
 from ca_platform.models.devices import pick_device
 from ca_platform.models.images import decode_image
 from ca_platform.models.tokenization import bert_tokenizer
-from ca_platform.scoring.reward.model import (
-    RewardModelSpec,
-    RewardScorer,
-    TrainedRewardModel,
-    build_reward_model,
-    load_reward_model,
-    save_reward_model,
-)
+from ca_platform.scoring.reward.model import RewardModelSpec, build_reward_model
+from ca_platform.scoring.reward.scorer import RewardScorer, load_reward_model, save_reward_model
+from ca_platform.scoring.reward.train import TrainedRewardModel
 from ca_platform.scoring.streaming import prepared_batches, score_tars
 
 HELD_PIXEL_BYTES = 2 * 2**30  # F cycles over at most this much prepared pixel data, whatever --rows is

@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ca_platform.models.checkpoints import CheckpointError
-from ca_platform.scoring.blip_itm import (
-    BlipItmScorer,
-    TrainedBlipItm,
-    build_blip_itm,
-    load_blip_itm,
-    save_blip_itm,
-    train_blip_itm,
-)
-from ca_platform.scoring.clip_score import ClipScorer, TrainedClip, build_clip, load_clip, save_clip, train_clip
+from ca_platform.models.blip import build_blip_itm
+from ca_platform.models.checkpoints import CheckpointError, read_model
+from ca_platform.models.clip import build_clip
+from ca_platform.models.training import TrainedModel
+from ca_platform.schemas import CLIP_SCORE
+from ca_platform.scoring.blip_itm import BlipItmScorer, load_blip_itm, save_blip_itm, train_blip_itm
+from ca_platform.scoring.clip_score import ClipScorer, load_clip, save_clip, train_clip
 from ca_platform.scoring.streaming import score_pairs
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -32,16 +29,16 @@ def falls(losses: list[float]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def trained_clip() -> TrainedClip:
+def trained_clip() -> TrainedModel:
     return train_clip(PAIRS, image_size=32, epochs=12, batch_size=8, learning_rate=2e-3, seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def trained_blip() -> TrainedBlipItm:
+def trained_blip() -> TrainedModel:
     return train_blip_itm(PAIRS, image_size=32, epochs=20, batch_size=8, learning_rate=2e-3, seed=0, device="cpu")
 
 
-def test_clip_loss_falls_and_matching_pairs_score_higher(trained_clip: TrainedClip, tmp_path: Path) -> None:
+def test_clip_loss_falls_and_matching_pairs_score_higher(trained_clip: TrainedModel, tmp_path: Path) -> None:
     assert trained_clip.metrics["steps"] == 24 and len(trained_clip.metrics["loss"]) == 24
     assert falls(trained_clip.metrics["loss"]), trained_clip.metrics["loss"]
     _, folder = save_clip(trained_clip, tmp_path)
@@ -52,12 +49,13 @@ def test_clip_loss_falls_and_matching_pairs_score_higher(trained_clip: TrainedCl
     assert np.all(np.abs(matched) <= 1.0 + 1e-6)
 
 
-def test_clip_round_trip_keeps_scores_and_version(trained_clip: TrainedClip, tmp_path: Path) -> None:
+def test_clip_round_trip_keeps_scores_and_version(trained_clip: TrainedModel, tmp_path: Path) -> None:
     version, folder = save_clip(trained_clip, tmp_path / "a")
     assert folder == tmp_path / "a" / version
     assert save_clip(trained_clip, tmp_path / "a") == (version, folder)
     assert sorted(p.name for p in folder.iterdir()) == [
         "config.json",
+        "metrics.json",
         "model.safetensors",
         "preprocessing.json",
         "tokenizer.json",
@@ -67,11 +65,12 @@ def test_clip_round_trip_keeps_scores_and_version(trained_clip: TrainedClip, tmp
     assert loaded.name == "clip_score" and loaded.version == version
     in_memory = ClipScorer(trained_clip.model, trained_clip.preprocessor, version, device="cpu")
     np.testing.assert_array_equal(score_pairs(IMAGES, CAPTIONS, loaded), score_pairs(IMAGES, CAPTIONS, in_memory))
-    resaved, _ = save_clip(TrainedClip(loaded.model, loaded.preprocessor), tmp_path / "b")
+    metrics = read_model(folder, CLIP_SCORE).metrics  # the training metrics are part of the checkpoint
+    resaved, _ = save_clip(TrainedModel(loaded.model, loaded.preprocessor, metrics), tmp_path / "b")
     assert resaved == version
 
 
-def test_blip_itm_learns_and_scores_probabilities(trained_blip: TrainedBlipItm, tmp_path: Path) -> None:
+def test_blip_itm_learns_and_scores_probabilities(trained_blip: TrainedModel, tmp_path: Path) -> None:
     assert falls(trained_blip.metrics["loss"]), trained_blip.metrics["loss"]
     version, folder = save_blip_itm(trained_blip, tmp_path)
     scorer = load_blip_itm(folder, device="cpu")
@@ -85,7 +84,7 @@ def test_blip_itm_learns_and_scores_probabilities(trained_blip: TrainedBlipItm, 
 
 
 def test_both_scorers_score_the_same_pairs(
-    trained_clip: TrainedClip, trained_blip: TrainedBlipItm, tmp_path: Path
+    trained_clip: TrainedModel, trained_blip: TrainedModel, tmp_path: Path
 ) -> None:
     scorers = [load_clip(save_clip(trained_clip, tmp_path)[1]), load_blip_itm(save_blip_itm(trained_blip, tmp_path)[1])]
     images, captions = IMAGES + IMAGES, CAPTIONS + MISMATCHED
@@ -94,7 +93,7 @@ def test_both_scorers_score_the_same_pairs(
     assert all(s.shape == (8,) and s.dtype == np.float64 and np.isfinite(s).all() for s in scores.values())
 
 
-def test_a_checkpoint_loads_only_as_its_own_kind(trained_clip: TrainedClip, tmp_path: Path) -> None:
+def test_a_checkpoint_loads_only_as_its_own_kind(trained_clip: TrainedModel, tmp_path: Path) -> None:
     _, folder = save_clip(trained_clip, tmp_path)
     with pytest.raises(CheckpointError, match="holds a 'clip_score' model, not 'blip_score'"):
         load_blip_itm(folder)

@@ -13,9 +13,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from ca_platform.ingest.webdataset_io import SampleError, iter_pairs
+from ca_platform.models.clip import build_clip
 from ca_platform.models.images import decode_image
-from ca_platform.scoring.clip_score import ClipScorer, build_clip
-from ca_platform.scoring.streaming import PairPreprocessor, SampleError, iter_pairs, score_pairs, score_tars
+from ca_platform.models.preprocessing import PairPreprocessor
+from ca_platform.scoring.clip_score import ClipScorer
+from ca_platform.scoring.streaming import score_pairs, score_tars
 
 
 def jpeg_bytes(width: int, height: int, seed: int) -> bytes:

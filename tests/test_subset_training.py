@@ -15,32 +15,25 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 from transformers import BlipConfig, BlipForConditionalGeneration, CLIPConfig, CLIPModel
 
-from ca_platform.models.checkpoints import CheckpointError, content_version
-from ca_platform.scoring.clip_score import TrainedClip
-from ca_platform.scoring.streaming import SampleError
+from ca_platform.ingest.webdataset_io import SampleError
+from ca_platform.models.blip import captioning_loss, generate_captions
+from ca_platform.models.checkpoints import (
+    METRICS_FILE,
+    CheckpointError,
+    content_version,
+    load_transformers_model,
+    save_transformers_model,
+)
+from ca_platform.models.clip import embed_pairs
+from ca_platform.models.training import TrainedModel
 from ca_platform.training.captioner import (
     TRAINED_CAPTIONER,
-    TrainedCaptioner,
-    captioning_loss,
-    generate_captions,
     load_trained_captioner,
     save_trained_captioner,
     train_blip_captioner_on_tars,
 )
-from ca_platform.training.clip import (
-    TRAINED_CLIP,
-    embed_pairs,
-    load_trained_clip,
-    save_trained_clip,
-    train_clip_on_tars,
-)
-from ca_platform.training.tars import (
-    METRICS_FILE,
-    TrainingBudget,
-    load_trained_model,
-    save_trained_model,
-    training_batches,
-)
+from ca_platform.training.clip import TRAINED_CLIP, load_trained_clip, save_trained_clip, train_clip_on_tars
+from ca_platform.training.tars import TrainingBudget, training_batches
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 220), "yellow": (240, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -96,14 +89,14 @@ def shapes_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_clip(shapes_tar: Path) -> TrainedClip:
+def trained_clip(shapes_tar: Path) -> TrainedModel:
     return train_clip_on_tars(
         [shapes_tar], CLIP_BUDGET, image_size=IMAGE_SIZE, batch_size=16, learning_rate=2e-3, seed=0, device="cpu"
     )
 
 
 @pytest.fixture(scope="module")
-def trained_captioner(shapes_tar: Path) -> TrainedCaptioner:
+def trained_captioner(shapes_tar: Path) -> TrainedModel:
     return train_blip_captioner_on_tars(
         [shapes_tar], CAPTIONER_BUDGET, image_size=IMAGE_SIZE, batch_size=8, learning_rate=5e-3, seed=0, device="cpu"
     )
@@ -120,7 +113,7 @@ def caption_of(image: Image.Image, caption: str) -> dict[str, str]:
     return {"caption": caption}
 
 
-def test_clip_loss_falls_and_matching_pairs_embed_closest(trained_clip: TrainedClip) -> None:
+def test_clip_loss_falls_and_matching_pairs_embed_closest(trained_clip: TrainedModel) -> None:
     metrics = trained_clip.metrics
     losses = metrics["loss"]
     assert metrics["steps"] == len(losses) == 60
@@ -139,7 +132,7 @@ def test_clip_loss_falls_and_matching_pairs_embed_closest(trained_clip: TrainedC
     assert (similarity.argmax(dim=1) == torch.arange(12)).float().mean() >= 0.4  # chance is 1/12
 
 
-def test_blip_captioner_loss_falls_and_captions_stop_at_sep(trained_captioner: TrainedCaptioner) -> None:
+def test_blip_captioner_loss_falls_and_captions_stop_at_sep(trained_captioner: TrainedModel) -> None:
     losses = trained_captioner.metrics["loss"]
     assert trained_captioner.metrics["samples_seen"] == 480
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
@@ -155,7 +148,7 @@ def test_blip_captioner_loss_falls_and_captions_stop_at_sep(trained_captioner: T
     assert sum(c == t.split()[1] for c, t in zip(colours, truths)) >= 8, captions  # colour is learnt (chance: 3 of 12)
 
 
-def test_captioning_loss_is_blips_language_modelling_loss(trained_captioner: TrainedCaptioner) -> None:
+def test_captioning_loss_is_blips_language_modelling_loss(trained_captioner: TrainedModel) -> None:
     model, preprocessor = trained_captioner.model, trained_captioner.preprocessor
     images, captions = held_out_images()
     longer = [caption + " on a gray background" * (index % 2) for index, caption in enumerate(captions)]
@@ -239,7 +232,7 @@ def test_same_seed_gives_the_same_checkpoint_version(shapes_tar: Path, tmp_path:
     assert version(1, "c") != version(0, "a")
 
 
-def test_clip_round_trip_gives_identical_embeddings_and_version(trained_clip: TrainedClip, tmp_path: Path) -> None:
+def test_clip_round_trip_gives_identical_embeddings_and_version(trained_clip: TrainedModel, tmp_path: Path) -> None:
     version, folder = save_trained_clip(trained_clip, tmp_path / "clips")
     assert folder == tmp_path / "clips" / version and version == content_version(folder)
     saved_metrics = json.loads((folder / METRICS_FILE).read_text())
@@ -252,13 +245,15 @@ def test_clip_round_trip_gives_identical_embeddings_and_version(trained_clip: Tr
     after = embed_pairs(model, preprocessor, images, captions, device="cpu")
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
-    reloaded, reloaded_preprocessor, metrics = load_trained_model(folder, CLIPConfig, CLIPModel, TRAINED_CLIP)
-    resaved, _ = save_trained_model(reloaded, reloaded_preprocessor, metrics, tmp_path / "again", TRAINED_CLIP)
+    reloaded, checkpoint = load_transformers_model(folder, TRAINED_CLIP, CLIPConfig, CLIPModel)
+    resaved, _ = save_transformers_model(
+        tmp_path / "again", reloaded, checkpoint.preprocessor, checkpoint.metrics, TRAINED_CLIP
+    )
     assert resaved == version
 
 
 def test_captioner_round_trip_keeps_tied_weights_and_captions(
-    trained_captioner: TrainedCaptioner, tmp_path: Path
+    trained_captioner: TrainedModel, tmp_path: Path
 ) -> None:
     version, folder = save_trained_captioner(trained_captioner, tmp_path / "captioners")
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
@@ -275,12 +270,10 @@ def test_captioner_round_trip_keeps_tied_weights_and_captions(
 
     with pytest.raises(CheckpointError, match="blip_captioner"):
         load_trained_clip(folder)
-    reloaded, reloaded_preprocessor, metrics = load_trained_model(
-        folder, BlipConfig, BlipForConditionalGeneration, TRAINED_CAPTIONER
-    )
-    assert save_trained_model(reloaded, reloaded_preprocessor, metrics, tmp_path / "again", TRAINED_CAPTIONER)[0] == (
-        version
-    )
+    reloaded, checkpoint = load_transformers_model(folder, TRAINED_CAPTIONER, BlipConfig, BlipForConditionalGeneration)
+    again = tmp_path / "again"
+    resaved, _ = save_transformers_model(again, reloaded, checkpoint.preprocessor, checkpoint.metrics, TRAINED_CAPTIONER)
+    assert resaved == version
 
 
 def test_fewer_than_two_pairs_is_a_clear_error_naming_the_tars(tmp_path: Path) -> None:

@@ -20,6 +20,9 @@ os.environ["WDS_SECURE"] = "1"
 os.environ["WDS_PYTORCH_WEIGHTS_ONLY"] = "1"
 
 import webdataset as wds  # noqa: E402 - after the security settings above
+from PIL import Image  # noqa: E402
+
+from ca_platform.models.images import decode_image  # noqa: E402
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -145,3 +148,26 @@ def _sample_from(tar_path: Path, key: str, members: dict[str, TarMember], data: 
     meta = json.loads(read("json")) if "json" in members else {}
     caption = read("txt").decode("utf-8") if "txt" in members else ""
     return TarSample(key, read(image_format), image_format, caption, meta)
+
+
+class SampleError(ValueError):
+    """A tar sample that cannot be used; the message names the tar and the sample key."""
+
+
+def decode_sample(tar: Path, sample: TarSample) -> tuple[str, Image.Image, str]:
+    """(uid, decoded RGB image, caption) of a sample, or a SampleError naming the tar and key."""
+    uid = sample.meta.get("uid")
+    if uid is None:
+        raise SampleError(f"{tar}: sample {sample.key!r} has no uid in its json member")
+    try:
+        image = decode_image(sample.image)
+    except Exception as error:  # PIL raises many types on hostile bytes; all mean the same here
+        raise SampleError(f"{tar}: sample {sample.key!r}: image does not decode ({error})") from error
+    return str(uid), image, sample.caption
+
+
+def iter_pairs(tars: Iterable[Path | str]) -> Iterator[tuple[str, Image.Image, str]]:
+    """(uid, decoded image, caption) of every sample, tar by tar; e.g. to train a baseline on a pool."""
+    for tar in tars:
+        for sample in iter_samples([tar]):
+            yield decode_sample(Path(tar), sample)

@@ -11,35 +11,22 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from ca_platform.ingest.webdataset_io import TarSample, iter_samples
-from ca_platform.models.checkpoints import CheckpointError, content_version, read_json, read_weights, write_checkpoint
+from ca_platform.ingest.webdataset_io import TarSample, decode_sample, iter_samples
+from ca_platform.models.checkpoints import content_version
 from ca_platform.models.devices import pick_device
-from ca_platform.models.images import ImageTransform, decode_image
-from ca_platform.scoring.streaming import (
-    CONFIG_FILE,
-    PREPROCESSING_FILE,
-    PairPreprocessor,
-    Prepared,
-    SampleError,
-    to_device,
-    tokenizer_files,
-    training_step,
-)
+from ca_platform.models.preprocessing import PairPreprocessor, Prepared
+from ca_platform.models.training import TrainedModel, adamw, collated_loss, train_on_batches
 
-METRICS_FILE = "metrics.json"
-# Wall-clock figures differ from run to run; kept out of the checkpoint so that a seed fixes the version.
-UNVERSIONED_METRICS = ("seconds", "samples_per_second")
 SHUFFLE_BUFFER = 1000
 WARMUP_FRACTION = 0.05
 
@@ -94,11 +81,8 @@ def _shuffled_epoch(tars: Sequence[Path], rng: random.Random, buffer_size: int) 
 
 
 def _prepared(tar: Path, sample: TarSample, prepare: Callable[[Image.Image, str], Prepared]) -> Prepared:
-    try:
-        image = decode_image(sample.image)
-    except Exception as error:  # PIL raises many types on hostile bytes; all mean the same here
-        raise SampleError(f"{tar}: sample {sample.key!r}: image does not decode ({error})") from error
-    return prepare(image, sample.caption)
+    _, image, caption = decode_sample(tar, sample)
+    return prepare(image, caption)
 
 
 def epoch_batch_sizes(samples: int, batch_size: int) -> list[int]:
@@ -159,9 +143,10 @@ def train_on_tars(
     model: torch.nn.Module,
     preprocessor: PairPreprocessor,
     tars: Sequence[Path | str],
-    batch_loss: Callable[[list[Prepared]], torch.Tensor],
+    loss: Callable[[list[Prepared]], torch.Tensor],
     budget: TrainingBudget,
     *,
+    pairs: int | None = None,
     batch_size: int,
     learning_rate: float,
     seed: int,
@@ -170,33 +155,33 @@ def train_on_tars(
 ) -> dict[str, Any]:
     """AdamW with gradient clipping and a warm-up/cosine schedule over streamed batches, until the budget is spent.
 
-    Returns JSON-ready metrics: the per-step loss curve, steps, samples seen and epochs completed (fractional
-    when the budget ends inside an epoch). bf16 autocast on CUDA, float32 on the CPU.
+    `pairs` is the number of samples in the tars when the caller knows it (the training set counted them);
+    otherwise the tars are walked once to count. Returns JSON-ready metrics: the per-step loss curve, steps,
+    samples seen and epochs completed (fractional when the budget ends inside an epoch).
     """
     paths = [Path(t) for t in tars]
-    pairs_per_epoch = count_pairs(paths)
+    pairs_per_epoch = count_pairs(paths) if pairs is None else pairs
     total = budget.total_samples(pairs_per_epoch)
     batches = training_batches(paths, preprocessor.prepare, pairs_per_epoch, total, batch_size, seed, shuffle_buffer)
     torch.manual_seed(seed)
-    model.to(device).train()
-    # Fused: the optimizer step takes a tenth of the per-tensor loop's time on small models.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device.type in ("cpu", "cuda"))
-    losses: list[float] = []
-    seen = 0
+    optimizer = adamw(model.parameters(), learning_rate, fused=device.type in ("cpu", "cuda"))
     started = time.perf_counter()
-    for batch in batches:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate * learning_rate_factor(seen / total)
-        try:
-            losses.append(training_step(model, optimizer, batch_loss, batch, device))
-        except FloatingPointError as error:
-            raise FloatingPointError(f"{error} at step {len(losses)} on {[str(p) for p in paths]}") from error
-        seen += len(batch)
+    try:
+        log = train_on_batches(
+            model,
+            optimizer,
+            batches,
+            loss,
+            device,
+            learning_rate_at=lambda seen: learning_rate * learning_rate_factor(seen / total),
+        )
+    except FloatingPointError as error:
+        raise FloatingPointError(f"{error} on {[str(p) for p in paths]}") from error
     seconds = time.perf_counter() - started
-    model.eval()
+    seen = log.samples_seen
     return {
-        "loss": losses,
-        "steps": len(losses),
+        "loss": log.losses,
+        "steps": len(log.losses),
         "samples_seen": seen,
         "pairs_per_epoch": pairs_per_epoch,
         "epochs_completed": seen / pairs_per_epoch,
@@ -213,95 +198,35 @@ def train_on_tars(
 
 def train_built_model(
     build: Callable[[str, int], tuple[PreTrainedModel, PairPreprocessor]],
-    batch_loss: Callable[[PreTrainedModel, dict[str, torch.Tensor]], torch.Tensor],
+    batch_loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor],
     kind: str,
     tars: Sequence[Path | str],
     budget: TrainingBudget,
     *,
+    pairs: int | None = None,
     source: str,
     image_size: int,
     batch_size: int,
     learning_rate: float,
     seed: int,
     device: str | None,
-) -> tuple[PreTrainedModel, PairPreprocessor, dict[str, Any]]:
+) -> TrainedModel:
     """A model built by `build(source, image_size)` (seeded first, so its initial weights repeat) and trained
     with `batch_loss(model, batch on the device)` on the tars until the budget is spent; metrics name `kind`
     and the source."""
     torch.manual_seed(seed)
     model, preprocessor = build(source, image_size)
     target = pick_device(device)
-
-    def loss(samples: list[Prepared]) -> torch.Tensor:
-        return batch_loss(model, to_device(preprocessor.collate(samples), target))
-
     metrics = train_on_tars(
         model,
         preprocessor,
         tars,
-        loss,
+        collated_loss(model, preprocessor, batch_loss, target),
         budget,
+        pairs=pairs,
         batch_size=batch_size,
         learning_rate=learning_rate,
         seed=seed,
         device=target,
     )
-    return model, preprocessor, {"model": kind, "source": describe_source(source), **metrics}
-
-
-def _aliases(state_dict: Mapping[str, torch.Tensor]) -> set[str]:
-    """Names of tensors that share memory with an earlier one: tied weights, e.g. a decoder tied to embeddings."""
-    first: dict[tuple[Any, ...], str] = {}
-    aliases = set()
-    for name, tensor in state_dict.items():
-        place = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if place in first:
-            aliases.add(name)
-        else:
-            first[place] = name
-    return aliases
-
-
-def save_trained_model(
-    model: PreTrainedModel,
-    preprocessor: PairPreprocessor,
-    metrics: Mapping[str, Any],
-    root: Path,
-    kind: str,
-) -> tuple[str, Path]:
-    """`root/<version>`: safetensors weights (tied copies once), config, preprocessing, tokenizer and metrics.
-
-    The version hashes everything but the run's wall-clock figures, so the same seed on the same tars gives
-    the same version.
-    """
-    state = model.state_dict()
-    aliases = _aliases(state)
-    weights = {name: tensor for name, tensor in state.items() if name not in aliases}
-    config = model.config.to_dict()
-    config.pop("transformers_version", None)
-    documents = {
-        CONFIG_FILE: config,
-        PREPROCESSING_FILE: {"model": kind, **preprocessor.settings()},
-        METRICS_FILE: {k: v for k, v in metrics.items() if k not in UNVERSIONED_METRICS},
-    }
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        return write_checkpoint(root, weights, documents, tokenizer_files(preprocessor.tokenizer, Path(tokenizer_dir)))
-
-
-def load_trained_model(
-    folder: Path, config_class: type[PretrainedConfig], model_class: type[PreTrainedModel], kind: str
-) -> tuple[PreTrainedModel, PairPreprocessor, dict[str, Any]]:
-    """Model (in eval mode), preprocessor and metrics from a folder written by `save_trained_model` for `kind`."""
-    preprocessing = read_json(folder, PREPROCESSING_FILE)
-    if preprocessing.get("model") != kind:
-        raise CheckpointError(f"{folder}: holds a {preprocessing.get('model')!r} model, not {kind!r}")
-    weights = read_weights(folder)
-    model = model_class(config_class.from_dict(read_json(folder, CONFIG_FILE)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    untied = sorted(set(missing) - _aliases(model.state_dict()))
-    if untied or unexpected:
-        raise CheckpointError(f"{folder}: weights do not fit the config (missing {untied}, unexpected {unexpected})")
-    transform = ImageTransform(preprocessing["image_size"], tuple(preprocessing["mean"]), tuple(preprocessing["std"]))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    metrics = read_json(folder, METRICS_FILE) if (folder / METRICS_FILE).is_file() else {}
-    return model.eval(), PairPreprocessor(transform, tokenizer, preprocessing["max_length"]), metrics
+    return TrainedModel(model, preprocessor, {"model": kind, "source": describe_source(source), **metrics})

@@ -1,1 +1,2 @@
-"""The Compress & Align reward model: architecture, training on rankings, scoring."""
+"""The Compress & Align reward model: architecture (`model`), training on rankings (`train`), checkpoint and
+scoring (`scorer`)."""
