@@ -48,25 +48,24 @@ def platform_seconds(pool_dir: Path, work: Path, threads: int) -> float:
     shard = "shard-00000"
     instance.add_dynamic_partitions(POOL_SHARDS, [shard])
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-    materialize(
-        SPINE_ASSETS,
-        partition_key=shard,
-        instance=instance,
-        resources=resources,
-        run_config=quiet,
-        selection=[AssetKey("raw_pool_shard")],
-    )
+
+    def step(asset: str) -> bool:
+        selection = [AssetKey(asset)]
+        run = materialize(
+            SPINE_ASSETS,
+            partition_key=shard,
+            instance=instance,
+            resources=resources,
+            run_config=quiet,
+            selection=selection,
+        )
+        return run.success
+
+    step("raw_pool_shard")
     start = time.perf_counter()
-    result = materialize(
-        SPINE_ASSETS,
-        partition_key=shard,
-        instance=instance,
-        resources=resources,
-        run_config=quiet,
-        selection=[AssetKey("downloaded_shard")],
-    )
+    succeeded = step("downloaded_shard")
     elapsed = time.perf_counter() - start
-    assert result.success, "platform download failed"
+    assert succeeded, "platform download failed"
     return elapsed
 
 

@@ -175,12 +175,18 @@ def publish(store: DataStore, files: dict[str, Path], index_key: str, index_file
     store.put_file(index_file, index_key, consume=True)
 
 
+def _in_place(store: DataStore, key: str, exists: Callable[[Path], bool]) -> Path | None:
+    """The local path of `key` in a local store (None on S3); missing there is an error naming it."""
+    path = store.local_path(key)
+    if path is not None and not exists(path):
+        raise FileNotFoundError(f"{store.uri_of(key)} does not exist")
+    return path
+
+
 def fetch_to_local(store: DataStore, key: str, scratch: Path) -> Path:
     """A local path holding `key`: the file itself for a local store, else a copy under `scratch`."""
-    path = store.local_path(key)
+    path = _in_place(store, key, Path.is_file)
     if path is not None:
-        if not path.is_file():
-            raise FileNotFoundError(f"{store.uri_of(key)} does not exist")
         return path
     local = scratch / key
     store.get_file(key, local)
@@ -218,10 +224,8 @@ def fetch_folder(store: DataStore, prefix: str, cache: Path) -> Path:
 
     Only suitable for immutable prefixes (content-addressed versions): a cached copy is reused as is.
     """
-    path = store.local_path(prefix)
+    path = _in_place(store, prefix, Path.is_dir)
     if path is not None:
-        if not path.is_dir():
-            raise FileNotFoundError(f"{store.uri_of(prefix)} does not exist")
         return path
     local = cache / prefix
     if not local.is_dir():

@@ -6,6 +6,7 @@ u5 5 -> 9, u6 6 -> 6, u7 7 -> 6, u8 10 -> (missing), u9 (missing) -> 0.5. clip_s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import duckdb
@@ -40,6 +41,11 @@ SUBSETS = {
 }
 
 
+def _write(path: Path, frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schemas.conform(frame, schema).write_parquet(path)
+
+
 def _write_scores(root: Path, scorer: str, version: str, shards: dict[str, dict[str, float]]) -> None:
     for shard, scores in shards.items():
         frame = pl.DataFrame(
@@ -48,13 +54,11 @@ def _write_scores(root: Path, scorer: str, version: str, shards: dict[str, dict[
                 "shard": shard,
                 "scorer": scorer,
                 "model_version": version,
-                "score": list(scores.values()),
+                "score": list(scores.values()),  # hand-picked, so the expected query results are known
                 "score_norm": [s / 10 for s in scores.values()],
             }
         )
-        path = root / layout.scores_key(scorer, version, shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        schemas.conform(frame, schemas.SCORES).write_parquet(path)
+        _write(root / layout.scores_key(scorer, version, shard), frame, schemas.SCORES)
 
 
 def _write_subsets(root: Path) -> None:
@@ -67,13 +71,11 @@ def _write_subsets(root: Path) -> None:
                     "variant": variant,
                     "model_version": version,
                     "keep_fraction": fraction,
-                    "score": [score for score, _ in members.values()],
+                    "score": [score for score, _ in members.values()],  # the score that kept or dropped it
                     "kept": [kept for _, kept in members.values()],
                 }
             )
-            path = root / layout.subset_membership_key(variant, shard)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            schemas.conform(frame, schemas.SUBSETS).write_parquet(path)
+            _write(root / layout.subset_membership_key(variant, shard), frame, schemas.SUBSETS)
 
 
 def _create_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:

@@ -52,9 +52,9 @@ _BOILERPLATE_PHRASES = ("click to enlarge", "image", "thumbnail", "no descriptio
 class ShapesPreferenceConfig:
     """Everything that determines a simulated preference set; equal configs give identical files."""
 
-    seed: int = 1000
+    seed: int = 1000  # images draw from default_rng([seed, PREFERENCE_STREAM])
     images: int = 300
-    captions_per_image: int = 4
+    captions_per_image: int = 4  # one clean caption and noisy ones of distinct kinds
     image_size: int = 64
     annotators: int = 3
     annotator_noise: float = 0.15

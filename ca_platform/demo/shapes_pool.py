@@ -33,8 +33,8 @@ from ca_platform.demo.shapes_world import (
 class NoiseMix:
     """Relative weights of the caption noise kinds (normalised, need not sum to 1)."""
 
-    clean: float = 0.35
-    other_image: float = 0.15
+    clean: float = 0.35  # the true description
+    other_image: float = 0.15  # a caption of another image of the pool
     wrong_attribute: float = 0.20
     partial: float = 0.15
     boilerplate: float = 0.15
@@ -58,7 +58,7 @@ class NoiseMix:
 class ShapesWorldConfig:
     """Everything that determines a generated pool; equal configs give identical files."""
 
-    seed: int = 0
+    seed: int = 0  # shard k draws from default_rng([seed, k])
     shards: int = 4
     rows_per_shard: int = 200
     image_size: int = 64
