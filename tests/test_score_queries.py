@@ -48,15 +48,8 @@ def _write(path: Path, frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -
 
 def _write_scores(root: Path, scorer: str, version: str, shards: dict[str, dict[str, float]]) -> None:
     for shard, scores in shards.items():
-        frame = pl.DataFrame(
-            {
-                "uid": list(scores),
-                "shard": shard,
-                "scorer": scorer,
-                "model_version": version,
-                "score": list(scores.values()),  # hand-picked, so the expected query results are known
-                "score_norm": [s / 10 for s in scores.values()],
-            }
+        frame = pl.DataFrame({"uid": list(scores), "score": list(scores.values())}).with_columns(
+            shard=pl.lit(shard), scorer=pl.lit(scorer), model_version=pl.lit(version), score_norm=pl.col("score") / 10
         )
         _write(root / layout.scores_key(scorer, version, shard), frame, schemas.SCORES)
 
