@@ -1,13 +1,14 @@
-"""Software-defined assets, one module per stage of the lineage."""
+"""Software-defined assets, one module per stage of the lineage, each module one group in the UI.
+
+ingest -> reward (preferences, reward model) and baselines -> scores -> compression -> training -> evaluation.
+The lists below are what the runner materializes stage by stage and the jobs select.
+"""
 
 from ca_platform.assets.baselines import blip_score_model, clip_score_model
 from ca_platform.assets.compression import compressed_subset, score_threshold
-from ca_platform.assets.downloads import downloaded_shard
-from ca_platform.assets.evaluation import preference_accuracy
-from ca_platform.assets.model_evaluation import captioning_eval, evaluation_set, retrieval_eval
-from ca_platform.assets.pool import raw_pool_shard
-from ca_platform.assets.report import curation_report
-from ca_platform.assets.reward import preference_data, registered_reward_checkpoint, reward_model
+from ca_platform.assets.evaluation import captioning_eval, curation_report, evaluation_set, retrieval_eval
+from ca_platform.assets.ingest import downloaded_shard, raw_pool_shard
+from ca_platform.assets.reward import preference_accuracy, preference_data, registered_reward_checkpoint, reward_model
 from ca_platform.assets.scores import clip_scores, reward_scores
 from ca_platform.assets.training import blip_checkpoint, clip_checkpoint
 

@@ -1,62 +1,130 @@
-"""preference_accuracy: the reward model and its baselines on the same held-out human preferences."""
+"""Evaluation: evaluation_set (the clean held-out set), retrieval_eval and captioning_eval (every variant's
+models on it) and curation_report (did compression pay off?)."""
 
-import json
 from pathlib import Path
-from typing import Any
 
-from dagster import MaterializeResult, MetadataValue, asset
+from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
-from ca_platform.assets.baselines import blip_score_model, clip_score_model
-from ca_platform.assets.reward import preference_data, reward_model
-from ca_platform.models.images import decode_image
-from ca_platform.preferences.pairs import pairwise_accuracy
-from ca_platform.preferences.staging import load_preference_split
-from ca_platform.resources import PlatformStorage, PreferencesConfig, ScoringConfig
-from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL
-from ca_platform.scoring.registry import current_model, load_scorer
-from ca_platform.scoring.streaming import score_pairs
-from ca_platform.storage import fetch_folder, read_json
+from ca_platform.analytics.plots import markdown_image, markdown_table
+from ca_platform.assets.compression import score_threshold
+from ca_platform.assets.partitions import training_variants
+from ca_platform.assets.reward import preference_accuracy
+from ca_platform.assets.training import blip_checkpoint, clip_checkpoint
+from ca_platform.evaluation.evaluation_set import stage_evaluation_set
+from ca_platform.evaluation.report import write_curation_report
+from ca_platform.evaluation.variants import evaluate_captioning, evaluate_retrieval
+from ca_platform.resources import DownloadConfig, EvaluationConfig, PlatformStorage
 
-PREFERENCE_ACCURACY_REPORT = f"{layout.REPORTS_DIR}/preference_accuracy.json"
+GROUP = "evaluation"
+
+
+@asset(group_name=GROUP, kinds={"webdataset"})
+def evaluation_set(
+    storage: PlatformStorage, evaluation: EvaluationConfig, downloader: DownloadConfig
+) -> MaterializeResult:
+    """The clean held-out set (parquet url, caption) downloaded through the guarded img2dataset, stored by the
+    file's content hash (so the same file is downloaded once); rows sharing a URL are one image with several
+    references."""
+    if not evaluation.uri:
+        raise Failure("no evaluation set configured: pass --eval FILE or set CA_EVAL_URI")
+    path = Path(evaluation.uri)
+    with storage.staging_dir("evaluation-set") as staging:
+        staged = stage_evaluation_set(storage.data_store(), path, downloader.settings(), staging)
+    return MaterializeResult(
+        metadata={
+            "version": staged.version,
+            "images": staged.ledger.height,
+            "downloaded": staged.downloaded,
+            "source": str(path),
+        },
+        data_version=DataVersion(staged.version),
+    )
 
 
 @asset(
-    deps=[preference_data, reward_model, clip_score_model, blip_score_model],
-    group_name="reward",
-    kinds={"json"},
+    partitions_def=training_variants,
+    deps=[clip_checkpoint, evaluation_set],  # the variant's CLIP, on the same held-out images as every variant
+    group_name=GROUP,
+    kinds={"pytorch", "json"},
 )
-def preference_accuracy(
-    storage: PlatformStorage, preferences: PreferencesConfig, scoring: ScoringConfig
+def retrieval_eval(
+    context: AssetExecutionContext, storage: PlatformStorage, evaluation: EvaluationConfig
 ) -> MaterializeResult:
-    """Reward model, CLIP score and BLIP ITM score on the same held-out human preference pairs (ties excluded):
-    the share of pairs each orders as people did. Written to reports/preference_accuracy.json."""
-    data = storage.data_store()
-    with storage.staging_dir("preference-accuracy") as staging:
-        preferences_doc = read_json(data, layout.CURRENT_PREFERENCES_KEY, staging)
-        folder = fetch_folder(data, layout.preferences_prefix(preferences_doc["version"]), storage.cache_dir())
-        _, heldout = load_preference_split(folder, preferences.holdout_fraction, preferences.split_seed)
-        report: dict[str, Any] = {}
-        versions = {}
-        for kind in (REWARD_MODEL, CLIP_SCORE, BLIP_SCORE):
-            document = current_model(data, kind, staging)
-            scorer = load_scorer(data, kind, document, storage.cache_dir(), scoring.device)
-            scores = []
-            for item in heldout:
-                image = decode_image(Path(item.image).read_bytes())
-                scores.append(score_pairs([image] * len(item.captions), list(item.captions), scorer).tolist())
-            report[kind], report["pairs"] = pairwise_accuracy(heldout, scores)
-            versions[kind] = scorer.version
-        local = staging / "preference_accuracy.json"
-        local.write_text(json.dumps(report, indent=2))
-        data.put_file(local, PREFERENCE_ACCURACY_REPORT, consume=True)
-    table = "| scorer | held-out preference accuracy | version |\n| --- | --- | --- |\n" + "\n".join(
-        f"| {kind} | {report[kind]:.3f} | {versions[kind]} |" for kind in versions
-    )
+    """Image->text and text->image Recall@1/5/10 of the variant's CLIP on the evaluation set (cosine of the
+    normalised embeddings; an image counts as found by any of its references)."""
+    variant = context.partition_key
+    with storage.staging_dir(f"retrieval-{variant}") as staging:
+        result = evaluate_retrieval(
+            storage.data_store(), variant, evaluation.batch_size, evaluation.device, storage.cache_dir(), staging
+        )
+    recall = result.recall
     return MaterializeResult(
         metadata={
-            **{kind: float(report[kind]) for kind in versions},
-            "pairs": report["pairs"],
-            "table": MetadataValue.md(table),
-        },
+            **recall.as_json(),
+            "model_version": result.model_version,
+            "table": MetadataValue.md(
+                markdown_table(
+                    ["direction", "R@1", "R@5", "R@10"],
+                    [
+                        ["image -> text", recall.i2t_r1, recall.i2t_r5, recall.i2t_r10],
+                        ["text -> image", recall.t2i_r1, recall.t2i_r5, recall.t2i_r10],
+                    ],
+                )
+            ),
+        }
+    )
+
+
+@asset(
+    partitions_def=training_variants,
+    deps=[blip_checkpoint, evaluation_set],
+    group_name=GROUP,
+    kinds={"pytorch", "json"},
+)
+def captioning_eval(
+    context: AssetExecutionContext, storage: PlatformStorage, evaluation: EvaluationConfig
+) -> MaterializeResult:
+    """CIDEr-D and BLEU-4 (coco-caption's definitions, in Python) of the variant's BLIP captions, greedy
+    decoding, against every reference of each evaluation image."""
+    variant = context.partition_key
+    with storage.staging_dir(f"captioning-{variant}") as staging:
+        result = evaluate_captioning(
+            storage.data_store(),
+            variant,
+            evaluation.batch_size,
+            evaluation.max_new_tokens,
+            evaluation.device,
+            storage.cache_dir(),
+            staging,
+        )
+    return MaterializeResult(
+        metadata={
+            "cider": result.cider,
+            "bleu4": result.bleu4,
+            "model_version": result.model_version,
+            "examples": MetadataValue.md(markdown_table(["a reference", "generated"], result.examples)),
+        }
+    )
+
+
+@asset(
+    deps=[retrieval_eval, captioning_eval, score_threshold, preference_accuracy],
+    group_name=GROUP,
+    kinds={"json", "markdown"},
+)
+def curation_report(storage: PlatformStorage) -> MaterializeResult:
+    """Per variant: kept fraction, the scorer's held-out preference accuracy, retrieval R@1/R@5 both ways and
+    CIDEr-D/BLEU-4, as measured in this run: whichever variant wins. Written to reports/curation_report.json,
+    .md and .png."""
+    data = storage.data_store()
+    with storage.staging_dir("curation-report") as staging:
+        report = write_curation_report(data, staging)
+        image = markdown_image(report.plot, "curation report")
+    return MaterializeResult(
+        metadata={
+            "table": MetadataValue.md(report.table),
+            "plot": MetadataValue.md(image),
+            "report": MetadataValue.path(data.uri_of(layout.CURATION_REPORT_KEY)),
+        }
     )

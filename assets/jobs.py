@@ -8,7 +8,7 @@ from ca_platform.assets.partitions import pool_shards
 shard_spine_job = define_asset_job(
     "shard_spine",
     selection=AssetSelection.assets(*SPINE_ASSETS),
-    partitions_def=pool_shards,
+    partitions_def=pool_shards,  # what pool_shard_sensor requests per new shard
     description="Read, validate and download one pool shard.",
 )
 reward_models_job = define_asset_job(

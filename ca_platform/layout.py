@@ -7,6 +7,13 @@ DOWNLOADS_DIR = "downloads"
 ROWS_FILE = "rows.parquet"
 ANALYTICS_DB = "analytics.duckdb"
 REPORTS_DIR = "reports"
+# The pool-wide reports, each written by one asset and read by the CLI's summary.
+PREFERENCE_ACCURACY_REPORT_KEY = f"{REPORTS_DIR}/preference_accuracy.json"  # preference_accuracy
+SCORE_THRESHOLD_REPORT_KEY = f"{REPORTS_DIR}/score_threshold.json"  # score_threshold: each variant's cut
+SCORE_THRESHOLD_PLOT_KEY = f"{REPORTS_DIR}/score_threshold.png"
+CURATION_REPORT_KEY = f"{REPORTS_DIR}/curation_report.json"  # curation_report: the figures per variant
+CURATION_TABLE_KEY = f"{REPORTS_DIR}/curation_report.md"
+CURATION_PLOT_KEY = f"{REPORTS_DIR}/curation_report.png"
 
 
 def raw_shard_key(shard: str) -> str:
@@ -44,7 +51,8 @@ def preferences_prefix(version: str) -> str:
 
 
 def model_root(kind: str) -> str:
-    """Checkpoints of one kind of model ("reward_model", "clip_score", "blip_score"), one folder per version."""
+    """Checkpoints of one kind of model (a scorer of schemas.SCORERS, or a `trained_model_kind`), one folder per
+    version."""
     return f"{MODELS_DIR}/{kind}"
 
 
@@ -100,13 +108,23 @@ def evaluation_prefix(version: str) -> str:
     return f"{EVALUATION_DIR}/{version}"
 
 
+# The models trained on each training-set variant (and the assets that train them).
+CLIP_CHECKPOINT = "clip_checkpoint"
+BLIP_CHECKPOINT = "blip_checkpoint"
+
+
 def trained_model_kind(model: str, variant: str) -> str:
-    """Checkpoints of one model ("clip_checkpoint", "blip_checkpoint") trained on one training-set variant."""
+    """Checkpoints of one model (CLIP_CHECKPOINT, BLIP_CHECKPOINT) trained on one training-set variant."""
     return f"{model}/{variant}"
 
 
+# Each variant's evaluations: retrieval_eval (of its CLIP) and captioning_eval (of its BLIP).
+RETRIEVAL_REPORT = "retrieval"
+CAPTIONING_REPORT = "captioning"
+
+
 def variant_report_key(report: str, variant: str) -> str:
-    """One variant's evaluation report, e.g. reports/retrieval/reward_topk.json."""
+    """One variant's evaluation report (RETRIEVAL_REPORT or CAPTIONING_REPORT), e.g. reports/retrieval/full.json."""
     return f"{REPORTS_DIR}/{report}/{variant}.json"
 
 

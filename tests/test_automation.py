@@ -19,7 +19,9 @@ from ca_platform.models.tokenization import bert_tokenizer
 from ca_platform.resources import BaselineConfig, ScoringConfig
 from ca_platform.runner import build_resources, run_lineage
 from ca_platform.scoring.registry import register_reward_checkpoint
-from ca_platform.scoring.reward.model import RewardModelSpec, TrainedRewardModel, build_reward_model, save_reward_model
+from ca_platform.scoring.reward.model import RewardModelSpec, build_reward_model
+from ca_platform.scoring.reward.scorer import save_reward_model
+from ca_platform.scoring.reward.train import TrainedRewardModel
 
 ASSET_NAMES = [a.key.to_user_string() for a in ALL_ASSETS]  # in dependency order
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+import webdataset as wds
 
-from ca_platform import layout
+from ca_platform import layout, schemas
+from ca_platform.compression import subsets
+from ca_platform.compression.subsets import SubsetError, write_shard_subsets
 from ca_platform.compression.threshold import (
     ScoreHistogram,
     ScoreThreshold,
@@ -22,7 +26,9 @@ from ca_platform.compression.threshold import (
     score_histogram,
     score_threshold,
 )
+from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import Status
+from tests.conftest import png_bytes
 
 SCORE_COLUMNS = {"uid": pl.String, "shard": pl.String, "score": pl.Float64}
 
@@ -246,3 +252,72 @@ def test_pairs_without_a_score_rank_last_and_a_cut_reaching_them_is_refused(tmp_
     assert (threshold.total, threshold.kept, threshold.score, threshold.uid) == (5, 3, 0.5, "u2")
     with pytest.raises(ValueError, match="1 of 5 pairs have no score .*shard b, uid u0"):
         score_threshold(tmp_path, "reward_topk", "v1", 1.0)
+
+
+def write_download_tar(path: Path, samples: list[tuple[str, str, str]]) -> Path:
+    """A tar laid out as img2dataset writes it: `<key>.jpg`, `.txt` and `.json` (with the uid) per (key, uid,
+    caption); each image's bytes differ."""
+    with wds.TarWriter(str(path)) as writer:
+        for key, uid, caption in samples:
+            writer.write(
+                {
+                    "__key__": key,
+                    "jpg": png_bytes(4, 4, seed=int(key)),
+                    "txt": caption.encode(),
+                    "json": json.dumps({"uid": uid, "key": key}).encode(),
+                }
+            )
+    return path
+
+
+def _membership(variant: str, uids: list[str], kept: set[str]) -> pl.DataFrame:
+    frame = pl.DataFrame(
+        {
+            "uid": uids,
+            "shard": ["s0"] * len(uids),
+            "variant": [variant] * len(uids),
+            "model_version": ["v1"] * len(uids),
+            "keep_fraction": [0.5] * len(uids),
+            "score": [float(i) for i in range(len(uids))],
+            "kept": [uid in kept for uid in uids],
+        }
+    )
+    return schemas.conform(frame, schemas.SUBSETS)
+
+
+def test_one_pass_over_the_downloads_writes_every_variants_subset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uids = [f"u{i:02d}" for i in range(10)]
+    rows = [(f"{i:09d}", uid, f"caption {i}") for i, uid in enumerate(uids)]
+    tars = [write_download_tar(tmp_path / "a.tar", rows[:6]), write_download_tar(tmp_path / "b.tar", rows[6:])]
+    kept = {"reward_topk": {"u01", "u03", "u07"}, "clipscore_topk": {"u03", "u09"}, "random_topk": set()}
+    walks = []
+
+    def counted(download_tars):  # the real reader, counting the passes over the downloads
+        walks.append(list(download_tars))
+        return iter_samples(download_tars)
+
+    monkeypatch.setattr(subsets, "iter_samples", counted)
+    manifests = write_shard_subsets({v: _membership(v, uids, k) for v, k in kept.items()}, tars, tmp_path / "out", "s0")
+
+    assert walks == [tars]
+    originals = {s.key: s for s in iter_samples(tars)}
+    for variant, kept_uids in kept.items():
+        folder = tmp_path / "out" / variant
+        written = list(iter_samples([folder / layout.subset_tar_name("s0")]))
+        assert [s.meta["uid"] for s in written] == sorted(kept_uids)  # exactly its kept pairs, in download order
+        assert all(s.image == originals[s.key].image and s.caption == originals[s.key].caption for s in written)
+        assert (folder / layout.SUBSET_UIDS_FILE).read_text().split() == sorted(kept_uids)
+        manifest = json.loads((folder / layout.SUBSET_MANIFEST_FILE).read_text())
+        assert manifest == manifests[variant]
+        assert (manifest["variant"], manifest["pairs"], manifest["kept"]) == (variant, 10, len(kept_uids))
+        membership = pl.read_parquet(folder / layout.SUBSET_MEMBERSHIP_FILE)
+        assert set(membership.filter(pl.col("kept"))["uid"]) == kept_uids and membership.height == 10
+
+
+def test_a_kept_uid_missing_from_the_downloads_is_named(tmp_path: Path) -> None:
+    tar = write_download_tar(tmp_path / "a.tar", [("000000000", "u00", "a caption")])
+    membership = _membership("reward_topk", ["u00", "u99"], {"u99"})
+    with pytest.raises(SubsetError, match=r"shard s0: 1 kept uids of reward_topk .*u99"):
+        write_shard_subsets({"reward_topk": membership}, [tar], tmp_path / "out", "s0")

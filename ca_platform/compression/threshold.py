@@ -16,8 +16,12 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from ca_platform import layout, schemas
-from ca_platform.schemas import RANDOM_TOPK, VARIANT_SCORERS, Status
+from ca_platform import analytics, layout, schemas
+from ca_platform.analytics.plots import histogram_png
+from ca_platform.ingest.download import downloaded_shards
+from ca_platform.schemas import RANDOM_TOPK, REWARD_TOPK, VARIANT_SCORERS, Status
+from ca_platform.scoring.registry import NoModelError, current_model
+from ca_platform.storage import DataStore, read_json, write_json
 
 RANDOM_VERSION_PREFIX = "seed-"
 
@@ -228,3 +232,79 @@ def score_histogram(files_root: Path, threshold: ScoreThreshold, bins: int = 40)
         kept[index] = kept_count + (tied_kept if tied else 0)
         dropped[index] = pairs - kept[index]
     return ScoreHistogram([low + i * width for i in range(bins + 1)], kept, dropped)
+
+
+class NotScoredError(LookupError):
+    """Some downloaded shards have no scores of the current model versions; the message names them."""
+
+
+def mirror_if_remote(store: DataStore, files_root: Path, keys: list[str] | None = None) -> None:
+    """Bring the parquet DuckDB reads (`keys`, or every view's files) to `files_root` when the data root is
+    remote; a local data root is its own files root."""
+    if store.local_path(layout.ANALYTICS_DB) is None:
+        analytics.mirror(store, files_root, keys)
+
+
+def variant_rankings(store: DataStore, random_seed: int, scratch: Path) -> dict[str, str]:
+    """Each subset variant's ranking: the current versions of the scorers, and random_topk's seed."""
+    versions = {}
+    for variant, scorer in VARIANT_SCORERS.items():
+        try:
+            versions[variant] = current_model(store, scorer, scratch)["version"]
+        except NoModelError as error:
+            raise NoModelError(f"{error}: {variant} needs it") from error
+    versions[RANDOM_TOPK] = random_version(random_seed)
+    return versions
+
+
+def require_scored(store: DataStore, versions: dict[str, str]) -> None:
+    """Fail, naming them, when some downloaded shards lack scores of the current versions: a cut over part of
+    the pool would keep the wrong pairs."""
+    missing = [
+        f"{scorer} {versions[variant]} of shard {shard}"
+        for shard in downloaded_shards(store)
+        for variant, scorer in VARIANT_SCORERS.items()
+        if not store.exists(layout.scores_key(scorer, versions[variant], shard))
+    ]
+    if missing:
+        raise NotScoredError(
+            f"{len(missing)} shard scores are missing, e.g. {missing[:3]}: materialize reward_scores and "
+            "clip_scores for every shard first"
+        )
+
+
+@dataclass(frozen=True)
+class VariantCuts:
+    thresholds: dict[str, ScoreThreshold]  # variant -> its cut
+    plot: Path  # the reward model's score histogram with its cut
+
+
+def cut_variants(
+    store: DataStore, files_root: Path, keep_fraction: float, random_seed: int, scratch: Path
+) -> VariantCuts:
+    """The cut of every subset variant at `keep_fraction` over all shards' score files (read by DuckDB under
+    `files_root`, the data root or its local mirror), published as the score-threshold report and plot."""
+    versions = variant_rankings(store, random_seed, scratch)
+    require_scored(store, versions)
+    mirror_if_remote(store, files_root)
+    thresholds = {v: score_threshold(files_root, v, versions[v], keep_fraction) for v in versions}
+    write_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, {v: t.as_json() for v, t in thresholds.items()}, scratch)
+    reward = thresholds[REWARD_TOPK]
+    histogram = score_histogram(files_root, reward)
+    plot = histogram_png(
+        histogram.edges,
+        {"kept": histogram.kept, "dropped": histogram.dropped},
+        scratch / "plot" / Path(layout.SCORE_THRESHOLD_PLOT_KEY).name,
+        f"reward model {reward.model_version}: keep {reward.keep_fraction}",
+        {"threshold": reward.score} if reward.score is not None else None,
+    )
+    store.put_file(plot, layout.SCORE_THRESHOLD_PLOT_KEY, consume=False)
+    return VariantCuts(thresholds, plot)
+
+
+def published_thresholds(store: DataStore, scratch: Path) -> list[ScoreThreshold]:
+    """The cuts of the score-threshold report, in its order."""
+    document = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch)
+    if document is None:
+        raise LookupError("no score threshold yet: materialize score_threshold first")
+    return [ScoreThreshold.from_json(t) for t in document.values()]

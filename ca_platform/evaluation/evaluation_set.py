@@ -16,10 +16,11 @@ import polars as pl
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ca_platform import schemas
-from ca_platform.ingest.download import DownloadSettings, download_shard
+from ca_platform import layout, schemas
+from ca_platform.ingest.download import DownloadSettings, download_shard, downloaded_rows
+from ca_platform.ingest.webdataset_io import iter_pairs
 from ca_platform.schemas import CAPTION, UID, URL, Status
-from ca_platform.scoring.streaming import iter_pairs
+from ca_platform.storage import DataStore, fetch_folder, fetch_to_local, publish_folder, read_json, write_json
 
 EVALUATION_SHARD = "evaluation"
 LEDGER_FILE = "rows.parquet"
@@ -113,3 +114,44 @@ def load_evaluation_set(folder: Path) -> EvaluationSet:
         references=[by_uid[uid] for uid, _, _ in pairs],
         not_downloaded=ledger.filter(pl.col(schemas.STATUS) != Status.SUCCESS).height,
     )
+
+
+class NoEvaluationSetError(LookupError):
+    """No evaluation set has been downloaded under the data root yet."""
+
+
+@dataclass(frozen=True)
+class StagedEvaluationSet:
+    version: str
+    ledger: pl.DataFrame  # one row per distinct image of the file
+
+    @property
+    def downloaded(self) -> int:
+        return downloaded_rows(self.ledger).height
+
+
+def stage_evaluation_set(
+    store: DataStore, path: Path, settings: DownloadSettings, scratch: Path
+) -> StagedEvaluationSet:
+    """Download the file's images and publish the set under the file's content hash, then make it current.
+
+    A file downloaded before is reused as it is (its ledger is published last, so it marks a complete set).
+    """
+    version = evaluation_version(path)
+    ledger_key = f"{layout.evaluation_prefix(version)}/{LEDGER_FILE}"
+    if store.exists(ledger_key):
+        ledger = pl.read_parquet(fetch_to_local(store, ledger_key, scratch))
+    else:
+        ledger = download_evaluation_set(path, scratch / "set", settings)
+        publish_folder(store, scratch / "set", layout.evaluation_prefix(version), index_name=LEDGER_FILE)
+    write_json(store, layout.CURRENT_EVALUATION_KEY, {"version": version, "source": str(path)}, scratch)
+    return StagedEvaluationSet(version, ledger)
+
+
+def current_evaluation_set(store: DataStore, cache: Path, scratch: Path) -> tuple[str, EvaluationSet]:
+    """The current evaluation set's version and its downloaded images (kept in the local `cache`)."""
+    document = read_json(store, layout.CURRENT_EVALUATION_KEY, scratch)
+    if document is None:
+        raise NoEvaluationSetError(f"no evaluation set yet under {store.uri}: materialize evaluation_set first")
+    folder = fetch_folder(store, layout.evaluation_prefix(document["version"]), cache)
+    return document["version"], load_evaluation_set(folder)

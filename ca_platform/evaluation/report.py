@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from ca_platform import layout
 from ca_platform.analytics.plots import markdown_table, plt
+from ca_platform.schemas import FULL, TRAINING_VARIANTS, VARIANT_SCORERS
+from ca_platform.storage import DataStore, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,62 @@ def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     figure.savefig(path, format="png")
     plt.close(figure)
     return path
+
+
+class NotEvaluatedError(LookupError):
+    """A variant lacks an evaluation or a threshold the report needs; the message says which to materialize."""
+
+
+def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
+    """Each training variant's row, from the score-threshold, preference-accuracy and evaluation reports."""
+    thresholds = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch) or {}
+    accuracy = read_json(store, layout.PREFERENCE_ACCURACY_REPORT_KEY, scratch) or {}
+    rows = []
+    for variant in TRAINING_VARIANTS:
+        retrieval = read_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, variant), scratch)
+        captioning = read_json(store, layout.variant_report_key(layout.CAPTIONING_REPORT, variant), scratch)
+        if retrieval is None or captioning is None:
+            raise NotEvaluatedError(
+                f"variant {variant} has not been evaluated: materialize retrieval_eval and "
+                f"captioning_eval for partition {variant} first"
+            )
+        if variant == FULL:
+            kept_fraction = 1.0
+        elif variant in thresholds:
+            kept_fraction = thresholds[variant]["kept"] / thresholds[variant]["total"]
+        else:
+            raise NotEvaluatedError(f"no score threshold for {variant}: materialize score_threshold first")
+        scorer = VARIANT_SCORERS.get(variant)
+        rows.append(
+            CurationRow(
+                variant=variant,
+                kept_fraction=kept_fraction,
+                scorer_preference_accuracy=accuracy.get(scorer) if scorer else None,
+                i2t_r1=retrieval["i2t_r1"],
+                t2i_r1=retrieval["t2i_r1"],
+                i2t_r5=retrieval["i2t_r5"],
+                t2i_r5=retrieval["t2i_r5"],
+                cider=captioning["cider"],
+                bleu4=captioning["bleu4"],
+            )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class CurationReport:
+    rows: list[CurationRow]
+    table: str  # markdown
+    plot: Path
+
+
+def write_curation_report(store: DataStore, scratch: Path) -> CurationReport:
+    """The report across the training variants, published as JSON, markdown table and plot."""
+    rows = curation_rows(store, scratch)
+    write_json(store, layout.CURATION_REPORT_KEY, {row.variant: row.as_json() for row in rows}, scratch)
+    table = curation_markdown(rows)
+    (scratch / "report.md").write_text(table + "\n")
+    store.put_file(scratch / "report.md", layout.CURATION_TABLE_KEY, consume=True)
+    plot = curation_plot(rows, scratch / "report.png")
+    store.put_file(plot, layout.CURATION_PLOT_KEY, consume=False)
+    return CurationReport(rows, table, plot)

@@ -22,7 +22,7 @@ from ca_platform.ingest import download_guard
 from ca_platform.ingest.download_guard import GuardPolicy, guarded_urlopen
 from ca_platform.ingest.webdataset_io import tar_members
 from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, STATUS, UID, URL, Status
-from ca_platform.storage import DataStore, fetch_to_local
+from ca_platform.storage import DataStore, fetch_to_local, publish
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 
@@ -209,6 +209,38 @@ def _reconcile(raw: pl.DataFrame, results: list[pl.DataFrame], shard: str) -> pl
     return ledger
 
 
+@dataclass(frozen=True)
+class PublishedDownload:
+    raw: pl.DataFrame  # schemas.RAW_SHARD: the validated rows that were downloaded
+    ledger: pl.DataFrame  # schemas.DOWNLOAD_ROWS, one row per input row
+    tar_keys: list[str]  # the published tars, under the data root
+
+
+def download_and_publish(
+    store: DataStore, shard: str, settings: DownloadSettings, run_token: str, scratch: Path
+) -> PublishedDownload:
+    """Download a shard's validated rows and publish tars and ledger under the data root.
+
+    The tars carry `run_token` and the ledger is published last, so readers see either the previous complete
+    download or this one, never a mix; the previous download's tars are removed afterwards.
+    """
+    raw = pl.read_parquet(fetch_to_local(store, layout.raw_shard_key(shard), scratch / "in"))
+    result = download_shard(raw, scratch / "out", settings, tar_prefix=f"{run_token}-")
+    ledger_path = scratch / layout.ROWS_FILE
+    result.rows.write_parquet(ledger_path)
+    previous = {o.key for o in store.list(layout.download_prefix(shard) + "/")}
+    tars = {layout.download_tar_key(shard, name): path for name, path in result.tars.items()}
+    publish(store, tars, layout.download_rows_key(shard), ledger_path)
+    for stale in previous - set(tars) - {layout.download_rows_key(shard)}:
+        store.delete(stale)
+    return PublishedDownload(raw, result.rows, sorted(tars))
+
+
+def downloaded_rows(ledger: pl.DataFrame) -> pl.DataFrame:
+    """The ledger's successfully downloaded pairs: those with an image in the shard's tars."""
+    return ledger.filter(pl.col(STATUS) == Status.SUCCESS)
+
+
 def failure_counts(ledger: pl.DataFrame) -> dict[str, int]:
     """Rows per status word."""
     return dict(Counter(ledger[STATUS].to_list()))
@@ -234,5 +266,5 @@ def fetch_shard_download(store: DataStore, shard: str, scratch: Path) -> tuple[p
 
 def fetch_downloaded_tars(store: DataStore, shard: str, ledger: pl.DataFrame, scratch: Path) -> list[Path]:
     """Local paths of the tars of a shard's ledger that hold its successfully downloaded images."""
-    names = sorted(ledger.filter(pl.col(STATUS) == Status.SUCCESS)["tar"].unique().to_list())
+    names = sorted(downloaded_rows(ledger)["tar"].unique().to_list())
     return [fetch_to_local(store, layout.download_tar_key(shard, name), scratch) for name in names]

@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ca_platform import layout
 from ca_platform.ingest.download_guard import GuardPolicy
 from ca_platform.models.checkpoints import content_version
 from ca_platform.preferences.files import read_preferences, resolve_images, write_preferences
-from ca_platform.preferences.pairs import PreferenceItem, split_by_image
+from ca_platform.preferences.pairs import PreferenceItem, preference_pairs, split_by_image
+from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
 
 IMAGES_DIR = "images"
 
@@ -54,3 +56,44 @@ def load_preference_split(
         return [dataclasses.replace(item, image=str(folder / item.image)) for item in items]
 
     return absolute(train), absolute(heldout)
+
+
+class NoPreferencesError(LookupError):
+    """No preference set has been staged under the data root yet."""
+
+
+@dataclass(frozen=True)
+class PublishedPreferences:
+    version: str
+    images: int
+    ordered_pairs: int  # caption pairs people ranked apart
+    tied_pairs: int  # caption pairs people ranked equal
+
+
+def publish_preference_set(
+    store: DataStore, source: str | Path, policy: GuardPolicy, scratch: Path
+) -> PublishedPreferences:
+    """Stage the file `source` (images given by URL fetched behind the download guard `policy`), publish the set
+    under its version (the preference file last) and make it the current one."""
+    version, items = stage_preferences(Path(source), scratch / "set", policy)
+    publish_folder(store, scratch / "set", layout.preferences_prefix(version), index_name=layout.PREFERENCES_FILE)
+    write_json(store, layout.CURRENT_PREFERENCES_KEY, {"version": version, "source": str(source)}, scratch)
+    ordered = sum(len(preference_pairs(i.ranking, "skip")) for i in items)
+    tied = sum(len(preference_pairs(i.ranking, "soft")) for i in items) - ordered
+    return PublishedPreferences(version, len(items), ordered, tied)
+
+
+def current_preference_set(store: DataStore, scratch: Path) -> str:
+    """The version of the current preference set."""
+    document = read_json(store, layout.CURRENT_PREFERENCES_KEY, scratch)
+    if document is None:
+        raise NoPreferencesError(f"no preference set yet under {store.uri}: materialize preference_data first")
+    return document["version"]
+
+
+def current_preference_split(
+    store: DataStore, holdout_fraction: float, seed: int, cache: Path, scratch: Path
+) -> tuple[list[PreferenceItem], list[PreferenceItem]]:
+    """(train, held out) items of the current preference set, its images in the local `cache`."""
+    folder = fetch_folder(store, layout.preferences_prefix(current_preference_set(store, scratch)), cache)
+    return load_preference_split(folder, holdout_fraction, seed)

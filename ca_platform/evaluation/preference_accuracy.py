@@ -1,0 +1,55 @@
+"""Held-out preference accuracy: the reward model and its baselines on the same held-out human preferences.
+
+The share of caption pairs (ties excluded) each scorer orders as people did; it says whether the reward
+model learnt something its baselines do not already know.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ca_platform import layout
+from ca_platform.models.images import decode_image
+from ca_platform.preferences.pairs import pairwise_accuracy
+from ca_platform.preferences.staging import current_preference_split
+from ca_platform.schemas import SCORERS
+from ca_platform.scoring.registry import current_model, load_scorer
+from ca_platform.scoring.streaming import score_pairs
+from ca_platform.storage import DataStore
+
+
+@dataclass(frozen=True)
+class PreferenceAccuracy:
+    report: dict[str, Any]  # scorer -> accuracy, and "pairs": the held-out pairs counted
+    versions: dict[str, str]  # scorer -> the version measured
+
+
+def measure_preference_accuracy(
+    store: DataStore,
+    holdout_fraction: float,
+    split_seed: int,
+    device: str | None,
+    cache: Path,
+    scratch: Path,
+) -> PreferenceAccuracy:
+    """Every scorer's accuracy on the current preference set's held-out images (split as the reward model's
+    training split them), written to the preference-accuracy report."""
+    _, heldout = current_preference_split(store, holdout_fraction, split_seed, cache, scratch)
+    images = [decode_image(Path(item.image).read_bytes()) for item in heldout]
+    report: dict[str, Any] = {}
+    versions = {}
+    for kind in SCORERS:
+        scorer = load_scorer(store, kind, current_model(store, kind, scratch), cache, device)
+        scores = [
+            score_pairs([image] * len(item.captions), list(item.captions), scorer).tolist()
+            for image, item in zip(images, heldout)
+        ]
+        report[kind], report["pairs"] = pairwise_accuracy(heldout, scores)
+        versions[kind] = scorer.version
+    local = scratch / Path(layout.PREFERENCE_ACCURACY_REPORT_KEY).name
+    local.write_text(json.dumps(report, indent=2))
+    store.put_file(local, layout.PREFERENCE_ACCURACY_REPORT_KEY, consume=True)
+    return PreferenceAccuracy(report, versions)

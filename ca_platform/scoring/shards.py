@@ -1,0 +1,109 @@
+"""Scoring shards: every downloaded pair of a shard by the current version of a scorer, published as one
+parquet file per shard and version, beside older versions' files.
+
+Scores of one checkpoint on one image never change, so a shard already scored by a version is not scored again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from ca_platform import layout, schemas
+from ca_platform.ingest.download import downloaded_rows, fetch_downloaded_tars, read_download_ledger
+from ca_platform.ingest.quality import CheckOutcome, check_scores
+from ca_platform.scoring.registry import current_model, load_scorer
+from ca_platform.scoring.reward.scorer import RewardScorer
+from ca_platform.scoring.scorer import PairScorer
+from ca_platform.scoring.streaming import score_tars
+from ca_platform.storage import DataStore, fetch_to_local
+
+
+@dataclass(frozen=True)
+class ShardScores:
+    shard: str
+    scores: pl.DataFrame  # schemas.SCORES
+    coverage: CheckOutcome  # the scored uids against the shard's ledger
+    reused: bool  # an existing file of this version covered the shard's downloads
+
+
+@dataclass(frozen=True)
+class ScoringRun:
+    kind: str
+    model_version: str
+    shards: list[ShardScores]
+
+    def coverage(self) -> CheckOutcome:
+        """One uid-coverage outcome for all the run's shards: passed when every shard's did."""
+        outcomes = [s.coverage for s in self.shards]
+        return CheckOutcome(
+            outcomes[0].name, all(o.passed for o in outcomes), {s.shard: s.coverage.metadata for s in self.shards}
+        )
+
+
+def score_normalisation(scorer: PairScorer) -> pl.Expr:
+    """`score_norm`: the reward model's (score - mean) / std over its training preferences; null for scorers
+    with no normalisation statistics of their own (CLIP's cosine, BLIP's match probability)."""
+    if isinstance(scorer, RewardScorer):
+        return (pl.col("score") - scorer.loaded.mean) / scorer.loaded.std
+    return pl.lit(None, dtype=pl.Float64)
+
+
+def score_shard(
+    store: DataStore, scorer: PairScorer, kind: str, shard: str, scratch: Path, batch_size: int, num_workers: int
+) -> ShardScores:
+    """Score one shard's downloaded pairs and publish its scores parquet (unless this version's file already
+    covers exactly the shard's downloaded uids, which is then reused)."""
+    key = layout.scores_key(kind, scorer.version, shard)
+    ledger = read_download_ledger(store, shard, scratch / "ledger")
+    if store.exists(key):
+        existing = pl.read_parquet(fetch_to_local(store, key, scratch / "existing"))
+        if existing[schemas.UID].sort().equals(downloaded_rows(ledger)[schemas.UID].sort()):
+            return ShardScores(shard, existing, check_scores(existing, ledger)[0], reused=True)
+    tars = fetch_downloaded_tars(store, shard, ledger, scratch / "in")
+    scored = score_tars(tars, scorer, batch_size=batch_size, num_workers=num_workers)
+    frame = scored.with_columns(
+        pl.lit(shard).alias(schemas.SHARD),
+        pl.lit(kind).alias("scorer"),
+        pl.lit(scorer.version).alias("model_version"),
+        score_normalisation(scorer).alias("score_norm"),
+    )
+    frame = schemas.conform(frame, schemas.SCORES)
+    local = scratch / "scores.parquet"
+    frame.write_parquet(local)
+    store.put_file(local, key, consume=True)
+    return ShardScores(shard, frame, check_scores(frame, ledger)[0], reused=False)
+
+
+def score_shards(
+    store: DataStore,
+    kind: str,
+    shards: Sequence[str],
+    *,
+    device: str | None,
+    batch_size: int,
+    num_workers: int,
+    cache: Path,
+    staging: Callable[[str], AbstractContextManager[Path]],
+    refresh: Callable[[list[str]], None],
+) -> ScoringRun:
+    """Score `shards` with the current version of `kind`, the model loaded once for all of them.
+
+    `staging(name)` gives a private scratch folder per shard; `refresh(keys)` makes newly written score files
+    visible to the DuckDB views. Raises NoModelError when `kind` has no current version.
+    """
+    with staging(f"scoring-{kind}") as scratch:
+        document = current_model(store, kind, scratch)
+    scorer = load_scorer(store, kind, document, cache, device)
+    results = []
+    for shard in shards:
+        with staging(f"scores-{kind}-{shard}") as scratch:
+            result = score_shard(store, scorer, kind, shard, scratch, batch_size, num_workers)
+        if not result.reused:
+            refresh([layout.scores_key(kind, scorer.version, shard)])
+        results.append(result)
+    return ScoringRun(kind, scorer.version, results)

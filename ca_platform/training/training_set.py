@@ -1,0 +1,159 @@
+"""A training-set variant and the CLIP/BLIP trained on it, once per recipe, at a budget equal across variants.
+
+The training set is read from one source, the variant's tars themselves: every downloaded shard's tars for
+`full`, its compressed subsets' tars otherwise. One walk over them, images left undecoded, gives both the
+fingerprint of the pairs (what decides whether a model must be trained again) and their count (which the
+trainer is handed, so it does not walk the tars again to count them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ca_platform import layout, schemas
+from ca_platform.ingest.download import downloaded_rows, downloaded_shards, fetch_downloaded_tars, read_download_ledger
+from ca_platform.ingest.webdataset_io import TarSample, iter_samples
+from ca_platform.scoring.registry import recipe_hash, recipe_settings, train_once
+from ca_platform.storage import DataStore, fetch_to_local, read_json
+from ca_platform.training.captioner import save_trained_captioner, train_blip_captioner_on_tars
+from ca_platform.training.clip import save_trained_clip, train_clip_on_tars
+from ca_platform.training.tars import TrainingBudget
+
+
+class NoTrainingDataError(LookupError):
+    """A variant's tars are not there yet (nothing downloaded, or a shard not compressed)."""
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    variant: str
+    tars: list[Path]  # local paths of the variant's webdataset tars
+    fingerprint: str  # of the pairs themselves (shard, uid, image sha256, caption): the same after a re-pack
+    pairs: int
+    pool_pairs: int  # downloaded pairs of the whole pool, what the samples-seen budget is counted in
+
+
+def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
+    """The variant's tars fetched under `scratch` (a local data root's files are used in place), walked once."""
+    digest = hashlib.sha256()
+    tars: list[Path] = []
+    pairs = pool_pairs = 0
+    shards = downloaded_shards(store)
+    if not shards:
+        raise NoTrainingDataError(f"no training data for {variant}: no shard has been downloaded")
+    for shard in shards:
+        shard_tars, shard_pool_pairs = _shard_tars(store, variant, shard, scratch)
+        rows = sorted(_pair_row(shard, sample) for sample in iter_samples(shard_tars))
+        for uid, image_sha256, caption in rows:
+            digest.update(json.dumps([shard, uid, image_sha256, caption]).encode() + b"\n")
+        tars += shard_tars
+        pairs += len(rows)
+        pool_pairs += shard_pool_pairs
+    return TrainingSet(variant, tars, digest.hexdigest(), pairs, pool_pairs)
+
+
+def _pair_row(shard: str, sample: TarSample) -> tuple[str, str, str]:
+    """(uid, image sha256, caption) of a sample, its image left undecoded."""
+    uid = sample.meta.get(schemas.UID)
+    if uid is None:
+        raise ValueError(f"shard {shard}: sample {sample.key!r} has no uid in its json member")
+    return str(uid), hashlib.sha256(sample.image).hexdigest(), sample.caption
+
+
+def _shard_tars(store: DataStore, variant: str, shard: str, scratch: Path) -> tuple[list[Path], int]:
+    """One shard's tars of the variant, and the pairs the shard downloaded (its ledger's, or its subset
+    manifest's count, which is the same)."""
+    if variant == schemas.FULL:
+        ledger = read_download_ledger(store, shard, scratch / "ledgers")
+        return fetch_downloaded_tars(store, shard, ledger, scratch / "in"), downloaded_rows(ledger).height
+    manifest = read_json(store, f"{layout.subset_prefix(variant, shard)}/{layout.SUBSET_MANIFEST_FILE}", scratch)
+    if manifest is None or not store.exists(layout.subset_membership_key(variant, shard)):
+        raise NoTrainingDataError(
+            f"shard {shard} has no {variant} subset yet: materialize compressed_subset for it first"
+        )
+    tar = fetch_to_local(store, f"{layout.subset_prefix(variant, shard)}/{manifest['tar']}", scratch / "in")
+    return [tar], manifest["pairs"]
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How the CLIP and BLIP models are trained on each variant (see the model_training resource)."""
+
+    clip_source: str
+    blip_source: str
+    budget: str  # "samples": equal samples seen across variants; "epochs": equal epochs
+    samples_seen: int | None
+    full_epochs: float
+    epochs: int
+    image_size: int
+    batch_size: int
+    clip_learning_rate: float
+    blip_learning_rate: float
+    seed: int
+    device: str | None
+
+
+def budget_for(settings: TrainingSettings, full_pairs: int) -> TrainingBudget:
+    """Equal samples seen across variants (DataComp's rule), or equal epochs when configured."""
+    if settings.budget == "epochs":
+        return TrainingBudget(samples_seen=None, epochs=settings.epochs)
+    if settings.budget != "samples":
+        raise ValueError(f'model_training.budget must be "samples" or "epochs", got {settings.budget!r}')
+    return TrainingBudget(samples_seen=settings.samples_seen or round(settings.full_epochs * full_pairs), epochs=None)
+
+
+@dataclass(frozen=True)
+class _VariantModel:
+    train: Callable[..., Any]
+    save: Callable[[Any, Path], tuple[str, Path]]
+    source: Callable[[TrainingSettings], str]
+    learning_rate: Callable[[TrainingSettings], float]
+
+
+_MODELS = {
+    layout.CLIP_CHECKPOINT: _VariantModel(
+        train_clip_on_tars, save_trained_clip, lambda s: s.clip_source, lambda s: s.clip_learning_rate
+    ),
+    layout.BLIP_CHECKPOINT: _VariantModel(
+        train_blip_captioner_on_tars, save_trained_captioner, lambda s: s.blip_source, lambda s: s.blip_learning_rate
+    ),
+}
+
+
+def train_on_variant(
+    store: DataStore, model: str, variant: str, settings: TrainingSettings, scratch: Path
+) -> tuple[dict[str, Any], bool]:
+    """The current document of `model` (CLIP_CHECKPOINT or BLIP_CHECKPOINT) trained on `variant`, and whether
+    it was trained now: not while the variant's pairs and the settings are unchanged."""
+    spec = _MODELS[model]
+    dataset = training_set(store, variant, scratch)
+    budget = budget_for(settings, dataset.pool_pairs)
+    recipe = recipe_hash([model, dataset.fingerprint, recipe_settings(settings), repr(budget)])
+
+    def train_and_save() -> tuple[str, Path, dict[str, Any]]:
+        trained = spec.train(
+            dataset.tars,
+            budget,
+            pairs=dataset.pairs,
+            source=spec.source(settings),
+            image_size=settings.image_size,
+            batch_size=settings.batch_size,
+            learning_rate=spec.learning_rate(settings),
+            seed=settings.seed,
+            device=settings.device,
+        )
+        version, folder = spec.save(trained, scratch / "checkpoints")
+        fields = {
+            "variant": variant,
+            "training_pairs": dataset.pairs,
+            "metrics": {k: v for k, v in trained.metrics.items() if k != "loss"},
+            "loss": trained.metrics.get("loss", []),
+        }
+        return version, folder, fields
+
+    return train_once(store, layout.trained_model_kind(model, variant), recipe, train_and_save, scratch)

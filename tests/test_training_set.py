@@ -1,0 +1,124 @@
+"""A variant's training set comes from its tars alone: one walk gives the pairs' fingerprint and their count."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from ca_platform import layout, schemas
+from ca_platform.compression.subsets import write_shard_subsets
+from ca_platform.storage import LocalStore, publish_folder
+from ca_platform.training.training_set import NoTrainingDataError, TrainingSettings, budget_for, training_set
+from tests.test_compression import write_download_tar
+
+SHARDS = {"s0": [f"a{i}" for i in range(6)], "s1": [f"b{i}" for i in range(4)]}
+KEYS = {uid: f"{index:09d}" for index, uid in enumerate(SHARDS["s0"] + SHARDS["s1"])}  # each sample's image differs
+
+
+def _download(data: Path, shard: str, uids: list[str], split: int, token: str, captions: dict[str, str]) -> None:
+    """The shard's samples in two tars split after `split` samples, named with the run `token`, and its ledger."""
+    rows = [(KEYS[uid], uid, captions.get(uid, f"a photo of {uid}")) for uid in uids]
+    folder = data / layout.download_prefix(shard)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.tar"):
+        stale.unlink()
+    names = [f"{token}-00000.tar", f"{token}-00001.tar"]
+    write_download_tar(folder / names[0], rows[:split])
+    write_download_tar(folder / names[1], rows[split:])
+    ledger = pl.DataFrame(
+        {
+            schemas.UID: uids,
+            schemas.SHARD: [shard] * len(uids),
+            schemas.ROW_INDEX: list(range(len(uids))),
+            schemas.STATUS: [schemas.Status.SUCCESS] * len(uids),
+            "tar": [names[0] if i < split else names[1] for i in range(len(uids))],
+        }
+    )
+    missing = {c: pl.lit(None) for c in schemas.DOWNLOAD_ROWS if c not in ledger.columns}
+    schemas.conform(ledger.with_columns(**missing), schemas.DOWNLOAD_ROWS).write_parquet(
+        data / layout.download_rows_key(shard)
+    )
+
+
+def _download_pool(data: Path, token: str = "run1", reverse: bool = False, captions: dict | None = None) -> None:
+    for shard, uids in SHARDS.items():
+        ordered = list(reversed(uids)) if reverse else uids
+        _download(data, shard, ordered, 2 if reverse else 3, token, captions or {})
+
+
+def _compress(data: Path, variant: str, kept: set[str], scratch: Path) -> None:
+    for shard, uids in SHARDS.items():
+        ledger = pl.read_parquet(data / layout.download_rows_key(shard))
+        tars = [data / layout.download_tar_key(shard, name) for name in sorted(ledger["tar"].unique())]
+        membership = pl.DataFrame(
+            {
+                "uid": sorted(uids),
+                "shard": shard,
+                "variant": variant,
+                "model_version": "v1",
+                "keep_fraction": 0.5,
+                "score": 0.0,
+                "kept": [uid in kept for uid in sorted(uids)],
+            }
+        )
+        write_shard_subsets({variant: membership}, tars, scratch / shard, shard)
+        publish_folder(
+            LocalStore(data),
+            scratch / shard / variant,
+            layout.subset_prefix(variant, shard),
+            index_name=layout.SUBSET_MEMBERSHIP_FILE,
+        )
+
+
+def test_the_full_set_is_every_downloaded_pair_fingerprinted_whatever_the_tars(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _download_pool(data)
+    full = training_set(LocalStore(data), schemas.FULL, tmp_path / "scratch")
+    assert (full.pairs, full.pool_pairs) == (10, 10)
+    assert sorted(p.name for p in full.tars) == ["run1-00000.tar"] * 2 + ["run1-00001.tar"] * 2
+
+    _download_pool(data, token="run2", reverse=True)  # downloaded again: other tar names, order and split
+    again = training_set(LocalStore(data), schemas.FULL, tmp_path / "scratch")
+    assert again.fingerprint == full.fingerprint and again.pairs == 10
+
+    _download_pool(data, token="run3", captions={"b2": "another caption"})
+    assert training_set(LocalStore(data), schemas.FULL, tmp_path / "scratch").fingerprint != full.fingerprint
+
+
+def test_a_subset_is_its_kept_pairs_and_counts_the_budget_in_the_whole_pool(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _download_pool(data)
+    store = LocalStore(data)
+    with pytest.raises(NoTrainingDataError, match="shard s0 has no reward_topk subset yet"):
+        training_set(store, schemas.REWARD_TOPK, tmp_path / "scratch")
+
+    _compress(data, schemas.REWARD_TOPK, {"a1", "a4", "b0"}, tmp_path / "subsets-reward")
+    subset = training_set(store, schemas.REWARD_TOPK, tmp_path / "scratch")
+    assert (subset.pairs, subset.pool_pairs) == (3, 10)
+
+    _compress(data, schemas.RANDOM_TOPK, set(SHARDS["s0"] + SHARDS["s1"]), tmp_path / "subsets-all")
+    everything = training_set(store, schemas.RANDOM_TOPK, tmp_path / "scratch")
+    full = training_set(store, schemas.FULL, tmp_path / "scratch")
+    assert everything.fingerprint == full.fingerprint  # the same pairs, from re-packed tars
+
+    settings = TrainingSettings(
+        clip_source="tiny",
+        blip_source="tiny",
+        budget="samples",
+        samples_seen=None,
+        full_epochs=2.5,
+        epochs=3,
+        image_size=32,
+        batch_size=8,
+        clip_learning_rate=1e-3,
+        blip_learning_rate=1e-3,
+        seed=0,
+        device=None,
+    )
+    assert budget_for(settings, subset.pool_pairs) == budget_for(settings, full.pool_pairs)
+    assert budget_for(settings, full.pool_pairs).samples_seen == 25
+    with pytest.raises(ValueError, match='budget must be "samples" or "epochs"'):
+        budget_for(dataclasses.replace(settings, budget="steps"), 10)
