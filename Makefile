@@ -1,5 +1,7 @@
 # Set-up and everyday commands. `make demo` and `make test` work on a fresh clone: each creates .venv and
 # installs what it needs (torch pinned to 2.13.0: the CPU build here, the CUDA one on a GPU machine).
+# `make test` is the full suite (what CI runs); `make test-fast` leaves out the slow end-to-end tests, for the
+# edit-test loop.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,7 @@ DAGSTER_HOME_DIR := $(CURDIR)/.dagster_home
 DEMO_DIR := $(CURDIR)/.demo
 DEMO_PORT ?= 8765
 
-.PHONY: install demo test ui benchmarks clean
+.PHONY: install demo test test-fast ui benchmarks clean
 
 install: $(INSTALLED)
 
@@ -27,6 +29,9 @@ demo: install $(DAGSTER_HOME_DIR)/dagster.yaml
 
 test: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 # The Dagster UI on the demo pool; the pool's images are served on 127.0.0.1:$(DEMO_PORT) meanwhile.
 ui: install $(DAGSTER_HOME_DIR)/dagster.yaml

@@ -8,6 +8,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from ca_platform.compression import DEFAULT_KEEP_FRACTION
+from ca_platform.demo.shapes_pool import ShapesWorldConfig
+
 DEMO_HOST = "127.0.0.1"
 
 
@@ -20,8 +23,9 @@ def _add_s3(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ca_platform import runner
+    from ca_platform.resources import build_resources
 
-    resources = runner.build_resources(
+    resources = build_resources(
         args.pool,
         args.data,
         args.allow_host,
@@ -79,7 +83,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     import tempfile
 
     from ca_platform import runner
-    from ca_platform.resources import s3_resource
+    from ca_platform.resources import build_resources, s3_resource
     from ca_platform.scoring.registry import register_reward_checkpoint, unpin_reward_checkpoint
     from ca_platform.storage import open_store
 
@@ -98,7 +102,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
             "rescored (automatically when the automation sensor runs)"
         )
     if os.environ.get("DAGSTER_HOME"):
-        resources = runner.build_resources("", args.data, s3_endpoint_url=args.s3_endpoint_url)
+        resources = build_resources("", args.data, s3_endpoint_url=args.s3_endpoint_url)
         observed = runner.observe_registrations(resources)
         if not observed.success:
             print(f"could not record the registration on the Dagster instance: {observed.error}", file=sys.stderr)
@@ -111,8 +115,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
     from ca_platform.demo.evaluation_set import write_shapes_evaluation_set
     from ca_platform.demo.image_server import ImageServer
-    from ca_platform.demo.shapes_pool import ShapesWorldConfig, generate_pool
-    from ca_platform.resources import ModelTrainingConfig
+    from ca_platform.demo.shapes_pool import generate_pool
+    from ca_platform.resources import ModelTrainingConfig, build_resources
 
     root = Path(args.dir).resolve()
     world_dir = root / "world"
@@ -133,7 +137,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             world_dir, server.base_url, images=args.eval_images, seed=args.seed, avoid_pool=config
         )
         print(f"evaluation set: {evaluation} ({args.eval_images} held-out images, 2 references each)")
-        resources = runner.build_resources(
+        resources = build_resources(
             str(world.pool_dir),
             str(root / "data"),
             [DEMO_HOST],
@@ -173,13 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep",
         type=float,
         metavar="K",
-        help="keep this fraction of the scored pool (e.g. 0.3): the cut and subsets of every variant",
+        help=f"keep this fraction of the scored pool (e.g. {DEFAULT_KEEP_FRACTION}): the cut and subsets of every "
+        "variant",
     )
     run.add_argument(
         "--eval",
         metavar="FILE",
-        help="held-out evaluation set (parquet url, caption): after the subsets (at --keep, default 0.3), train "
-        "CLIP and BLIP on every variant, evaluate them and write reports/curation_report.json",
+        help=f"held-out evaluation set (parquet url, caption): after the subsets (at --keep, default "
+        f"{DEFAULT_KEEP_FRACTION}), train CLIP and BLIP on every variant, evaluate them and write "
+        "reports/curation_report.json",
     )
     _add_s3(run)
     run.set_defaults(func=_cmd_run)
@@ -209,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate the shapes world, serve it on 127.0.0.1 and run the lineage")
     demo.add_argument("--dir", default=".demo", help="where the world and the data root go (default .demo)")
-    demo.add_argument("--shards", type=int, default=4)
-    demo.add_argument("--rows", type=int, default=200, help="rows per shard")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--keep", type=float, default=0.3, help="fraction of the pool to keep")
+    demo.add_argument("--shards", type=int, default=ShapesWorldConfig.shards)
+    demo.add_argument("--rows", type=int, default=ShapesWorldConfig.rows_per_shard, help="rows per shard")
+    demo.add_argument("--seed", type=int, default=ShapesWorldConfig.seed)
+    demo.add_argument("--keep", type=float, default=DEFAULT_KEEP_FRACTION, help="fraction of the pool to keep")
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--eval-images", type=int, default=300, help="held-out evaluation images")
     demo.add_argument(

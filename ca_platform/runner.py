@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,19 +33,8 @@ from ca_platform.assets import (
 from ca_platform.assets.partitions import POOL_SHARDS
 from ca_platform.evaluation.report import CurationRow, curation_text
 from ca_platform.ingest.pool import discover_shards
-from ca_platform.resources import (
-    BaselineConfig,
-    CompressionConfig,
-    DownloadConfig,
-    EvaluationConfig,
-    ModelTrainingConfig,
-    PlatformStorage,
-    PreferencesConfig,
-    QualityConfig,
-    RewardModelConfig,
-    ScoringConfig,
-    s3_resource,
-)
+from ca_platform.resources import EvaluationConfig, PlatformStorage, PreferencesConfig
+from ca_platform.resources import build_resources as build_resources  # the one factory, for callers of the runner
 from ca_platform.scoring.registry import registered_reward_checkpoint
 from ca_platform.storage import DataStore, read_json
 
@@ -68,38 +57,6 @@ class LineageRun:
     @property
     def success(self) -> bool:
         return all(r.success for r in self.runs)
-
-
-def build_resources(
-    pool_uri: str,
-    data_uri: str,
-    allow_hosts: Sequence[str] = (),
-    s3_endpoint_url: str | None = None,
-    download_options: Mapping[str, Any] | None = None,
-    quality: QualityConfig | None = None,
-    analytics_dir: str | None = None,
-    preferences_uri: str | None = None,
-    reward_training: RewardModelConfig | None = None,
-    baselines: BaselineConfig | None = None,
-    scoring: ScoringConfig | None = None,
-    keep_fraction: float | None = None,
-    evaluation_uri: str | None = None,
-    model_training: ModelTrainingConfig | None = None,
-) -> dict[str, object]:
-    """Resources for an in-process run; `download_options` are DownloadConfig fields."""
-    s3 = s3_resource(s3_endpoint_url)
-    return {
-        "storage": PlatformStorage(pool_uri=pool_uri, data_uri=data_uri, s3=s3, analytics_dir=analytics_dir),
-        "downloader": DownloadConfig(allow_hosts=",".join(allow_hosts), **(download_options or {})),
-        "quality": quality or QualityConfig(),
-        "preferences": PreferencesConfig(uri=preferences_uri),
-        "reward_training": reward_training or RewardModelConfig(),
-        "baselines": baselines or BaselineConfig(),
-        "scoring": scoring or ScoringConfig(),
-        "compression": CompressionConfig(keep_fraction=keep_fraction if keep_fraction is not None else 0.3),
-        "evaluation": EvaluationConfig(uri=evaluation_uri),
-        "model_training": model_training or ModelTrainingConfig(),
-    }
 
 
 def default_instance() -> DagsterInstance:
@@ -230,7 +187,7 @@ def report(run: LineageRun) -> str:
     )
     if scores.rows:
         lines += ["", "scores (DuckDB view `scores`):", scores.as_text()]
-    thresholds = _read_report(run.storage, "score_threshold.json")
+    thresholds = _read_report(run.storage, layout.SCORE_THRESHOLD_REPORT_KEY)
     if thresholds:
         lines += ["", "compressed subsets (DuckDB view `subsets`):"]
         for variant in (v for v in schemas.SUBSET_VARIANTS if v in thresholds):
@@ -249,10 +206,10 @@ def report(run: LineageRun) -> str:
             [schemas.REWARD_TOPK],
         )
         lines += [per_shard.as_text()]
-    accuracy = _read_report(run.storage, "preference_accuracy.json")
+    accuracy = _read_report(run.storage, layout.PREFERENCE_ACCURACY_REPORT_KEY)
     if accuracy:
         lines += ["", f"held-out preference accuracy ({accuracy['pairs']} human-ordered pairs, ties excluded):"]
-        lines += [f"  {kind:14s} {accuracy[kind]:.3f}" for kind in ("reward_model", "clip_score", "blip_score")]
+        lines += [f"  {kind:14s} {accuracy[kind]:.3f}" for kind in schemas.SCORERS]
     lines += ["", "checks (runs passed / runs):"]
     for name in sorted({name for r in run.runs for name in r.checks}):
         passed = sum(1 for r in run.runs if r.checks.get(name))
@@ -263,17 +220,17 @@ def report(run: LineageRun) -> str:
             failed = [n for n, ok in r.checks.items() if not ok]
             lines.append(f"  FAILED {r.target}: {r.error or 'checks failed: ' + ', '.join(failed)}")
     lines.append(f'\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} "SELECT ...")')
-    curation = _read_report(run.storage, "curation_report.json")
+    curation = _read_report(run.storage, layout.CURATION_REPORT_KEY)
     if curation:
         rows = [CurationRow(variant=v, **curation[v]) for v in schemas.TRAINING_VARIANTS if v in curation]
         lines += [
             "",
-            "curation report (reports/curation_report.md; models trained on each variant, equal samples seen):",
+            f"curation report ({layout.CURATION_TABLE_KEY}; models trained on each variant, equal samples seen):",
             curation_text(rows),
         ]
     return "\n".join(lines)
 
 
-def _read_report(storage: PlatformStorage, name: str) -> dict[str, Any] | None:
+def _read_report(storage: PlatformStorage, key: str) -> dict[str, Any] | None:
     with tempfile.TemporaryDirectory() as scratch:
-        return read_json(storage.data_store(), f"{layout.REPORTS_DIR}/{name}", Path(scratch))
+        return read_json(storage.data_store(), key, Path(scratch))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import webdataset as wds
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -136,3 +138,19 @@ def write_evaluation_file(server: RoutesServer, path: Path, images: int, seed: i
     ]
     pl.DataFrame({"url": urls, "caption": [f"picture {i}" for i in range(images)]}).write_parquet(path)
     return path, urls
+
+
+def write_download_tar(path: Path, samples: list[tuple[str, str, str]]) -> Path:
+    """A tar laid out as img2dataset writes it: `<key>.jpg`, `.txt` and `.json` (with the uid) per (key, uid,
+    caption); each image's bytes differ."""
+    with wds.TarWriter(str(path)) as writer:
+        for key, uid, caption in samples:
+            writer.write(
+                {
+                    "__key__": key,
+                    "jpg": png_bytes(4, 4, seed=int(key)),
+                    "txt": caption.encode(),
+                    "json": json.dumps({"uid": uid, "key": key}).encode(),
+                }
+            )
+    return path

@@ -10,7 +10,6 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-import webdataset as wds
 
 from ca_platform import layout, schemas
 from ca_platform.compression import subsets
@@ -28,7 +27,7 @@ from ca_platform.compression.threshold import (
 )
 from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import Status
-from tests.conftest import png_bytes
+from tests.conftest import write_download_tar
 
 SCORE_COLUMNS = {"uid": pl.String, "shard": pl.String, "score": pl.Float64}
 
@@ -252,22 +251,6 @@ def test_pairs_without_a_score_rank_last_and_a_cut_reaching_them_is_refused(tmp_
     assert (threshold.total, threshold.kept, threshold.score, threshold.uid) == (5, 3, 0.5, "u2")
     with pytest.raises(ValueError, match="1 of 5 pairs have no score .*shard b, uid u0"):
         score_threshold(tmp_path, "reward_topk", "v1", 1.0)
-
-
-def write_download_tar(path: Path, samples: list[tuple[str, str, str]]) -> Path:
-    """A tar laid out as img2dataset writes it: `<key>.jpg`, `.txt` and `.json` (with the uid) per (key, uid,
-    caption); each image's bytes differ."""
-    with wds.TarWriter(str(path)) as writer:
-        for key, uid, caption in samples:
-            writer.write(
-                {
-                    "__key__": key,
-                    "jpg": png_bytes(4, 4, seed=int(key)),
-                    "txt": caption.encode(),
-                    "json": json.dumps({"uid": uid, "key": key}).encode(),
-                }
-            )
-    return path
 
 
 def _membership(variant: str, uids: list[str], kept: set[str]) -> pl.DataFrame:

@@ -12,7 +12,7 @@ from ca_platform import layout, schemas
 from ca_platform.compression.subsets import write_shard_subsets
 from ca_platform.storage import LocalStore, publish_folder
 from ca_platform.training.training_set import NoTrainingDataError, TrainingSettings, budget_for, training_set
-from tests.test_compression import write_download_tar
+from tests.conftest import write_download_tar
 
 SHARDS = {"s0": [f"a{i}" for i in range(6)], "s1": [f"b{i}" for i in range(4)]}
 KEYS = {uid: f"{index:09d}" for index, uid in enumerate(SHARDS["s0"] + SHARDS["s1"])}  # each sample's image differs

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from ca_platform import analytics, layout
+from ca_platform.resources import DEFAULT_KEEP_FRACTION
 from tests.conftest import RoutesServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,67 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def _workspace_module() -> tuple[str, str]:
     entry = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"][0]["python_module"]
     return entry["module_name"], str(REPO / entry.get("working_directory", "."))
+
+
+OPTIONAL_ENV = ("CA_ALLOW_HOSTS", "CA_ANALYTICS_DIR", "CA_PREFERENCES_URI", "CA_KEEP_FRACTION", "CA_EVAL_URI")
+
+
+def test_dagster_and_ca_platform_run_build_the_same_resources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from dagster import EnvVar
+
+    from ca_platform.assets import ALL_ASSETS
+    from ca_platform.resources import BaselineConfig, build_resources, resources_from_env
+
+    env = {
+        "CA_POOL_URI": str(tmp_path / "pool"),
+        "CA_DATA_URI": str(tmp_path / "data"),
+        "CA_ALLOW_HOSTS": "127.0.0.1,images.internal",
+        "CA_ANALYTICS_DIR": str(tmp_path / "analytics"),
+        "CA_PREFERENCES_URI": str(tmp_path / "prefs.jsonl"),
+        "CA_KEEP_FRACTION": "0.12",
+        "CA_EVAL_URI": str(tmp_path / "eval.parquet"),
+        "CA_CLIP_DIR": str(tmp_path / "clip"),
+        "CA_BLIP_DIR": str(tmp_path / "blip"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from_env = resources_from_env()
+    in_process = build_resources(  # what `ca-platform run` builds from the same settings given as flags
+        env["CA_POOL_URI"],
+        env["CA_DATA_URI"],
+        ["127.0.0.1", "images.internal"],
+        analytics_dir=env["CA_ANALYTICS_DIR"],
+        preferences_uri=env["CA_PREFERENCES_URI"],
+        baselines=BaselineConfig(clip_pretrained_dir=env["CA_CLIP_DIR"], blip_pretrained_dir=env["CA_BLIP_DIR"]),
+        keep_fraction=0.12,
+        evaluation_uri=env["CA_EVAL_URI"],
+    )
+    asked_for = {key for asset in ALL_ASSETS for key in asset.required_resource_keys} - {"io_manager"}  # Dagster's own
+    assert asked_for <= set(from_env) and set(from_env) == set(in_process)
+    locations = {"pool_uri", "data_uri"}  # for Dagster EnvVars, read when a run starts; paths in process
+    for key in in_process:
+        assert from_env[key].model_dump(exclude=locations) == in_process[key].model_dump(exclude=locations), key
+    storage = from_env["storage"]
+    assert isinstance(storage.pool_uri, EnvVar) and isinstance(storage.data_uri, EnvVar)
+    assert (storage.pool_uri, storage.data_uri) == ("CA_POOL_URI", "CA_DATA_URI")
+    assert from_env["downloader"].settings().policy.allow_hosts == {"127.0.0.1", "images.internal"}
+
+
+def test_unset_settings_take_the_defaults_ca_platform_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ca_platform.cli import build_parser
+    from ca_platform.resources import resources_from_env
+
+    for name in OPTIONAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    resources = resources_from_env()
+    demo = build_parser().parse_args(["demo"])
+    assert resources["compression"].keep_fraction == demo.keep == DEFAULT_KEEP_FRACTION
+    assert resources["downloader"].settings().policy.allow_hosts == frozenset()  # public addresses only
+    assert resources["preferences"].uri is None and resources["evaluation"].uri is None
+
+    monkeypatch.setenv("CA_KEEP_FRACTION", "a third")
+    with pytest.raises(ValueError, match="CA_KEEP_FRACTION must be a number"):
+        resources_from_env()
 
 
 @pytest.mark.slow
@@ -192,5 +254,5 @@ def test_run_with_eval_runs_the_whole_lineage_and_writes_the_report(
     report = yaml.safe_load((data / layout.REPORTS_DIR / "curation_report.json").read_text())
     assert set(report) == {"full", "reward_topk", "clipscore_topk", "random_topk"}
     assert all({"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"} <= set(v) for v in report.values())
-    assert report["reward_topk"]["kept_fraction"] == pytest.approx(0.3, abs=0.05)  # --keep defaults to 0.3
+    assert report["reward_topk"]["kept_fraction"] == pytest.approx(DEFAULT_KEEP_FRACTION, abs=0.05)  # --keep's default
     assert "curation report" in done.stdout and "kept" in done.stdout

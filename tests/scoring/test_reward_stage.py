@@ -21,6 +21,11 @@ from ca_platform.runner import build_resources, report, run_lineage
 FAST_REWARD = RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8)
 FAST_BASELINES = BaselineConfig(epochs=1, batch_size=8)
 NO_WORKERS = ScoringConfig(num_workers=0, batch_size=16)
+# Each run_lineage downloads the pool again, and later runs must find the same images, or the pool baselines and
+# so the reward model retrain. img2dataset's defaults (10 s per socket operation, no retry) leave a request to
+# the test's own server no slack when the machine is oversubscribed; these do, and a lost image still fails.
+LOOPBACK_DOWNLOADS = {"thread_count": 4, "timeout_s": 60.0, "retries": 2}
+DOWNLOADED = "SELECT shard, uid, sha256 FROM downloads WHERE status = 'success' ORDER BY ALL"
 
 
 def _resources(pool: Path, data: Path, preferences: Path, scoring: ScoringConfig = NO_WORKERS) -> dict[str, object]:
@@ -28,7 +33,7 @@ def _resources(pool: Path, data: Path, preferences: Path, scoring: ScoringConfig
         str(pool),
         str(data),
         ["127.0.0.1"],
-        download_options={"thread_count": 4},
+        download_options=LOOPBACK_DOWNLOADS,
         preferences_uri=str(preferences),
         reward_training=FAST_REWARD,
         baselines=FAST_BASELINES,
@@ -63,7 +68,8 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
     coverage = [r.checks["reward_scores:uid_coverage"] for r in first.runs if "reward_scores:uid_coverage" in r.checks]
     assert coverage == [True, True]
     db = data / layout.ANALYTICS_DB
-    downloaded = analytics.query(db, "SELECT count(*) FROM downloads WHERE status = 'success'").rows[0][0]
+    first_downloads = analytics.query(db, DOWNLOADED).rows
+    downloaded = len(first_downloads)
     per_version = analytics.query(
         db,
         "SELECT model_version, count(*), count(DISTINCT (shard, uid)) FROM scores WHERE scorer = 'reward_model' "
@@ -106,12 +112,16 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
 
     # unchanged preferences: the reward model is not retrained and no second version appears
     current = json.loads((data / layout.current_model_key("reward_model")).read_text())
-    assert run_lineage(_resources(pool, data, preferences), instance).success
+    again = run_lineage(_resources(pool, data, preferences), instance)
+    assert again.success, [r for r in again.runs if not r.success]
+    assert analytics.query(db, DOWNLOADED).rows == first_downloads  # downloaded again, the same images
     assert json.loads((data / layout.current_model_key("reward_model")).read_text()) == current
 
     # changed preferences: a new version, scored beside the old one
     changed = write_shapes_preferences(tmp_path / "prefs2", ShapesPreferenceConfig(images=24, seed=5))
-    assert run_lineage(_resources(pool, data, changed), instance).success
+    retrained = run_lineage(_resources(pool, data, changed), instance)
+    assert retrained.success, [r for r in retrained.runs if not r.success]
+    assert analytics.query(db, DOWNLOADED).rows == first_downloads
     per_version = analytics.query(
         db, "SELECT model_version, count(*) FROM scores WHERE scorer = 'reward_model' GROUP BY ALL ORDER BY ALL"
     ).rows
@@ -133,17 +143,39 @@ def test_bad_preference_file_fails_the_stage_naming_the_row(web_pool: Callable[.
     assert "prefs.jsonl: row 2: field 'captions'" in failures[0].error
 
 
+def test_reward_training_settings_reach_the_model_spec_and_the_training_config() -> None:
+    from dataclasses import asdict
+
+    from ca_platform.scoring.reward.model import RewardModelSpec
+    from ca_platform.scoring.reward.train import TrainConfig
+
+    settings = RewardModelConfig(
+        backbone="tiny",
+        image_size=32,
+        freeze_fraction=0.5,
+        epochs=3,
+        learning_rate=0.01,
+        images_per_batch=4,
+        tie_policy="soft",
+        seed=7,
+        device="cpu",
+    )
+    spec, config = settings.spec(), settings.train_config()
+    given = settings.model_dump()
+    assert {**asdict(spec), **asdict(config)}.items() >= given.items()  # every setting reaches the model layer
+    untouched = {"max_text_length", "head_hidden", "text_init"}  # what the resource does not set keeps its default
+    assert {k: getattr(spec, k) for k in untouched} == {k: getattr(RewardModelSpec(), k) for k in untouched}
+    assert config.weight_decay == TrainConfig().weight_decay
+
+
 def test_a_checkpoint_trained_elsewhere_is_pinned_until_unpinned(tmp_path: Path, capsys) -> None:
     from ca_platform import cli
     from ca_platform.models.tokenization import bert_tokenizer
     from ca_platform.schemas import REWARD_MODEL
     from ca_platform.scoring.registry import current_model
-    from ca_platform.scoring.reward.model import (
-        RewardModelSpec,
-        TrainedRewardModel,
-        build_reward_model,
-        save_reward_model,
-    )
+    from ca_platform.scoring.reward.model import RewardModelSpec, build_reward_model
+    from ca_platform.scoring.reward.scorer import save_reward_model
+    from ca_platform.scoring.reward.train import TrainedRewardModel
     from ca_platform.storage import LocalStore
 
     tokenizer = bert_tokenizer()

@@ -271,8 +271,9 @@ def test_captioner_round_trip_keeps_tied_weights_and_captions(
     with pytest.raises(CheckpointError, match="blip_captioner"):
         load_trained_clip(folder)
     reloaded, checkpoint = load_transformers_model(folder, TRAINED_CAPTIONER, BlipConfig, BlipForConditionalGeneration)
-    again = tmp_path / "again"
-    resaved, _ = save_transformers_model(again, reloaded, checkpoint.preprocessor, checkpoint.metrics, TRAINED_CAPTIONER)
+    resaved, _ = save_transformers_model(
+        tmp_path / "again", reloaded, checkpoint.preprocessor, checkpoint.metrics, TRAINED_CAPTIONER
+    )
     assert resaved == version
 
 

@@ -1,0 +1,167 @@
+"""How each stage runs: download, data quality, preferences, reward model, scoring, baselines, compression,
+evaluation and model training, as Dagster resources.
+
+A resource whose stage has a settings dataclass in `ca_platform` builds it from its own values, field by
+name, so a setting added to both is passed on without a line of mapping here. Modules that pull in torch or
+img2dataset are imported where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from dagster import ConfigurableResource
+from pydantic import Field
+
+from ca_platform.compression import DEFAULT_KEEP_FRACTION
+from ca_platform.ingest.download_guard import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
+from ca_platform.ingest.quality import QualityThresholds
+
+if TYPE_CHECKING:
+    from ca_platform.ingest.download import DownloadSettings
+    from ca_platform.scoring.reward.model import RewardModelSpec
+    from ca_platform.scoring.reward.train import TrainConfig
+
+
+
+def shared_fields(resource: ConfigurableResource, target: type, **overrides: Any) -> dict[str, Any]:
+    """The resource's values for the fields that the dataclass `target` also has, then `overrides`."""
+    names = {f.name for f in dataclasses.fields(target)}
+    return {name: value for name, value in resource.model_dump().items() if name in names} | overrides
+
+
+class DownloadConfig(ConfigurableResource):
+    """How images are fetched: img2dataset's knobs and the guard's limits."""
+
+    thread_count: int = 32
+    timeout_s: float = 10.0
+    retries: int = 0
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"
+    encode_format: str = "jpg"
+    samples_per_tar: int = 10_000
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts or IPs that downloads may reach although they are private, "
+        "loopback or link-local (e.g. 127.0.0.1 for a local pool). Empty: public addresses only.",
+    )
+
+    def settings(self) -> DownloadSettings:
+        from ca_platform.ingest.download import DownloadSettings
+
+        hosts = frozenset(h.strip().lower() for h in self.allow_hosts.split(",") if h.strip())
+        policy = GuardPolicy(**shared_fields(self, GuardPolicy, allow_hosts=hosts))
+        return DownloadSettings(**shared_fields(self, DownloadSettings, policy=policy))
+
+
+class QualityConfig(ConfigurableResource):
+    """Floors and bounds of the per-shard data-quality checks."""
+
+    min_caption_fraction: float = 0.9
+    min_download_success_rate: float = 0.5
+    min_image_side: int = 8
+    max_image_side: int = 16384
+
+    def thresholds(self) -> QualityThresholds:
+        return QualityThresholds(**shared_fields(self, QualityThresholds))
+
+
+class PreferencesConfig(ConfigurableResource):
+    """The human preference file the reward model learns from, and how it is split."""
+
+    uri: str | None = Field(default=None, description="Local JSONL or parquet preference file.")
+    holdout_fraction: float = Field(default=0.2, description="Share of images held out for evaluation.")
+    split_seed: int = 0
+
+
+class RewardModelConfig(ConfigurableResource):
+    """How the reward model is built and trained."""
+
+    backbone: str = Field(
+        default="blip_score_model",
+        description='"blip_score_model": start from the BLIP ITM baseline (the user\'s pretrained BLIP, or one trained '
+        'on the raw pool); "tiny": a small BLIP from scratch; or a local pretrained BLIP folder.',
+    )
+    image_size: int = 64
+    freeze_fraction: float = Field(default=0.0, description="Freeze this first fraction of encoder layers.")
+    epochs: int = 15
+    learning_rate: float = 1e-3
+    images_per_batch: int = 16
+    tie_policy: str = Field(default="skip", description='"skip" human ties, or "soft" (target 0.5).')
+    seed: int = 0
+    device: str | None = Field(default=None, description="cpu, cuda, ...; default: CUDA when present.")
+
+    def spec(self) -> RewardModelSpec:
+        """The architecture this resource sets; what it leaves out keeps RewardModelSpec's default."""
+        from ca_platform.scoring.reward.model import RewardModelSpec
+
+        return RewardModelSpec(**shared_fields(self, RewardModelSpec))
+
+    def train_config(self) -> TrainConfig:
+        """The optimisation settings this resource sets; what it leaves out keeps TrainConfig's default."""
+        from ca_platform.scoring.reward.train import TrainConfig
+
+        return TrainConfig(**shared_fields(self, TrainConfig))
+
+
+class ScoringConfig(ConfigurableResource):
+    """How shards are scored: batch size, DataLoader workers, device."""
+
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str | None = None
+
+
+class BaselineConfig(ConfigurableResource):
+    """The CLIP-score and BLIP-ITM baselines: local pretrained folders, or trained on the raw pool."""
+
+    clip_pretrained_dir: str | None = Field(default=None, description="Local CLIP folder (save_pretrained).")
+    blip_pretrained_dir: str | None = Field(default=None, description="Local BLIP ITM folder (save_pretrained).")
+    image_size: int = 64
+    epochs: int = 4
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    max_train_pairs: int = 20_000
+    seed: int = 0
+    device: str | None = None
+
+
+class CompressionConfig(ConfigurableResource):
+    """How hard to compress: the fraction of the pool the reward model keeps (the paper goes down to ~0.12)."""
+
+    keep_fraction: float = Field(default=DEFAULT_KEEP_FRACTION, ge=0.0, le=1.0)
+    random_seed: int = Field(default=0, description="Seed of the random_topk baseline's uniform sample.")
+
+
+class EvaluationConfig(ConfigurableResource):
+    """The held-out clean evaluation set: parquet `url, caption` (rows sharing a URL: one image, several
+    references)."""
+
+    uri: str | None = Field(default=None, description="Local parquet file with url, caption columns.")
+    batch_size: int = 64
+    max_new_tokens: int = 24
+    device: str | None = None
+
+
+class ModelTrainingConfig(ConfigurableResource):
+    """How the CLIP and BLIP models are trained on each training-set variant.
+
+    The budget is equal across variants: in samples seen (DataComp's rule; by default `full_epochs` passes
+    over the full pool, so a subset at k = 0.3 is seen about 3.3 times as often), or in epochs.
+    """
+
+    clip_source: str = Field(default="tiny", description='"tiny" (from config) or a local pretrained CLIP folder.')
+    blip_source: str = Field(default="tiny", description='"tiny" (from config) or a local pretrained BLIP folder.')
+    budget: str = Field(default="samples", description='"samples": equal samples seen; "epochs": equal epochs.')
+    samples_seen: int | None = Field(default=None, description="Samples seen per model; default full_epochs x pool.")
+    full_epochs: float = 3.0
+    epochs: int = Field(default=3, description='Epochs per model when budget is "epochs".')
+    image_size: int = 64
+    batch_size: int = 32
+    clip_learning_rate: float = 2e-3
+    blip_learning_rate: float = 5e-3  # a tiny captioner barely moves at 5e-4
+    seed: int = 0
+    device: str | None = None
