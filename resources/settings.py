@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from ca_platform.scoring.reward.train import TrainConfig
 
 
-
 def shared_fields(resource: ConfigurableResource, target: type, **overrides: Any) -> dict[str, Any]:
     """The resource's values for the fields that the dataclass `target` also has, then `overrides`."""
     names = {f.name for f in dataclasses.fields(target)}

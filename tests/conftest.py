@@ -18,6 +18,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from ca_platform import layout, schemas
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
@@ -154,3 +156,43 @@ def write_download_tar(path: Path, samples: list[tuple[str, str, str]]) -> Path:
                 }
             )
     return path
+
+
+# A downloaded pool of two shards written by hand (no server): what the training set and baselines read.
+SHARDS = {"s0": [f"a{i}" for i in range(6)], "s1": [f"b{i}" for i in range(4)]}
+KEYS = {uid: f"{index:09d}" for index, uid in enumerate(SHARDS["s0"] + SHARDS["s1"])}  # each sample's image differs
+
+
+def _write_downloaded_shard(
+    data: Path, shard: str, uids: list[str], split: int, token: str, captions: dict[str, str]
+) -> None:
+    """The shard's samples in two tars split after `split` samples, named with the run `token`, and its ledger."""
+    rows = [(KEYS[uid], uid, captions.get(uid, f"a photo of {uid}")) for uid in uids]
+    folder = data / layout.download_prefix(shard)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.tar"):
+        stale.unlink()
+    names = [f"{token}-00000.tar", f"{token}-00001.tar"]
+    write_download_tar(folder / names[0], rows[:split])
+    write_download_tar(folder / names[1], rows[split:])
+    ledger = pl.DataFrame(
+        {
+            schemas.UID: uids,
+            schemas.SHARD: [shard] * len(uids),
+            schemas.ROW_INDEX: list(range(len(uids))),
+            schemas.STATUS: [schemas.Status.SUCCESS] * len(uids),
+            "tar": [names[0] if i < split else names[1] for i in range(len(uids))],
+        }
+    )
+    missing = {c: pl.lit(None) for c in schemas.DOWNLOAD_ROWS if c not in ledger.columns}
+    schemas.conform(ledger.with_columns(**missing), schemas.DOWNLOAD_ROWS).write_parquet(
+        data / layout.download_rows_key(shard)
+    )
+
+
+def write_downloaded_pool(data: Path, token: str = "run1", reverse: bool = False, captions: dict | None = None) -> None:
+    """SHARDS as downloaded under the data root `data`; `reverse` writes each shard's samples in the opposite
+    order and split, as another download run completing in another order would."""
+    for shard, uids in SHARDS.items():
+        ordered = list(reversed(uids)) if reverse else uids
+        _write_downloaded_shard(data, shard, ordered, 2 if reverse else 3, token, captions or {})

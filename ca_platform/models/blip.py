@@ -29,9 +29,7 @@ PRETRAINED_MAX_TOKENS = 64  # BLIP's text tower allows 512; web captions that lo
 Model = TypeVar("Model", bound=PreTrainedModel)
 
 
-def _build_blip(
-    model_class: type[Model], source: str, image_size: int
-) -> tuple[Model, PairPreprocessor]:
+def _build_blip(model_class: type[Model], source: str, image_size: int) -> tuple[Model, PairPreprocessor]:
     """A fresh tiny BLIP of `model_class` (BERT WordPiece text side) or a pretrained one from a local folder.
 
     The tiny config's text ids follow the BERT tokenizer: bos = [CLS], eos and sep = [SEP], pad = [PAD].

@@ -143,9 +143,7 @@ def save_transformers_model(
     root: Path, model: PreTrainedModel, preprocessor: PairPreprocessor, metrics: Mapping[str, Any], kind: str
 ) -> tuple[str, Path]:
     """`save_model` for a transformers model: its own config is the architecture document."""
-    return save_model(
-        root, model, kind=kind, config=model.config.to_dict(), preprocessor=preprocessor, metrics=metrics
-    )
+    return save_model(root, model, kind=kind, config=model.config.to_dict(), preprocessor=preprocessor, metrics=metrics)
 
 
 def load_transformers_model(

@@ -18,7 +18,7 @@ from ca_platform import analytics, layout
 from ca_platform.resources import DEFAULT_KEEP_FRACTION
 from tests.conftest import RoutesServer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

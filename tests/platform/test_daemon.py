@@ -15,7 +15,7 @@ import pytest
 
 from ca_platform import layout
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

@@ -252,9 +252,7 @@ def test_clip_round_trip_gives_identical_embeddings_and_version(trained_clip: Tr
     assert resaved == version
 
 
-def test_captioner_round_trip_keeps_tied_weights_and_captions(
-    trained_captioner: TrainedModel, tmp_path: Path
-) -> None:
+def test_captioner_round_trip_keeps_tied_weights_and_captions(trained_captioner: TrainedModel, tmp_path: Path) -> None:
     version, folder = save_trained_captioner(trained_captioner, tmp_path / "captioners")
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
 

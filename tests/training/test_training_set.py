@@ -12,41 +12,7 @@ from ca_platform import layout, schemas
 from ca_platform.compression.subsets import write_shard_subsets
 from ca_platform.storage import LocalStore, publish_folder
 from ca_platform.training.training_set import NoTrainingDataError, TrainingSettings, budget_for, training_set
-from tests.conftest import write_download_tar
-
-SHARDS = {"s0": [f"a{i}" for i in range(6)], "s1": [f"b{i}" for i in range(4)]}
-KEYS = {uid: f"{index:09d}" for index, uid in enumerate(SHARDS["s0"] + SHARDS["s1"])}  # each sample's image differs
-
-
-def _download(data: Path, shard: str, uids: list[str], split: int, token: str, captions: dict[str, str]) -> None:
-    """The shard's samples in two tars split after `split` samples, named with the run `token`, and its ledger."""
-    rows = [(KEYS[uid], uid, captions.get(uid, f"a photo of {uid}")) for uid in uids]
-    folder = data / layout.download_prefix(shard)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.tar"):
-        stale.unlink()
-    names = [f"{token}-00000.tar", f"{token}-00001.tar"]
-    write_download_tar(folder / names[0], rows[:split])
-    write_download_tar(folder / names[1], rows[split:])
-    ledger = pl.DataFrame(
-        {
-            schemas.UID: uids,
-            schemas.SHARD: [shard] * len(uids),
-            schemas.ROW_INDEX: list(range(len(uids))),
-            schemas.STATUS: [schemas.Status.SUCCESS] * len(uids),
-            "tar": [names[0] if i < split else names[1] for i in range(len(uids))],
-        }
-    )
-    missing = {c: pl.lit(None) for c in schemas.DOWNLOAD_ROWS if c not in ledger.columns}
-    schemas.conform(ledger.with_columns(**missing), schemas.DOWNLOAD_ROWS).write_parquet(
-        data / layout.download_rows_key(shard)
-    )
-
-
-def _download_pool(data: Path, token: str = "run1", reverse: bool = False, captions: dict | None = None) -> None:
-    for shard, uids in SHARDS.items():
-        ordered = list(reversed(uids)) if reverse else uids
-        _download(data, shard, ordered, 2 if reverse else 3, token, captions or {})
+from tests.conftest import SHARDS, write_downloaded_pool
 
 
 def _compress(data: Path, variant: str, kept: set[str], scratch: Path) -> None:
@@ -75,22 +41,22 @@ def _compress(data: Path, variant: str, kept: set[str], scratch: Path) -> None:
 
 def test_the_full_set_is_every_downloaded_pair_fingerprinted_whatever_the_tars(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    _download_pool(data)
+    write_downloaded_pool(data)
     full = training_set(LocalStore(data), schemas.FULL, tmp_path / "scratch")
     assert (full.pairs, full.pool_pairs) == (10, 10)
     assert sorted(p.name for p in full.tars) == ["run1-00000.tar"] * 2 + ["run1-00001.tar"] * 2
 
-    _download_pool(data, token="run2", reverse=True)  # downloaded again: other tar names, order and split
+    write_downloaded_pool(data, token="run2", reverse=True)  # downloaded again: other tar names, order and split
     again = training_set(LocalStore(data), schemas.FULL, tmp_path / "scratch")
     assert again.fingerprint == full.fingerprint and again.pairs == 10
 
-    _download_pool(data, token="run3", captions={"b2": "another caption"})
+    write_downloaded_pool(data, token="run3", captions={"b2": "another caption"})
     assert training_set(LocalStore(data), schemas.FULL, tmp_path / "scratch").fingerprint != full.fingerprint
 
 
 def test_a_subset_is_its_kept_pairs_and_counts_the_budget_in_the_whole_pool(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    _download_pool(data)
+    write_downloaded_pool(data)
     store = LocalStore(data)
     with pytest.raises(NoTrainingDataError, match="shard s0 has no reward_topk subset yet"):
         training_set(store, schemas.REWARD_TOPK, tmp_path / "scratch")
