@@ -196,3 +196,17 @@ def write_downloaded_pool(data: Path, token: str = "run1", reverse: bool = False
     for shard, uids in SHARDS.items():
         ordered = list(reversed(uids)) if reverse else uids
         _write_downloaded_shard(data, shard, ordered, 2 if reverse else 3, token, captions or {})
+
+
+def fast_reward_stage(folder: Path) -> dict[str, object]:
+    """`build_resources` arguments for a reward stage that trains in seconds on a tiny pool: 24 simulated
+    preference images written under `folder`, few epochs, small batches, scoring in the test's process."""
+    from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.resources import BaselineConfig, RewardModelConfig, ScoringConfig
+
+    return {
+        "preferences_uri": str(write_shapes_preferences(folder, ShapesPreferenceConfig(images=24))),
+        "reward_training": RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8),
+        "baselines": BaselineConfig(epochs=1, batch_size=8),
+        "scoring": ScoringConfig(num_workers=0, batch_size=16),
+    }

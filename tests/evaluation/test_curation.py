@@ -12,14 +12,13 @@ import pytest
 from dagster import DagsterInstance
 
 from ca_platform import layout
-from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
-from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardModelConfig, ScoringConfig
+from ca_platform.resources import ModelTrainingConfig
 from ca_platform.runner import build_resources, report, run_lineage
 from ca_platform.schemas import TRAINING_VARIANTS
 from ca_platform.training.captioner import train_blip_captioner_on_tars
 from ca_platform.training.clip import train_clip_on_tars
 from ca_platform.training.tars import TrainingBudget
-from tests.conftest import RoutesServer, write_evaluation_file
+from tests.conftest import RoutesServer, fast_reward_stage, write_evaluation_file
 
 CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"}
 
@@ -38,10 +37,7 @@ def test_the_report_lists_every_variant_as_measured(
         str(data),
         ["127.0.0.1"],
         download_options={"thread_count": 4},
-        preferences_uri=str(write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=24))),
-        reward_training=RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8),
-        baselines=BaselineConfig(epochs=1, batch_size=8),
-        scoring=ScoringConfig(num_workers=0, batch_size=16),
+        **fast_reward_stage(tmp_path / "prefs"),
         keep_fraction=0.5,
         evaluation_uri=str(evaluation),
         model_training=ModelTrainingConfig(full_epochs=2, image_size=32, batch_size=8),

@@ -12,11 +12,10 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from ca_platform import analytics, cli, layout
-from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
-from ca_platform.resources import BaselineConfig, ModelTrainingConfig, RewardModelConfig, ScoringConfig
+from ca_platform.resources import ModelTrainingConfig
 from ca_platform.runner import build_resources, run_lineage
 from ca_platform.schemas import SUBSET_VARIANTS
-from tests.conftest import RoutesServer, write_evaluation_file
+from tests.conftest import RoutesServer, fast_reward_stage, write_evaluation_file
 
 
 def _free_port() -> int:
@@ -106,10 +105,7 @@ def test_subsets_models_and_report_on_s3(
         s3_endpoint_url=s3_endpoint,
         download_options={"thread_count": 4},
         analytics_dir=str(tmp_path / "analytics"),
-        preferences_uri=str(write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=24))),
-        reward_training=RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8),
-        baselines=BaselineConfig(epochs=1, batch_size=8),
-        scoring=ScoringConfig(num_workers=0, batch_size=16),
+        **fast_reward_stage(tmp_path / "prefs"),
         keep_fraction=0.5,
         evaluation_uri=str(evaluation),
         model_training=ModelTrainingConfig(full_epochs=1, image_size=32, batch_size=8),

@@ -56,14 +56,6 @@ def test_clip_round_trip_keeps_scores_and_version(trained_clip: TrainedModel, tm
     version, folder = save_clip(trained_clip, tmp_path / "a")
     assert folder == tmp_path / "a" / version
     assert save_clip(trained_clip, tmp_path / "a") == (version, folder)
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json",
-        "metrics.json",
-        "model.safetensors",
-        "preprocessing.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
     loaded = load_clip(folder, device="cpu")
     assert loaded.name == "clip_score" and loaded.version == version
     in_memory = ClipScorer(trained_clip.model, trained_clip.preprocessor, version, device="cpu")
