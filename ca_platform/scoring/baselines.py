@@ -14,7 +14,7 @@ from PIL import Image
 
 from ca_platform import layout
 from ca_platform.ingest.download import downloaded_rows, downloaded_shards, fetch_shard_download, read_download_ledger
-from ca_platform.ingest.webdataset_io import decode_sample, iter_samples
+from ca_platform.ingest.webdataset_io import iter_pairs
 from ca_platform.models.checkpoints import content_version
 from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, UID
 from ca_platform.scoring.blip_itm import BlipItmScorer, save_blip_itm, train_blip_itm
@@ -54,21 +54,12 @@ def downloads_fingerprint(store: DataStore, shards: list[str], scratch: Path) ->
 
 
 def pool_pairs(store: DataStore, shards: list[str], scratch: Path, limit: int) -> Iterator[tuple[Image.Image, str]]:
-    """(image, caption) of successfully downloaded pairs of the raw pool, shard by shard in uid order, at most
-    `limit`.
-
-    img2dataset writes a shard's tars in the order downloads complete, which differs from run to run; read in
-    that order, the same downloads would train a different baseline (and, through its BLIP, a different reward
-    model) every time. In uid order the same downloads always train the same model. A shard's samples are
-    held encoded while they are sorted; images are decoded one at a time.
-    """
+    """(image, caption) of successfully downloaded pairs of the raw pool, shard by shard, at most `limit`."""
 
     def every_pair() -> Iterator[tuple[Image.Image, str]]:
         for shard in shards:
             _, tars = fetch_shard_download(store, shard, scratch)
-            samples = [(tar, sample) for tar in tars for sample in iter_samples([tar])]
-            for tar, sample in sorted(samples, key=lambda item: str(item[1].meta.get(UID))):
-                _, image, caption = decode_sample(tar, sample)
+            for _, image, caption in iter_pairs(tars):
                 yield image, caption
 
     return itertools.islice(every_pair(), limit)

@@ -13,12 +13,9 @@ from ca_platform.models.checkpoints import CheckpointError, read_model
 from ca_platform.models.clip import build_clip
 from ca_platform.models.training import TrainedModel
 from ca_platform.schemas import CLIP_SCORE
-from ca_platform.scoring.baselines import pool_pairs
 from ca_platform.scoring.blip_itm import BlipItmScorer, load_blip_itm, save_blip_itm, train_blip_itm
 from ca_platform.scoring.clip_score import ClipScorer, load_clip, save_clip, train_clip
 from ca_platform.scoring.streaming import score_pairs
-from ca_platform.storage import LocalStore
-from tests.conftest import SHARDS, write_downloaded_pool
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 IMAGES = [Image.new("RGB", (40, 36), rgb) for rgb in COLOURS.values()]
@@ -123,19 +120,3 @@ def test_local_pretrained_blip_dir_loads(tmp_path: Path) -> None:
 def test_hub_names_are_refused() -> None:
     with pytest.raises(ValueError, match="neither 'tiny' nor a local folder"):
         build_clip("openai/clip-vit-base-patch32")
-
-
-def test_the_pool_trains_baselines_in_uid_order_whatever_order_the_downloads_completed(tmp_path: Path) -> None:
-    """The same downloads must train the same baseline: img2dataset's tar order is the order downloads
-    finished, so a second run of the same pool lays the samples out differently."""
-    first, second = tmp_path / "first", tmp_path / "second"
-    write_downloaded_pool(first)
-    write_downloaded_pool(second, token="run2", reverse=True)
-
-    def captions(data: Path) -> list[str]:
-        pairs = pool_pairs(LocalStore(data), sorted(SHARDS), tmp_path / "scratch", limit=100)
-        return [caption for _, caption in pairs]
-
-    expected = [f"a photo of {uid}" for shard in sorted(SHARDS) for uid in sorted(SHARDS[shard])]
-    assert captions(first) == captions(second) == expected
-    assert len(list(pool_pairs(LocalStore(first), sorted(SHARDS), tmp_path / "scratch", limit=4))) == 4
