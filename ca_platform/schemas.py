@@ -63,6 +63,8 @@ REWARD_MODEL = "reward_model"  # the Compress & Align reward model, trained on h
 CLIP_SCORE = "clip_score"  # CLIP cosine similarity (DataComp's baseline)
 BLIP_SCORE = "blip_score"  # BLIP image-text matching probability
 SCORERS = (REWARD_MODEL, CLIP_SCORE, BLIP_SCORE)
+# The reward model's backbone setting that means "start from the current BLIP of the blip_score_model asset".
+POOL_BLIP_BACKBONE = f"{BLIP_SCORE}_model"
 
 # Subset variants: which pairs each way of compressing keeps, at the same keep fraction.
 REWARD_TOPK = "reward_topk"  # the reward model's top k (the method)

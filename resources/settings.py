@@ -17,6 +17,7 @@ from pydantic import Field
 from ca_platform.compression import DEFAULT_KEEP_FRACTION
 from ca_platform.ingest.download_guard import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
 from ca_platform.ingest.quality import QualityThresholds
+from ca_platform.schemas import POOL_BLIP_BACKBONE
 
 if TYPE_CHECKING:
     from ca_platform.ingest.download import DownloadSettings
@@ -80,9 +81,9 @@ class RewardModelConfig(ConfigurableResource):
     """How the reward model is built and trained."""
 
     backbone: str = Field(
-        default="blip_score_model",
-        description='"blip_score_model": start from the BLIP ITM baseline (the user\'s pretrained BLIP, or one trained '
-        'on the raw pool); "tiny": a small BLIP from scratch; or a local pretrained BLIP folder.',
+        default=POOL_BLIP_BACKBONE,
+        description=f'"{POOL_BLIP_BACKBONE}": start from the BLIP ITM baseline (the user\'s pretrained BLIP, or one '
+        'trained on the raw pool); "tiny": a small BLIP from scratch; or a local pretrained BLIP folder.',
     )
     image_size: int = 64
     freeze_fraction: float = Field(default=0.0, description="Freeze this first fraction of encoder layers.")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ca_platform import layout
 from ca_platform.preferences.staging import current_preference_set, load_preference_split
-from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, REWARD_MODEL
+from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, POOL_BLIP_BACKBONE, REWARD_MODEL
 from ca_platform.scoring.blip_itm import BlipItmScorer, load_blip_itm
 from ca_platform.scoring.clip_score import ClipScorer, load_clip
 from ca_platform.scoring.reward.model import RewardModelSpec
@@ -81,10 +81,6 @@ def train_once(
     current = {**fields, "version": version, "recipe": recipe}
     write_json(store, layout.current_model_key(kind), current, scratch)
     return current, True
-
-
-# The reward model's backbone setting that means "start from the current BLIP ITM model of blip_score_model".
-POOL_BLIP_BACKBONE = "blip_score_model"
 
 
 def current_reward_model(
