@@ -96,10 +96,11 @@ class Status:
     REFUSED = "refused"  # the download guard refused the URL: scheme or address not allowed
     TOO_LARGE = "too_large"  # body over the byte cap or image over the pixel cap
     OPTED_OUT = "opted_out"  # the server's X-Robots-Tag forbids AI use
-    FAILED_TO_DOWNLOAD = "failed_to_download"  # HTTP error, timeout, connection failure
+    TIMEOUT = "timeout"  # the URL's total deadline (connect + all reads) ran out: a slow host cannot hold a shard
+    FAILED_TO_DOWNLOAD = "failed_to_download"  # HTTP error, per-read timeout, connection failure
     FAILED_TO_DECODE = "failed_to_decode"  # the body is not a decodable image
 
-    ALL = (SUCCESS, SKIPPED, REFUSED, TOO_LARGE, OPTED_OUT, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)
+    ALL = (SUCCESS, SKIPPED, REFUSED, TOO_LARGE, OPTED_OUT, TIMEOUT, FAILED_TO_DOWNLOAD, FAILED_TO_DECODE)
 
 
 DUCKDB_TYPES: Mapping[type[pl.DataType], str] = {

@@ -15,7 +15,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION
-from ca_platform.ingest.download_guard import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
+from ca_platform.ingest.download_guard import DEFAULT_DEADLINE_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
 from ca_platform.ingest.quality import QualityThresholds
 from ca_platform.schemas import POOL_BLIP_BACKBONE
 
@@ -35,7 +35,12 @@ class DownloadConfig(ConfigurableResource):
     """How images are fetched: img2dataset's knobs and the guard's limits."""
 
     thread_count: int = 32
-    timeout_s: float = 10.0
+    timeout_s: float = Field(default=10.0, description="img2dataset's limit on each socket operation.")
+    deadline_s: float = Field(
+        default=DEFAULT_DEADLINE_S,
+        description="Total seconds one URL may take (connect, redirects, headers and every body read); past it "
+        "the row fails as `timeout`, so a host dripping bytes cannot hold a shard.",
+    )
     retries: int = 0
     image_size: int = 256
     resize_mode: str = "keep_ratio"

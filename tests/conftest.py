@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -210,3 +212,64 @@ def fast_reward_stage(folder: Path) -> dict[str, object]:
         "baselines": BaselineConfig(epochs=1, batch_size=8),
         "scoring": ScoringConfig(num_workers=0, batch_size=16),
     }
+
+
+# A server that drips bytes: the slow host a per-read timeout never catches, which the guard's deadline must.
+DRIP_EVERY_S = 2.0
+ELAPSED = re.compile(r"deadline exceeded: (\d+\.\d) s total for this URL \((\d+\.\d) s elapsed\)")
+
+
+class DripServer:
+    """An HTTP server on 127.0.0.1 that sends a real PNG one byte every `DRIP_EVERY_S` seconds.
+
+    `/body` sends the headers at once and drips the body; `/headers` drips from the status line on. Each read
+    returns well within any per-read timeout, so only a total deadline stops the row. The server gives up
+    after `give_up_s` so that a guard without a deadline fails its test in bounded time rather than hanging.
+    """
+
+    def __init__(self, body: bytes, give_up_s: float = 12.0) -> None:
+        head = f"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                request_line = self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                drip_headers = b" /headers " in request_line
+                if not drip_headers:
+                    self.wfile.write(head)
+                    self.wfile.flush()
+                started = time.monotonic()
+                try:
+                    for byte in head + body if drip_headers else body:
+                        if time.monotonic() - started > give_up_s:
+                            return
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(DRIP_EVERY_S)
+                except OSError:  # the client hung up: what the deadline is for
+                    return
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+
+@pytest.fixture
+def drip_server() -> Iterator[DripServer]:
+    server = DripServer(png_bytes(24, 24, seed=5))
+    server.thread.start()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def elapsed_in(error: str, deadline_s: float) -> float:
+    """The elapsed seconds a deadline error names, after checking it names the deadline too."""
+    match = ELAPSED.search(error)
+    assert match, error
+    assert float(match.group(1)) == deadline_s
+    return float(match.group(2))

@@ -74,6 +74,8 @@ def classify(img2dataset_status: str | None, error: str | None) -> str:
         return Status.REFUSED
     if message.startswith(download_guard.TOO_LARGE_PREFIX) or message == "image area too large":
         return Status.TOO_LARGE
+    if message.startswith(download_guard.DEADLINE_PREFIX):
+        return Status.TIMEOUT
     if _OPT_OUT_MESSAGE in message:
         return Status.OPTED_OUT
     if img2dataset_status == "failed_to_resize":

@@ -8,25 +8,32 @@ opener that:
 - speaks http/https only (no file, ftp, data handlers; no proxy, whose address would be checked instead);
 - resolves each host itself and connects only to addresses that are public, unless the host is allowed
   explicitly, at connect time (so DNS rebinding cannot slip past) and again for every redirect;
-- reads at most `max_bytes` of a body and refuses an image whose header declares over `max_pixels`.
+- tries each resolved address in turn, as `socket.create_connection` does, so one dead route (a broken IPv6
+  address, say) does not fail a host that answers on the next;
+- reads at most `max_bytes` of a body and refuses an image whose header declares over `max_pixels`;
+- holds each URL to a total `deadline_s` (connect, every redirect, headers and every body read): img2dataset's
+  `timeout` bounds each socket operation only, so a server dripping a byte at a time could hold a row for
+  ever; every socket operation gets min(timeout, time left).
 
-Refusals surface as img2dataset error messages starting with `REFUSED_PREFIX` or `TOO_LARGE_PREFIX`,
-which `download.classify` turns into statuses.
+Refusals surface as img2dataset error messages starting with `REFUSED_PREFIX`, `TOO_LARGE_PREFIX` or
+`DEADLINE_PREFIX`, which `download.classify` turns into statuses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import io
 import ipaddress
 import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -35,8 +42,13 @@ from PIL import Image
 
 REFUSED_PREFIX = "refused:"
 TOO_LARGE_PREFIX = "too large:"
+DEADLINE_PREFIX = "deadline exceeded:"
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+DEFAULT_DEADLINE_S = 30.0
+
+# getaddrinfo's shape: (host, port, family=0, type=0, proto=0, flags=0) -> [(family, type, proto, name, sockaddr)]
+Resolver = Callable[..., list[tuple[Any, ...]]]
 
 # OpenCV reads this once per process; lower it before img2dataset imports cv2, as a second line behind
 # the header check below.
@@ -60,6 +72,12 @@ class GuardPolicy:
     allowed_schemes: frozenset[str] = frozenset({"http", "https"})
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    deadline_s: float = DEFAULT_DEADLINE_S  # connect + all reads of one URL, redirects included
+    resolver: Resolver = field(default=socket.getaddrinfo, repr=False, compare=False)  # a seam for tests
+
+    def __post_init__(self) -> None:
+        if not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
 
     def check_url(self, url: str) -> None:
         scheme = urlsplit(url).scheme.lower()
@@ -85,28 +103,131 @@ class GuardPolicy:
             raise GuardError(f"{REFUSED_PREFIX} {host} resolves to {kind} address {address}")
 
 
-def _guarded_create_connection(policy: GuardPolicy):
+class _Deadline:
+    """The time left to one URL: started when its first connection opens, carried across its redirects."""
+
+    def __init__(self, limit_s: float, socket_timeout: float | None) -> None:
+        self.limit_s = limit_s
+        self.socket_timeout = socket_timeout  # img2dataset's per-operation timeout (None: blocking)
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def expired(self) -> bool:
+        return self.elapsed() >= self.limit_s
+
+    def exceeded(self) -> GuardError:
+        return GuardError(f"{DEADLINE_PREFIX} {self.limit_s:.1f} s total for this URL ({self.elapsed():.1f} s elapsed)")
+
+    def next_timeout(self) -> float:
+        """The timeout for the next socket operation: min(per-operation timeout, time left); raises once none is."""
+        left = self.limit_s - self.elapsed()
+        if left <= 0:
+            raise self.exceeded()
+        return left if self.socket_timeout is None else min(self.socket_timeout, left)
+
+
+_DEADLINE_ATTR = "_guard_deadline"
+
+
+def _deadline_of(req: urllib.request.Request, policy: GuardPolicy) -> _Deadline:
+    """The request's deadline, started now if this is the URL's first hop."""
+    deadline = getattr(req, _DEADLINE_ATTR, None)
+    if deadline is None:
+        timeout = getattr(req, "timeout", None)
+        if timeout is socket._GLOBAL_DEFAULT_TIMEOUT:
+            timeout = socket.getdefaulttimeout()
+        deadline = _Deadline(policy.deadline_s, timeout)
+        setattr(req, _DEADLINE_ATTR, deadline)
+    return deadline
+
+
+def _guarded_create_connection(policy: GuardPolicy, deadline: _Deadline):
     def create_connection(
         address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT, source_address: Any = None
     ) -> socket.socket:
+        # http.client's signature; `timeout` is the request's own, which `deadline` already holds
         host, port = address
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = policy.resolver(host, port, type=socket.SOCK_STREAM)
         for *_, sockaddr in infos:
             policy.check_address(host, sockaddr[0])  # every address, so no answer order can sneak one in
-        family, socktype, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, socktype, proto)
-        try:
-            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
-                sock.settimeout(timeout)
-            if source_address:
-                sock.bind(source_address)
-            sock.connect(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        if not infos:
+            raise OSError(f"{host} resolves to no address")
+        last_error: OSError | None = None
+        for family, socktype, proto, _, sockaddr in infos:  # in order, as socket.create_connection does
+            operation_timeout = deadline.next_timeout()
+            sock = socket.socket(family, socktype, proto)
+            try:
+                sock.settimeout(operation_timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+            except OSError as err:
+                sock.close()
+                if deadline.expired():
+                    raise deadline.exceeded() from err
+                last_error = err
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            sock.settimeout(deadline.next_timeout())  # the TLS handshake and the request get what is left
+            return sock
+        assert last_error is not None
+        raise last_error
 
     return create_connection
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A response's byte stream whose every read waits at most min(per-operation timeout, time left)."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        # socket.makefile's stream counts as a reference: urllib closes the connection's socket right after
+        # the headers, and the body stays readable through it.
+        self._stream = sock.makefile("rb", buffering=0)
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def readinto(self, buffer: Any) -> int | None:
+        self._sock.settimeout(self._deadline.next_timeout())
+        try:
+            return self._stream.readinto(buffer)
+        except TimeoutError as err:
+            if self._deadline.expired():
+                raise self._deadline.exceeded() from err
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """What http.client.HTTPResponse sees as its socket: it only asks for a file to read."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """An HTTP response whose status line, headers and body are all read against the URL's deadline."""
+
+    def __init__(self, sock: socket.socket, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(_DeadlineSocket(sock, deadline), *args, **kwargs)  # type: ignore[arg-type]
 
 
 class _CappedResponse:
@@ -164,14 +285,24 @@ class _GuardedHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         self, connection_class: type[http.client.HTTPConnection], req: urllib.request.Request, **conn_kwargs: Any
     ):
         self.policy.check_url(req.full_url)
-        create_connection = _guarded_create_connection(self.policy)
+        deadline = _deadline_of(req, self.policy)
+        create_connection = _guarded_create_connection(self.policy, deadline)
 
         def build(host: str, **kwargs: Any) -> http.client.HTTPConnection:
             conn = connection_class(host, **kwargs)
             conn._create_connection = create_connection  # type: ignore[attr-defined]
+            conn.response_class = functools.partial(_DeadlineResponse, deadline=deadline)  # type: ignore[assignment]
             return conn
 
-        return self.do_open(build, req, **conn_kwargs)  # type: ignore[arg-type]
+        try:
+            return self.do_open(build, req, **conn_kwargs)  # type: ignore[arg-type]
+        except OSError as err:
+            # a timeout of the TLS handshake or the request send, once the URL's time is up, is the deadline's
+            if isinstance(err, GuardError) or isinstance(getattr(err, "reason", None), GuardError):
+                raise
+            if deadline.expired():
+                raise deadline.exceeded() from err
+            raise
 
     def http_open(self, req: urllib.request.Request):
         return self._open(http.client.HTTPConnection, req)
@@ -193,6 +324,12 @@ class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
         if target:  # urllib's own scheme check would fail it too, but as a plain HTTP error
             self.policy.check_url(urljoin(req.full_url, target))
         return super().http_error_302(req, fp, code, msg, headers)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:  # the next hop spends the same URL's time
+            setattr(new, _DEADLINE_ATTR, getattr(req, _DEADLINE_ATTR, None))
+        return new
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 

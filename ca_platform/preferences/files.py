@@ -206,7 +206,11 @@ class _FetchFailed(Exception):
 
 
 def _fetch_image(url: str, dest_dir: Path, policy: GuardPolicy, timeout_s: float) -> Path:
-    """Download `url` through the guard into `dest_dir` (once: an earlier copy is reused)."""
+    """Download `url` through the guard into `dest_dir` (once: an earlier copy is reused).
+
+    `timeout_s` bounds each socket operation and the policy's `deadline_s` the whole fetch, so a host that
+    drips bytes fails its rows (as ``deadline exceeded: ...``) instead of holding the run.
+    """
     stem = hashlib.sha1(url.encode("utf-8")).hexdigest()
     for existing in sorted(dest_dir.glob(f"{stem}.*")):
         return existing
@@ -249,7 +253,7 @@ def resolve_images(
 
     Relative paths are taken from `base_dir` (the preference file's folder). http(s) URLs are fetched
     through the platform's download guard, which refuses private addresses unless `policy` allows the host
-    and caps bytes and pixels, and must decode as images; they are saved in `dest_dir` as
+    and caps bytes, pixels and each URL's total time, and must decode as images; they are saved in `dest_dir` as
     ``sha1(url).<ext>``, each URL once. Other schemes (file:, ftp:, data:) are refused, since they would
     read files or services the guard exists to keep out. All problems are raised together, named by
     `source` (the preference file's name) and row.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import socket
 import tarfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from ca_platform.ingest.download import DownloadSettings, download_shard
 from ca_platform.ingest.download_guard import GuardError, GuardPolicy, guarded_urlopen
 from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import Status
-from tests.conftest import RoutesServer, bomb_png, png_bytes
+from tests.conftest import DripServer, RoutesServer, bomb_png, elapsed_in, png_bytes
 
 LOOPBACK_ALLOWED = GuardPolicy(allow_hosts=frozenset({"127.0.0.1"}), max_bytes=200_000, max_pixels=4_000_000)
 
@@ -143,3 +145,58 @@ def test_guard_restores_the_previous_opener(routes_server: RoutesServer) -> None
     with guarded_urlopen(GuardPolicy()):
         assert urllib.request._opener is not before
     assert urllib.request._opener is before
+
+
+def test_a_dripping_server_fails_its_row_as_timeout_within_the_deadline(
+    drip_server: DripServer, routes_server: RoutesServer, tmp_path: Path
+) -> None:
+    deadline_s = 3.0
+    urls = [
+        drip_server.url("/body"),
+        drip_server.url("/headers"),
+        routes_server.add("/ok.png", png_bytes(30, 20), Content_Type="image/png"),
+    ]
+    policy = GuardPolicy(allow_hosts=frozenset({"127.0.0.1"}), deadline_s=deadline_s)
+
+    started = time.monotonic()
+    ledger = run(raw_frame(urls), tmp_path, policy=policy, timeout_s=10.0)
+    took = time.monotonic() - started
+
+    assert took < deadline_s + 5, f"the shard took {took:.1f} s"
+    assert ledger["status"].to_list() == [Status.TIMEOUT, Status.TIMEOUT, Status.SUCCESS]
+    for error in ledger["error"].head(2):
+        assert deadline_s <= elapsed_in(error, deadline_s) < deadline_s + 5
+
+
+def resolving(names: dict[str, list[str]]):  # noqa: ANN201 - a getaddrinfo stand-in
+    """A resolver answering `names` with the given IPv4 addresses, in order, and every other host as usual."""
+
+    def resolve(host: str, port: int, *args: object, **kwargs: object) -> list[tuple]:
+        if host in names:
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port)) for ip in names[host]]
+        return socket.getaddrinfo(host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    return resolve
+
+
+def test_a_host_whose_first_address_refuses_is_downloaded_through_its_second(
+    routes_server: RoutesServer, tmp_path: Path
+) -> None:
+    port = routes_server.server.server_port
+    routes_server.add("/a.png", png_bytes(30, 20), Content_Type="image/png")
+    names = {
+        "fallback.test": ["127.0.0.2", "127.0.0.1"],  # nothing listens on 127.0.0.2: a real connection refused
+        "dead.test": ["127.0.0.2", "127.0.0.3"],
+        "mixed.test": ["127.0.0.1", "127.0.0.2"],  # allowed only by address, and the second is not allowed
+    }
+    policy = GuardPolicy(allow_hosts=frozenset({"fallback.test", "dead.test", "127.0.0.1"}), resolver=resolving(names))
+    urls = [f"http://{host}:{port}/a.png" for host in names]
+
+    ledger = run(raw_frame(urls), tmp_path, policy=policy)
+
+    assert ledger["status"].to_list() == [Status.SUCCESS, Status.FAILED_TO_DOWNLOAD, Status.REFUSED]
+    errors = ledger["error"].to_list()
+    assert errors[0] is None
+    assert "refused" in errors[1].lower()  # the last address's error, as socket.create_connection raises it
+    assert "127.0.0.2" in errors[2]  # every address is checked before any is tried
+    assert routes_server.hits["/a.png"] == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from ca_platform.preferences.files import (
     write_preferences,
 )
 from ca_platform.preferences.pairs import PreferenceItem
-from tests.conftest import png_bytes
+from tests.conftest import DripServer, elapsed_in, png_bytes
 
 GOOD = {"image": "a.png", "captions": ["a red circle", "a blue square", "IMG_1.jpg"], "ranking": [1, 3, 2]}
 LOCAL_ONLY = GuardPolicy(allow_hosts=frozenset({"127.0.0.1"}))
@@ -254,6 +255,27 @@ def test_non_images_and_dead_links_are_rejected(tmp_path: Path, served: ImageSer
     page_problem, dead_problem = caught.value.problems
     assert f"row 1: field 'image': cannot fetch '{page}'" in page_problem and "not an image" in page_problem
     assert f"row 2: field 'image': cannot fetch '{dead}'" in dead_problem and "HTTP 404" in dead_problem
+    assert not list((tmp_path / "fetched").iterdir())
+
+
+def test_a_dripping_image_url_is_reported_by_row_as_a_timeout(tmp_path: Path) -> None:
+    server = DripServer(png_bytes(16, 12, seed=3))
+    server.thread.start()
+    slow = server.url("/body")
+    policy = GuardPolicy(allow_hosts=frozenset({"127.0.0.1"}), deadline_s=3.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PreferenceFormatError) as caught:
+            resolve_images([item(slow, 7)], tmp_path, tmp_path / "fetched", policy, source="prefs.jsonl", timeout_s=10)
+        took = time.monotonic() - started
+    finally:
+        server.server.shutdown()
+        server.server.server_close()
+
+    assert took < policy.deadline_s + 5, f"resolving took {took:.1f} s"
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"prefs.jsonl: row 7: field 'image': cannot fetch '{slow}': deadline exceeded:")
+    assert policy.deadline_s <= elapsed_in(problem, policy.deadline_s) < policy.deadline_s + 5
     assert not list((tmp_path / "fetched").iterdir())
 
 
