@@ -62,7 +62,6 @@ def train_on_batches(
     *,
     max_grad_norm: float | None = 1.0,
     learning_rate_at: Callable[[int], float] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainingLog:
     """One optimiser step per batch; returns the loss of every step and the samples seen.
 
@@ -90,8 +89,6 @@ def train_on_batches(
             raise FloatingPointError(f"training loss became {step_loss} at step {len(losses)}")
         losses.append(step_loss)
         seen += len(batch)
-        if on_step is not None:
-            on_step(len(losses), step_loss)
     model.eval()
     return TrainingLog(losses, seen)
 
