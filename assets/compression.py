@@ -9,7 +9,7 @@ from ca_platform.assets.automation import ON_SCORES_UPDATE, ON_THRESHOLD_UPDATE
 from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.scores import clip_scores, reward_scores
-from ca_platform.compression.subsets import compress_shard
+from ca_platform.compression.subsets import SUBSET_STEP, compress_shard
 from ca_platform.compression.threshold import cut_variants
 from ca_platform.resources import CompressionConfig, PlatformStorage
 from ca_platform.schemas import REWARD_TOPK
@@ -55,7 +55,7 @@ def compressed_subset(context: AssetExecutionContext, storage: PlatformStorage) 
     """Each variant's kept pairs of the shard re-packed as a webdataset tar, with the kept uids, a manifest
     and the membership of every downloaded pair (dropped ones keep the score that dropped them)."""
     shard = context.partition_key
-    with storage.staging_dir(f"subset-{shard}") as staging:
+    with storage.shard_attempt(SUBSET_STEP, shard, context.run_id) as staging:
         subsets = compress_shard(
             storage.data_store(), storage.analytics_root(), shard, staging, storage.refresh_analytics
         )

@@ -1,17 +1,20 @@
 """Ingest: raw_pool_shard (one pool shard read, validated, given stable uids) and downloaded_shard (its images
-as webdataset tars, and a ledger row for every input row), each with its blocking data-quality checks."""
+as webdataset tars, and a ledger row for every input row). Each writes aside, audits with its blocking
+data-quality checks, and publishes only if they pass (ca_platform.audit), holding the shard's lock."""
+
+from collections.abc import Iterator
 
 import polars as pl
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import AssetCheckResult, AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
 from ca_platform.assets.partitions import pool_shards
-from ca_platform.assets.quality_checks import blocking_check_specs, check_results
-from ca_platform.ingest.download import download_and_publish, downloaded_rows, failure_counts
-from ca_platform.ingest.pool import find_shard, read_shard
-from ca_platform.ingest.quality import DOWNLOAD_CHECKS, RAW_SHARD_CHECKS, check_download, check_raw_shard
+from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
+from ca_platform.ingest.download import DOWNLOAD_STEP, download_audit_publish, downloaded_rows, failure_counts
+from ca_platform.ingest.pool import find_shard
+from ca_platform.ingest.quality import DOWNLOAD_CHECKS, RAW_SHARD_CHECKS, success_rate
+from ca_platform.ingest.raw_shard import RAW_STEP, publish_raw_shard
 from ca_platform.resources import DownloadConfig, PlatformStorage, QualityConfig
-from ca_platform.schemas import STATUS, UID, Status
 
 GROUP = "ingest"
 
@@ -24,18 +27,20 @@ GROUP = "ingest"
 )
 def raw_pool_shard(
     context: AssetExecutionContext, storage: PlatformStorage, quality: QualityConfig
-) -> MaterializeResult:
+) -> Iterator[MaterializeResult | AssetCheckResult]:
     """The shard's rows with a uid each (derived from url and caption when the pool has none) and the
-    reason a row will not be downloaded; a malformed shard fails here, naming file and column."""
+    reason a row will not be downloaded; a malformed shard fails here, naming file and column. Its data
+    version is the pool file's fingerprint."""
     pool, data = storage.pool_store(), storage.data_store()
     shard = find_shard(pool, context.partition_key)
-    with storage.staging_dir(f"raw-{shard.key}") as scratch:
-        raw = read_shard(pool, shard, storage.pool_columns(), scratch)
-        local = scratch / "raw.parquet"
-        raw.write_parquet(local)
-        data.put_file(local, layout.raw_shard_key(shard.key), consume=True)
+    with storage.shard_attempt(RAW_STEP, shard.key, context.run_id) as staging:
+        raw, outcomes = yield from audited(
+            lambda: publish_raw_shard(
+                pool, data, shard, storage.pool_columns(), quality.thresholds(), context.run_id, staging
+            )
+        )
     skipped = raw.filter(pl.col("skip_reason").is_not_null())
-    return MaterializeResult(
+    yield MaterializeResult(
         metadata={
             "source": MetadataValue.path(pool.uri_of(shard.object_key)),
             "path": MetadataValue.path(data.uri_of(layout.raw_shard_key(shard.key))),
@@ -43,7 +48,8 @@ def raw_pool_shard(
             "skipped": skipped.height,
             "skip_reasons": MetadataValue.json(dict(skipped.group_by("skip_reason").len().iter_rows())),
         },
-        check_results=check_results(check_raw_shard(raw, quality.thresholds())),
+        check_results=check_results(outcomes),
+        data_version=DataVersion(shard.fingerprint),
     )
 
 
@@ -56,26 +62,28 @@ def raw_pool_shard(
 )
 def downloaded_shard(
     context: AssetExecutionContext, storage: PlatformStorage, downloader: DownloadConfig, quality: QualityConfig
-) -> MaterializeResult:
-    """img2dataset behind the download guard. Tars carry the run's token and the ledger is published last,
-    so readers see either the previous complete download or this one, never a mix."""
+) -> Iterator[MaterializeResult | AssetCheckResult]:
+    """img2dataset behind the download guard, into staging; published only if the audit passes, which
+    includes not being clearly worse than the published download. Tars carry the run's token and the
+    ledger is published last, so readers see either the previous complete download or this one."""
     shard = context.partition_key
     data = storage.data_store()
-    with storage.staging_dir(f"download-{shard}") as staging:
-        download = download_and_publish(data, shard, downloader.settings(), context.run_id[:8], staging)
+    with storage.shard_attempt(DOWNLOAD_STEP, shard, context.run_id) as staging:
+        download = yield from audited(
+            lambda: download_audit_publish(
+                data, shard, downloader.settings(), quality.thresholds(), context.run_id, staging
+            )
+        )
     storage.refresh_analytics([layout.download_rows_key(shard)])
     ledger = download.ledger
-    counts = failure_counts(ledger)
-    attempted = ledger.filter(pl.col(STATUS) != Status.SKIPPED).height
-    downloaded = downloaded_rows(ledger).height
-    return MaterializeResult(
+    yield MaterializeResult(
         metadata={
             "rows": ledger.height,
-            "downloaded": downloaded,
-            "success_rate": downloaded / attempted if attempted else 0.0,
-            "status_counts": MetadataValue.json(counts),
+            "downloaded": downloaded_rows(ledger).height,
+            "success_rate": success_rate(ledger) or 0.0,
+            "status_counts": MetadataValue.json(failure_counts(ledger)),
             "tars": MetadataValue.json(download.tar_keys),
             "ledger": MetadataValue.path(data.uri_of(layout.download_rows_key(shard))),
         },
-        check_results=check_results(check_download(ledger, download.raw[UID], quality.thresholds())),
+        check_results=check_results(download.outcomes),
     )

@@ -7,12 +7,15 @@ failed one stops the downstream assets of that shard in the same run.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, TypeVar
 
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, Failure, MetadataValue
 
+from ca_platform.audit import AuditFailed
 from ca_platform.ingest.quality import CheckOutcome, CheckSpec
+
+T = TypeVar("T")
 
 
 def blocking_check_specs(asset: str, specs: Sequence[CheckSpec]) -> list[AssetCheckSpec]:
@@ -35,3 +38,14 @@ def check_results(outcomes: Sequence[CheckOutcome]) -> list[AssetCheckResult]:
         )
         for o in outcomes
     ]
+
+
+def audited(publish: Callable[[], T]) -> Generator[AssetCheckResult, None, T]:
+    """Run a write-audit-publish step; when its audit fails, yield the failed checks' results (so the UI shows
+    which check failed and why) and fail the run with the reason, naming where the rejected attempt is kept.
+    Use as `result = yield from audited(lambda: ...)` in a generator asset."""
+    try:
+        return publish()
+    except AuditFailed as failure:
+        yield from check_results(failure.outcomes)
+        raise Failure(str(failure), metadata={"rejected_attempt": MetadataValue.path(failure.rejected_uri)}) from None

@@ -1,7 +1,10 @@
 """Per-shard scores: reward_scores and clip_scores, every downloaded pair of a shard scored by the current
 version of the reward model and of CLIP score."""
 
+from collections.abc import Iterator
+
 from dagster import (
+    AssetCheckResult,
     AssetExecutionContext,
     AssetsDefinition,
     BackfillPolicy,
@@ -16,7 +19,7 @@ from ca_platform.assets.automation import ON_NEW_MODEL_VERSION
 from ca_platform.assets.baselines import clip_score_model
 from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
-from ca_platform.assets.quality_checks import blocking_check_specs, check_results
+from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
 from ca_platform.assets.reward import reward_model
 from ca_platform.ingest.quality import SCORE_CHECKS
 from ca_platform.resources import PlatformStorage, ScoringConfig
@@ -41,22 +44,26 @@ def shard_scores_asset(name: str, kind: str, model_asset: AssetsDefinition) -> A
     )
     def shard_scores(
         context: AssetExecutionContext, storage: PlatformStorage, scoring: ScoringConfig
-    ) -> MaterializeResult:
+    ) -> Iterator[MaterializeResult | AssetCheckResult]:
         """Streams each shard's tars through DataLoader workers (decode, preprocess, tokenize) into batched
         scoring on CUDA with bf16 when present; writes uid, score, score_norm under the model version, beside
         older versions' scores. A shard already scored by this version is not scored again. A backfill gives
-        one run up to SHARDS_PER_SCORING_RUN shards, so the model is loaded once for them."""
+        one run up to SHARDS_PER_SCORING_RUN shards, so the model is loaded once for them. Each shard's scores
+        are audited (uid coverage) before they are published; a failed shard does not stop the others."""
         try:
-            run = score_shards(
-                storage.data_store(),
-                kind,
-                context.partition_keys,
-                device=scoring.device,
-                batch_size=scoring.batch_size,
-                num_workers=scoring.num_workers,
-                cache=storage.cache_dir(),
-                staging=storage.staging_dir,
-                refresh=storage.refresh_analytics,
+            run = yield from audited(
+                lambda: score_shards(
+                    storage.data_store(),
+                    kind,
+                    context.partition_keys,
+                    run_id=context.run_id,
+                    device=scoring.device,
+                    batch_size=scoring.batch_size,
+                    num_workers=scoring.num_workers,
+                    cache=storage.cache_dir(),
+                    attempt=lambda step, shard: storage.shard_attempt(step, shard, context.run_id),
+                    refresh=storage.refresh_analytics,
+                )
             )
         except NoModelError as error:
             raise Failure(f"{error}: materialize {model_asset.key.to_user_string()} first") from error
@@ -67,7 +74,7 @@ def shard_scores_asset(name: str, kind: str, model_asset: AssetsDefinition) -> A
             s.shard: {"pairs": s.scores.height, "uid_coverage": s.coverage.passed, "reused": s.reused}
             for s in run.shards
         }
-        return MaterializeResult(
+        yield MaterializeResult(
             metadata={
                 "model_version": run.model_version,
                 "pairs": sum(s.scores.height for s in run.shards),

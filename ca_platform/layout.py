@@ -35,6 +35,35 @@ def download_tar_key(shard: str, tar_name: str) -> str:
     return f"{download_prefix(shard)}/{tar_name}"
 
 
+DONE_DIR = "done"
+
+
+def spine_done_prefix(shard: str) -> str:
+    """Markers of a shard's completed spine: one object named by the digest of the pool file it was made from,
+    so a single listing of DONE_DIR tells which shards are done with which version of their file."""
+    return f"{DONE_DIR}/{shard}"
+
+
+def spine_done_key(shard: str, source_digest: str) -> str:
+    return f"{spine_done_prefix(shard)}/{source_digest}.json"
+
+
+REJECTED_DIR = "rejected"
+
+
+def rejected_prefix(step: str, shard: str, attempt: str) -> str:
+    """An attempt whose audit failed, kept for inspection with the reasons (audit.json); safe to delete."""
+    return f"{REJECTED_DIR}/{step}/{shard}/{attempt}"
+
+
+LOCKS_DIR = "locks"
+
+
+def lock_key(name: str) -> str:
+    """A lock document (see ca_platform.locks); present only while a run holds it."""
+    return f"{LOCKS_DIR}/{name}.json"
+
+
 PREFERENCES_DIR = "preferences"
 PREFERENCES_FILE = "preferences.jsonl"
 MODELS_DIR = "models"

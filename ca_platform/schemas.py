@@ -17,15 +17,18 @@ SHARD = "shard"
 ROW_INDEX = "row_index"
 STATUS = "status"
 ERROR = "error"
+SKIP_REASON = "skip_reason"  # why a raw row is not sent to download; null for rows that are
 
-# A validated pool shard: every input row, in input order, with the reason it will not be downloaded.
+# A validated pool shard: every input row, in input order, with the reason it will not be downloaded. Its parquet
+# file carries the pool file's fingerprint under this metadata key, so the download knows what it was made from.
+SOURCE_FINGERPRINT_METADATA = "ca_platform.source_fingerprint"
 RAW_SHARD: Mapping[str, pl.DataType] = {
     UID: pl.String(),
     SHARD: pl.String(),
     ROW_INDEX: pl.Int64(),
     URL: pl.String(),
     CAPTION: pl.String(),
-    "skip_reason": pl.String(),
+    SKIP_REASON: pl.String(),
 }
 
 # One row per input row of a shard after download: the per-row ledger that proves nothing was lost.

@@ -4,13 +4,19 @@ Objects are addressed by a relative key ("downloads/shard-00000/rows.parquet"). 
 atomic for readers: locally the file is written aside and renamed into place; on S3 a PUT is atomic per
 object. Multi-object outputs are published with their index file last (see `publish`), so a killed run
 never leaves anything a reader would take as complete.
+
+Small documents that several processes race for (locks) use the conditional operations `create`,
+`read`, `replace` and `delete_if`, each judged by a tag of the content the caller last saw: on S3 the
+ETag with If-None-Match / If-Match, locally a hash of the bytes with atomic link and rename.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +42,10 @@ class DataStore(Protocol):
     def delete(self, key: str) -> None: ...
     def local_path(self, key: str) -> Path | None: ...
     def uri_of(self, key: str) -> str: ...
+    def create(self, key: str, data: bytes) -> str | None: ...
+    def read(self, key: str) -> tuple[bytes, str] | None: ...
+    def replace(self, key: str, data: bytes, tag: str) -> str | None: ...
+    def delete_if(self, key: str, tag: str) -> bool: ...
 
 
 def is_s3_uri(uri: str) -> bool:
@@ -100,6 +110,70 @@ class LocalStore:
     def uri_of(self, key: str) -> str:
         return str(self._path(key))
 
+    @staticmethod
+    def _tag(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def _aside(self, dest: Path) -> Path:
+        return dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+
+    def create(self, key: str, data: bytes) -> str | None:
+        """Write `data` at `key` only if nothing is there (a hard link of a complete file: atomic, exclusive);
+        its tag, or None when the key exists."""
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        aside = self._aside(dest)
+        aside.write_bytes(data)
+        try:
+            os.link(aside, dest)
+        except FileExistsError:
+            return None
+        finally:
+            aside.unlink(missing_ok=True)
+        return self._tag(data)
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, self._tag(data)
+
+    def replace(self, key: str, data: bytes, tag: str) -> str | None:
+        """Overwrite `key` if its content still has `tag`; the new tag, or None when it changed or vanished.
+
+        Check and rename are two steps locally: meant for a document only its owner rewrites (a lock's
+        heartbeat), where the check catches a lock that was broken and taken over meanwhile.
+        """
+        current = self.read(key)
+        if current is None or current[1] != tag:
+            return None
+        dest = self._path(key)
+        aside = self._aside(dest)
+        aside.write_bytes(data)
+        os.replace(aside, dest)
+        return self._tag(data)
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        """Delete `key` if its content still has `tag`. The file is first renamed away (only one of several
+        racing callers gets it), then checked; a file that changed meanwhile is put back."""
+        dest = self._path(key)
+        claimed = self._aside(dest)
+        try:
+            os.rename(dest, claimed)
+        except FileNotFoundError:
+            return False
+        try:
+            if self._tag(claimed.read_bytes()) == tag:
+                return True
+            try:
+                os.link(claimed, dest)
+            except FileExistsError:
+                pass  # someone created a new one meanwhile: theirs stands
+            return False
+        finally:
+            claimed.unlink(missing_ok=True)
+
 
 class S3Store:
     """A prefix of an S3 bucket, through a boto3 client (from dagster-aws's S3Resource in the platform)."""
@@ -151,6 +225,31 @@ class S3Store:
     def uri_of(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
+    def _conditional(self, call: Callable[..., Any], **kwargs: Any) -> Any | None:
+        """`call`'s response, or None when S3 refused it for a failed condition (or a missing key)."""
+        try:
+            return call(Bucket=self.bucket, **kwargs)
+        except self.client.exceptions.ClientError as error:
+            code = error.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"):
+                return None
+            raise
+
+    def create(self, key: str, data: bytes) -> str | None:
+        response = self._conditional(self.client.put_object, Key=self._key(key), Body=data, IfNoneMatch="*")
+        return None if response is None else response["ETag"]
+
+    def read(self, key: str) -> tuple[bytes, str] | None:
+        response = self._conditional(self.client.get_object, Key=self._key(key))
+        return None if response is None else (response["Body"].read(), response["ETag"])
+
+    def replace(self, key: str, data: bytes, tag: str) -> str | None:
+        response = self._conditional(self.client.put_object, Key=self._key(key), Body=data, IfMatch=tag)
+        return None if response is None else response["ETag"]
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        return self._conditional(self.client.delete_object, Key=self._key(key), IfMatch=tag) is not None
+
 
 def open_store(uri: str, s3_client: Callable[[], Any] | None = None) -> DataStore:
     """A store for `uri`: `s3://bucket/prefix` (needs `s3_client`) or a local directory."""
@@ -163,7 +262,20 @@ def open_store(uri: str, s3_client: Callable[[], Any] | None = None) -> DataStor
     return LocalStore(uri.removeprefix("file://"))
 
 
-def publish(store: DataStore, files: dict[str, Path], index_key: str, index_file: Path) -> None:
+FAULT_ENV = "CA_PLATFORM_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """A named point where a write can be interrupted; the process kills itself there when the environment
+    variable CA_PLATFORM_FAULT names it. The crash-point tests use it to prove that a run killed at any
+    such point leaves no half-published output and loses nothing."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def publish(
+    store: DataStore, files: dict[str, Path], index_key: str, index_file: Path, fault_name: str = "publish"
+) -> None:
     """Move `files` (key -> local path) into the store, then the index that names them, last.
 
     Readers only trust what an index lists, so until the index lands they keep seeing the previous
@@ -172,6 +284,7 @@ def publish(store: DataStore, files: dict[str, Path], index_key: str, index_file
     """
     for key, path in files.items():
         store.put_file(path, key, consume=True)
+    fault_point(f"{fault_name}:mid-publish")
     store.put_file(index_file, index_key, consume=True)
 
 

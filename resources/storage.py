@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from pydantic import Field
 
 from ca_platform import analytics, layout
 from ca_platform.ingest.pool import PoolColumns
+from ca_platform.locks import LockSettings, held_lock
 from ca_platform.storage import DataStore, is_s3_uri, open_store
 
 
@@ -32,6 +34,16 @@ class PlatformStorage(ConfigurableResource):
         default=None,
         description="Local folder for the DuckDB file when data_uri is on S3 (a mirror of the parquet it reads). "
         "Defaults to ~/.cache/ca-platform/<bucket>/<prefix>. For a local data_uri it is data_uri itself.",
+    )
+    lock_wait_s: float = Field(
+        default=3600.0, description="How long a run waits for another run holding the same shard before it fails."
+    )
+    lock_stale_s: float = Field(
+        default=120.0, description="A shard lock whose holder has not beaten its heartbeat for this long is broken."
+    )
+    staging_stale_s: float = Field(
+        default=2 * 86400.0,
+        description="Staging folders of attempts untouched for this long (killed runs) are swept away.",
     )
     url_column: str = "url"
     caption_column: str = "caption"
@@ -68,22 +80,47 @@ class PlatformStorage(ConfigurableResource):
         return self.analytics_root() / ".cache"
 
     @contextmanager
-    def staging_dir(self, name: str) -> Iterator[Path]:
-        """A private folder for one step's output before it is published; removed afterwards.
+    def staging_dir(self, name: str, attempt: str = "") -> Iterator[Path]:
+        """A private folder for one attempt at a step's output before it is published; removed afterwards.
 
-        For a local data root it lies beside the data (same filesystem, so publishing is a rename);
-        leftovers of a killed run carry its name and are removed by the next run of the same step.
+        The folder's name carries `attempt` (the run id) and a random part, so concurrent runs of any steps
+        never share or delete each other's folders. For a local data root it lies beside the data (same
+        filesystem, so publishing is a rename); leftovers of killed runs are swept once older than
+        `staging_stale_s`.
         """
+        prefix = f"{name}.{attempt[:8]}." if attempt else f"{name}."
         if is_s3_uri(self.data_uri):
-            with tempfile.TemporaryDirectory(prefix=f"ca-{name}-") as path:
+            with tempfile.TemporaryDirectory(prefix=f"ca-{prefix}") as path:
                 yield Path(path)
             return
         parent = Path(self.data_uri).expanduser().resolve() / ".staging"
         parent.mkdir(parents=True, exist_ok=True)
-        for leftover in parent.glob(f"{name}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+        self._sweep_stale_staging(parent)
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         try:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    def _sweep_stale_staging(self, parent: Path) -> None:
+        cutoff = time.time() - self.staging_stale_s
+        for leftover in parent.iterdir():
+            try:
+                if leftover.stat().st_mtime < cutoff:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except FileNotFoundError:
+                pass  # its owner removed it meanwhile
+
+    def lock_settings(self) -> LockSettings:
+        return LockSettings(wait_s=self.lock_wait_s, stale_s=self.lock_stale_s)
+
+    @contextmanager
+    def shard_attempt(self, step: str, shard: str, run_id: str) -> Iterator[Path]:
+        """Hold the shard's lock and give a private staging folder: what every per-shard write runs inside.
+
+        One lock per shard, whatever the step, so a download never replaces tars a scoring run of the same
+        shard is reading, and two runs of one shard never interleave; different shards never wait on each other.
+        """
+        with held_lock(self.data_store(), f"shards/{shard}", f"run {run_id} ({step})", self.lock_settings()):
+            with self.staging_dir(f"{step}-{shard}", attempt=run_id) as staging:
+                yield staging

@@ -17,22 +17,31 @@ from dagster import (
 from ca_platform.assets.automation import REGISTERED_REWARD_CHECKPOINT
 from ca_platform.assets.jobs import reward_models_job, shard_spine_job
 from ca_platform.assets.partitions import POOL_SHARDS, pool_shards
+from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import discover_shards
 from ca_platform.resources import PlatformStorage
 
 
 @sensor(job=shard_spine_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
 def pool_shard_sensor(context: SensorEvaluationContext, storage: PlatformStorage) -> SensorResult:
-    """Adds every pool shard not yet a partition and requests a run per shard and content version.
+    """Adds every pool shard not yet a partition and requests a run for each shard whose content is new.
 
-    The run key carries the file's fingerprint, so a shard is run once per version of its file: an
-    unchanged shard is never requested twice, a rewritten one is run again.
+    "Done" is read from the data root (ca_platform.ingest.download.done_shards), the notion `ca-platform run`
+    uses too: a shard whose spine was published from this version of its file, by any path (CLI, UI,
+    backfill, another instance), is not requested; a rewritten file is. The run key carries the file's
+    fingerprint, so a request is not repeated while its run is under way. Re-running a done shard is an
+    explicit materialization in the UI.
     """
     shards = discover_shards(storage.pool_store())
     known = set(context.instance.get_dynamic_partitions(POOL_SHARDS))
     new_keys = [s.key for s in shards if s.key not in known]
+    done = done_shards(storage.data_store())
     return SensorResult(
-        run_requests=[RunRequest(partition_key=s.key, run_key=f"{s.key}@{s.fingerprint}") for s in shards],
+        run_requests=[
+            RunRequest(partition_key=s.key, run_key=f"{s.key}@{s.fingerprint}")
+            for s in shards
+            if not is_done(done, s.key, s.fingerprint)
+        ],
         dynamic_partitions_requests=[pool_shards.build_add_request(new_keys)] if new_keys else [],
     )
 

@@ -28,6 +28,9 @@ from ca_platform.schemas import REWARD_TOPK, VARIANT_SCORERS
 from ca_platform.storage import DataStore, publish_folder
 
 
+SUBSET_STEP = "subsets"  # the step name in staging and locks' owners
+
+
 class SubsetError(RuntimeError):
     """The downloads and the membership table disagree; the message names the shard and the uids."""
 

@@ -8,8 +8,10 @@ per-row parquet is then reconciled with the input so every input row appears exa
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +20,14 @@ import polars as pl
 import pyarrow as pa
 
 from ca_platform import layout, schemas
+from ca_platform.audit import StagedOutput, audit_and_publish
 from ca_platform.ingest import download_guard
 from ca_platform.ingest.download_guard import GuardPolicy, guarded_urlopen
+from ca_platform.ingest.quality import CheckOutcome, QualityThresholds, check_download, check_not_worse
+from ca_platform.ingest.raw_shard import read_raw_shard
 from ca_platform.ingest.webdataset_io import tar_members
 from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, STATUS, UID, URL, Status
-from ca_platform.storage import DataStore, fetch_to_local, publish
+from ca_platform.storage import DataStore, fetch_to_local, write_json
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
 
@@ -34,6 +39,7 @@ from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 _OPT_OUT_MESSAGE = "disallowed by X-Robots-Tag"
 _URLOPEN_WRAPPER = "<urlopen error "
+DOWNLOAD_STEP = "downloads"  # the step name in staging, rejected/ and fault points
 
 
 @dataclass(frozen=True)
@@ -216,26 +222,85 @@ class PublishedDownload:
     raw: pl.DataFrame  # schemas.RAW_SHARD: the validated rows that were downloaded
     ledger: pl.DataFrame  # schemas.DOWNLOAD_ROWS, one row per input row
     tar_keys: list[str]  # the published tars, under the data root
+    outcomes: list[CheckOutcome]  # the audit that let it be published
 
 
-def download_and_publish(
-    store: DataStore, shard: str, settings: DownloadSettings, run_token: str, scratch: Path
+def download_audit_publish(
+    store: DataStore,
+    shard: str,
+    settings: DownloadSettings,
+    thresholds: QualityThresholds,
+    run_id: str,
+    scratch: Path,
 ) -> PublishedDownload:
-    """Download a shard's validated rows and publish tars and ledger under the data root.
+    """Download a shard's validated rows aside, audit them, and publish tars and ledger only if they pass.
 
-    The tars carry `run_token` and the ledger is published last, so readers see either the previous complete
-    download or this one, never a mix; the previous download's tars are removed afterwards.
+    The audit is the download checks plus a comparison with the published download, whose success rate may
+    not fall by more than `thresholds.max_success_rate_drop` (an image host down for the day must not
+    replace good images with failures). A failed audit raises AuditFailed and keeps the attempt under
+    rejected/. Tars carry the run's token and the ledger is published last, so readers see either the
+    previous complete download or this one; then the spine's done marker records the pool file's
+    fingerprint, and the previous download's tars are removed.
     """
-    raw = pl.read_parquet(fetch_to_local(store, layout.raw_shard_key(shard), scratch / "in"))
-    result = download_shard(raw, scratch / "out", settings, tar_prefix=f"{run_token}-")
+    raw, source_fingerprint = read_raw_shard(store, shard, scratch / "in")
+    result = download_shard(raw, scratch / "out", settings, tar_prefix=f"{run_id[:8]}-")
     ledger_path = scratch / layout.ROWS_FILE
     result.rows.write_parquet(ledger_path)
     previous = {o.key for o in store.list(layout.download_prefix(shard) + "/")}
+    published = (
+        read_download_ledger(store, shard, scratch / "published")
+        if layout.download_rows_key(shard) in previous
+        else None
+    )
+    outcomes = [
+        *check_download(result.rows, raw[UID], thresholds),
+        check_not_worse(result.rows, published, thresholds),
+    ]
     tars = {layout.download_tar_key(shard, name): path for name, path in result.tars.items()}
-    publish(store, tars, layout.download_rows_key(shard), ledger_path)
+    staged = StagedOutput(DOWNLOAD_STEP, shard, run_id, tars, layout.download_rows_key(shard), ledger_path)
+    audit_and_publish(store, staged, outcomes)
+    mark_spine_done(store, shard, source_fingerprint, result.rows, run_id, scratch)
     for stale in previous - set(tars) - {layout.download_rows_key(shard)}:
         store.delete(stale)
-    return PublishedDownload(raw, result.rows, sorted(tars))
+    return PublishedDownload(raw, result.rows, sorted(tars), outcomes)
+
+
+def source_digest(fingerprint: str) -> str:
+    """A pool file fingerprint (mtime and size, or an ETag) as a short name safe in any key."""
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+
+def mark_spine_done(
+    store: DataStore, shard: str, source_fingerprint: str, ledger: pl.DataFrame, run_id: str, scratch: Path
+) -> None:
+    """Record that the shard's spine is published from this version of its pool file, replacing older marks."""
+    key = layout.spine_done_key(shard, source_digest(source_fingerprint))
+    older = [o.key for o in store.list(layout.spine_done_prefix(shard) + "/") if o.key != key]
+    summary = {
+        "shard": shard,
+        "source_fingerprint": source_fingerprint,
+        "run_id": run_id,
+        "rows": ledger.height,
+        "downloaded": downloaded_rows(ledger).height,
+        "published_at": time.time(),
+    }
+    write_json(store, key, summary, scratch)
+    for stale in older:
+        store.delete(stale)
+
+
+def done_shards(store: DataStore) -> dict[str, set[str]]:
+    """Shard -> digests of the pool file versions its published spine was made from (one listing)."""
+    done: dict[str, set[str]] = {}
+    for obj in store.list(f"{layout.DONE_DIR}/"):
+        shard, _, name = obj.key[len(layout.DONE_DIR) + 1 :].rpartition("/")
+        done.setdefault(shard, set()).add(name.removesuffix(".json"))
+    return done
+
+
+def is_done(done: dict[str, set[str]], shard: str, fingerprint: str) -> bool:
+    """Whether `shard`'s spine is published from the pool file version with `fingerprint` (see done_shards)."""
+    return source_digest(fingerprint) in done.get(shard, set())
 
 
 def downloaded_rows(ledger: pl.DataFrame) -> pl.DataFrame:

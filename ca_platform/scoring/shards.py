@@ -6,6 +6,7 @@ Scores of one checkpoint on one image never change, so a shard already scored by
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from pathlib import Path
 import polars as pl
 
 from ca_platform import layout, schemas
+from ca_platform.audit import AuditFailed, StagedOutput, audit_and_publish
 from ca_platform.ingest.download import downloaded_rows, fetch_downloaded_tars, read_download_ledger
-from ca_platform.ingest.quality import CheckOutcome, check_scores
+from ca_platform.ingest.quality import SCORE_CHECKS, CheckOutcome, check_scores
 from ca_platform.scoring.registry import current_model, load_scorer
 from ca_platform.scoring.reward.scorer import RewardScorer
 from ca_platform.scoring.scorer import PairScorer
@@ -53,11 +55,24 @@ def score_normalisation(scorer: PairScorer) -> pl.Expr:
     return pl.lit(None, dtype=pl.Float64)
 
 
+def scores_step(kind: str) -> str:
+    """The step name of scoring by `kind`, in staging, locks' owners, rejected/ and fault points."""
+    return f"scores-{kind}"
+
+
 def score_shard(
-    store: DataStore, scorer: PairScorer, kind: str, shard: str, scratch: Path, batch_size: int, num_workers: int
+    store: DataStore,
+    scorer: PairScorer,
+    kind: str,
+    shard: str,
+    run_id: str,
+    scratch: Path,
+    batch_size: int,
+    num_workers: int,
 ) -> ShardScores:
-    """Score one shard's downloaded pairs and publish its scores parquet (unless this version's file already
-    covers exactly the shard's downloaded uids, which is then reused)."""
+    """Score one shard's downloaded pairs, audit them against its ledger and publish its scores parquet if
+    they pass (AuditFailed otherwise, the attempt kept under rejected/); a file of this version that already
+    covers exactly the shard's downloaded uids is reused instead."""
     key = layout.scores_key(kind, scorer.version, shard)
     ledger = read_download_ledger(store, shard, scratch / "ledger")
     if store.exists(key):
@@ -75,8 +90,9 @@ def score_shard(
     frame = schemas.conform(frame, schemas.SCORES)
     local = scratch / "scores.parquet"
     frame.write_parquet(local)
-    store.put_file(local, key, consume=True)
-    return ShardScores(shard, frame, check_scores(frame, ledger)[0], reused=False)
+    outcomes = check_scores(frame, ledger)
+    audit_and_publish(store, StagedOutput(scores_step(kind), shard, run_id, {}, key, local), outcomes)
+    return ShardScores(shard, frame, outcomes[0], reused=False)
 
 
 def score_shards(
@@ -84,26 +100,39 @@ def score_shards(
     kind: str,
     shards: Sequence[str],
     *,
+    run_id: str,
     device: str | None,
     batch_size: int,
     num_workers: int,
     cache: Path,
-    staging: Callable[[str], AbstractContextManager[Path]],
+    attempt: Callable[[str, str], AbstractContextManager[Path]],
     refresh: Callable[[list[str]], None],
 ) -> ScoringRun:
     """Score `shards` with the current version of `kind`, the model loaded once for all of them.
 
-    `staging(name)` gives a private scratch folder per shard; `refresh(keys)` makes newly written score files
-    visible to the DuckDB views. Raises NoModelError when `kind` has no current version.
+    `attempt(step, shard)` holds the shard's lock and gives a private staging folder; `refresh(keys)` makes
+    newly written score files visible to the DuckDB views. A shard whose audit fails does not stop the others:
+    they are published, then AuditFailed names every failed shard. Raises NoModelError when `kind` has no
+    current version.
     """
-    with staging(f"scoring-{kind}") as scratch:
-        document = current_model(store, kind, scratch)
+    with tempfile.TemporaryDirectory(prefix="ca-current-model-") as scratch:
+        document = current_model(store, kind, Path(scratch))
     scorer = load_scorer(store, kind, document, cache, device)
-    results = []
+    results, failures = [], []
     for shard in shards:
-        with staging(f"scores-{kind}-{shard}") as scratch:
-            result = score_shard(store, scorer, kind, shard, scratch, batch_size, num_workers)
+        try:
+            with attempt(scores_step(kind), shard) as scratch:
+                result = score_shard(store, scorer, kind, shard, run_id, scratch, batch_size, num_workers)
+        except AuditFailed as failure:
+            failures.append((shard, failure))
+            continue
         if not result.reused:
             refresh([layout.scores_key(kind, scorer.version, shard)])
         results.append(result)
+    if failures:
+        names = ", ".join(shard for shard, _ in failures)
+        per_shard = {shard: failure.outcomes[0].metadata for shard, failure in failures}
+        merged = CheckOutcome(SCORE_CHECKS[0].name, False, {"reason": f"failed for shards {names}", **per_shard})
+        rejected = ", ".join(failure.rejected_uri for _, failure in failures)
+        raise AuditFailed(f"shards {names} ({kind} {scorer.version})", [merged], rejected)
     return ScoringRun(kind, scorer.version, results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ca_platform.assets.partitions import POOL_SHARDS
 from ca_platform.resources import PlatformStorage, QualityConfig
 from ca_platform.runner import build_resources
 from ca_platform.sensors import pool_shard_sensor
-from tests.conftest import write_pool
+from tests.conftest import RoutesServer, write_pool
 
 
 def spine(tmp_path: Path, pool: Path, shard: str, instance: DagsterInstance, quality: QualityConfig | None = None):
@@ -42,6 +43,7 @@ def test_one_partition_end_to_end(web_pool: Callable[..., Path], tmp_path: Path)
         "downloaded_shard:rows_accounted": True,
         "downloaded_shard:download_success_rate": True,
         "downloaded_shard:image_size_bounds": True,
+        "downloaded_shard:not_worse_than_published": True,
     }
     ledger = pl.read_parquet(tmp_path / "data" / layout.download_rows_key("part-00000"))
     assert ledger.height == 10
@@ -82,15 +84,52 @@ def test_failed_blocking_check_stops_the_shards_downstream(tmp_path: Path, route
     assert not (tmp_path / "data" / layout.download_rows_key("p")).exists()
 
 
-def test_success_rate_floor_fails_the_download_check(web_pool: Callable[..., Path], tmp_path: Path) -> None:
+def failure_message(result) -> str:
+    failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    while failure.cause is not None:
+        failure = failure.cause
+    return failure.message
+
+
+def test_success_rate_floor_rejects_the_download_without_publishing(
+    web_pool: Callable[..., Path], tmp_path: Path
+) -> None:
     pool = web_pool(rows_per_shard=4)  # 2 of 4 rows fail
     result = spine(
         tmp_path, pool, "part-00000", DagsterInstance.ephemeral(), QualityConfig(min_download_success_rate=0.9)
     )
     assert checks_of(result)["downloaded_shard:download_success_rate"] is False
     assert not result.success
-    # the ledger is still published: every row accounted for, the check says the shard is not good enough
-    assert pl.read_parquet(tmp_path / "data" / layout.download_rows_key("part-00000")).height == 4
+    assert "success rate 0.500 is below the floor 0.9" in failure_message(result)
+    assert not (tmp_path / "data" / layout.download_rows_key("part-00000")).exists()
+    # the attempt is kept for inspection: every row accounted for in its ledger, with the audit's reasons
+    (rejected,) = (tmp_path / "data" / "rejected" / "downloads" / "part-00000").iterdir()
+    assert rejected.name == result.run_id
+    assert pl.read_parquet(rejected / layout.ROWS_FILE).height == 4
+    audit = json.loads((rejected / "audit.json").read_text())
+    assert {c["name"]: c["passed"] for c in audit["checks"]}["download_success_rate"] is False
+
+
+def test_a_worse_download_never_replaces_the_published_one(
+    web_pool: Callable[..., Path], tmp_path: Path, routes_server: RoutesServer
+) -> None:
+    """The image host goes down after a good download: the re-download is rejected, the good one stays."""
+    pool = web_pool(rows_per_shard=10)
+    instance = DagsterInstance.ephemeral()
+    assert spine(tmp_path, pool, "part-00000", instance).success
+    shard_dir = tmp_path / "data" / layout.download_prefix("part-00000")
+    published = {p.name: p.read_bytes() for p in shard_dir.iterdir()}
+
+    routes_server.routes.clear()  # every image now answers 404
+    result = spine(tmp_path, pool, "part-00000", instance, QualityConfig(min_download_success_rate=0.0))
+    assert not result.success
+    assert checks_of(result)["downloaded_shard:not_worse_than_published"] is False
+    assert "below the published 0.800" in failure_message(result)
+    assert {p.name: p.read_bytes() for p in shard_dir.iterdir()} == published
+    db = tmp_path / "data" / layout.ANALYTICS_DB
+    assert analytics.query(db, "SELECT count(*) FILTER (status = 'success') FROM downloads").rows == [(8,)]
+    rejected = tmp_path / "data" / layout.rejected_prefix("downloads", "part-00000", result.run_id)
+    assert pl.read_parquet(rejected / layout.ROWS_FILE)["status"].to_list() == ["failed_to_download"] * 10
 
 
 def test_malformed_shard_fails_naming_file_and_column(tmp_path: Path) -> None:
@@ -128,6 +167,25 @@ def test_shard_sensor_adds_new_shards_and_requests_each_file_version(tmp_path: P
     third = tick()
     assert not third.dynamic_partitions_requests
     assert {r.partition_key: r.run_key for r in third.run_requests}["s0"] != run_keys["s0"]
+
+
+def test_shard_sensor_skips_shards_done_from_the_same_file(web_pool: Callable[..., Path], tmp_path: Path) -> None:
+    """`done` lives in the data root: a shard downloaded by any path is not requested again until its file
+    changes, even by a sensor on another instance (the UI opened after `ca-platform run`)."""
+    pool = web_pool(rows_per_shard=4, failures=False)
+    assert spine(tmp_path, pool, "part-00000", DagsterInstance.ephemeral()).success
+    storage = PlatformStorage(pool_uri=str(pool), data_uri=str(tmp_path / "data"))
+
+    def requested() -> list[str]:
+        with build_sensor_context(instance=DagsterInstance.ephemeral(), resources={"storage": storage}) as context:
+            return sorted(r.partition_key for r in pool_shard_sensor(context).run_requests)
+
+    assert requested() == ["part-00001"]
+    frame = pl.read_parquet(pool / "part-00000.parquet")
+    pl.concat([frame, frame.head(1).with_columns(pl.lit("another").alias("caption"))]).write_parquet(
+        pool / "part-00000.parquet"
+    )
+    assert requested() == ["part-00000", "part-00001"]
 
 
 def test_definitions_load_with_job_and_sensor() -> None:
