@@ -44,12 +44,15 @@ NO_REGISTERED_CHECKPOINT = "none"
 def preference_data(
     storage: PlatformStorage, preferences: PreferencesConfig, downloader: DownloadConfig
 ) -> MaterializeResult:
-    """The preference file validated (errors name row and field) and staged with its images as a
-    content-addressed set; images given by URL come through the same guarded download as the pool."""
+    """The preference file validated whole, format and every image (errors name row and field), and staged with
+    its images as a content-addressed set; local images only from under the file's folder (or `image_root`),
+    images given by URL through the same guarded download as the pool."""
     if not preferences.uri:
         raise Failure("no preference file configured: pass --preferences FILE or set CA_PREFERENCES_URI")
     with storage.staging_dir("preferences") as staging:
-        published = publish_preference_set(storage.data_store(), preferences.uri, downloader.settings().policy, staging)
+        published = publish_preference_set(
+            storage.data_store(), preferences.uri, downloader.settings().policy, staging, preferences.image_root
+        )
     return MaterializeResult(
         metadata={
             "version": published.version,

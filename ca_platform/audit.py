@@ -38,7 +38,8 @@ def _reason(outcome: CheckOutcome) -> str:
     """The outcome's own one-line summary when it gives one, else its failed expectations."""
     if "reason" in outcome.metadata:
         return str(outcome.metadata["reason"])
-    failed = [name for name, result in outcome.metadata.items() if isinstance(result, dict) and result.get("success") is False]
+    metadata = outcome.metadata.items()
+    failed = [name for name, result in metadata if isinstance(result, dict) and result.get("success") is False]
     return ", ".join(failed) or "failed"
 
 

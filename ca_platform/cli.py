@@ -23,6 +23,7 @@ def _add_s3(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ca_platform import runner
+    from ca_platform.preferences.files import PreferenceFormatError
     from ca_platform.resources import build_resources
 
     resources = build_resources(
@@ -31,10 +32,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.allow_host,
         args.s3_endpoint_url,
         preferences_uri=args.preferences,
+        preference_image_root=args.preference_image_root,
         keep_fraction=args.keep,
         evaluation_uri=args.eval,
     )
-    run = runner.run_lineage(resources, compress=args.keep is not None or args.eval is not None)
+    try:
+        run = runner.run_lineage(resources, compress=args.keep is not None or args.eval is not None, force=args.force)
+    except PreferenceFormatError as err:  # raised before anything ran: the list of problems is the whole story
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(runner.report(run))
     return 0 if run.success else 1
 
@@ -43,17 +49,24 @@ def _cmd_shards(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from ca_platform import runner
-    from ca_platform.ingest.pool import discover_shards
+    from ca_platform.ingest.pool import ShardKeyCollisionError, survey_pool
     from ca_platform.resources import s3_resource
     from ca_platform.storage import open_store
 
     s3 = s3_resource(args.s3_endpoint_url)
     pool = open_store(args.pool, s3.get_client)
     if args.action == "list":
-        for shard in discover_shards(pool):
+        try:
+            survey = survey_pool(pool)
+        except ShardKeyCollisionError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        for shard in survey.shards:
             print(f"{shard.key}\t{pool.uri_of(shard.object_key)}")
+        for ignored in survey.ignored:
+            print(f"ignored: {pool.uri_of(ignored.object_key)}: {ignored.reason}", file=sys.stderr)
         return 0
-    keys = runner.register_shards(pool, DagsterInstance.get())
+    keys = [shard.key for shard in runner.register_shards(pool, DagsterInstance.get())]
     print(f"{len(keys)} shard partitions registered: {', '.join(keys)}")
     return 0
 
@@ -74,8 +87,20 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         for _, signature, description in describe_macros():
             print(f"\n  {signature}\n    {description}")
         return 0
-    print(analytics.query(storage.analytics_db(), args.query).as_text())
+    import duckdb
+
+    try:
+        result = analytics.query(storage.analytics_db(), args.query)
+    except duckdb.Error as err:  # a SQL mistake or a refused write (the database is opened read-only)
+        print(f"error: {_first_paragraph(str(err))}", file=sys.stderr)
+        return 1
+    print(result.as_text())
     return 0
+
+
+def _first_paragraph(message: str) -> str:
+    """DuckDB's message up to its blank line, on one line: the error and its hint, without the caret drawing."""
+    return " ".join(line.strip() for line in message.strip().split("\n\n", 1)[0].splitlines())
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
@@ -171,7 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--preferences",
         metavar="FILE",
-        help="human preference rankings (JSONL/parquet): train the reward model and score every shard",
+        help="human preference rankings (JSONL/parquet): train the reward model and score every shard; checked "
+        "whole (format and every image) before anything is downloaded",
+    )
+    run.add_argument(
+        "--preference-image-root",
+        metavar="DIR",
+        help="folder the preference file's local images must lie under (default: the file's own folder)",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="download every shard again, even those already downloaded from the same pool file (a re-download "
+        "is still audited: it replaces the published one only if it is not clearly worse)",
     )
     run.add_argument(
         "--keep",

@@ -4,8 +4,8 @@ Dagster's backfills, sensors and automation start runs concurrently by design, a
 shared by several machines, so the lock lives beside the data: a small JSON document naming its holder,
 created only if absent (an atomic link locally, a conditional PUT on S3) and rewritten by a heartbeat
 thread while held. A holder that stops beating is considered gone after `stale_s` (at once when it was a
-process of this host that no longer exists), and its lock may then be broken by the next run. A run that finds the lock held waits up to `wait_s`,
-then fails with a message naming the holder.
+process of this host that no longer exists), and its lock may then be broken by the next run. A run that
+finds the lock held waits up to `wait_s`, then fails with a message naming the holder.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,10 @@ from ca_platform.assets import (
 )
 from ca_platform.assets.partitions import POOL_SHARDS
 from ca_platform.evaluation.report import CurationRow, curation_text
-from ca_platform.ingest.pool import discover_shards
-from ca_platform.resources import EvaluationConfig, PlatformStorage, PreferencesConfig
+from ca_platform.ingest.download import done_shards, is_done
+from ca_platform.ingest.pool import PoolShard, discover_shards
+from ca_platform.preferences.files import validate_preference_file
+from ca_platform.resources import DownloadConfig, EvaluationConfig, PlatformStorage, PreferencesConfig
 from ca_platform.resources import build_resources as build_resources  # the one factory, for callers of the runner
 from ca_platform.scoring.registry import registered_reward_checkpoint
 from ca_platform.storage import DataStore, read_json
@@ -47,6 +49,7 @@ class StageRun:
     success: bool
     checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
     error: str | None = None
+    already_done: bool = False  # not run: the shard's spine is published from the same pool file
 
 
 @dataclass
@@ -63,14 +66,27 @@ def default_instance() -> DagsterInstance:
     return DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
 
 
-def register_shards(pool: DataStore, instance: DagsterInstance) -> list[str]:
-    """Add every shard of the pool as a partition; returns all shard keys."""
-    keys = [s.key for s in discover_shards(pool)]
+def register_shards(pool: DataStore, instance: DagsterInstance) -> list[PoolShard]:
+    """Add every shard of the pool as a partition; returns all shards."""
+    shards = discover_shards(pool)
     known = set(instance.get_dynamic_partitions(POOL_SHARDS))
-    new = [k for k in keys if k not in known]
+    new = [s.key for s in shards if s.key not in known]
     if new:
         instance.add_dynamic_partitions(POOL_SHARDS, new)
-    return keys
+    return shards
+
+
+def _spine(
+    shards: list[PoolShard], storage: PlatformStorage, force: bool, run: Callable[[str], StageRun]
+) -> list[StageRun]:
+    """Each shard's spine, except shards already done from the same pool file (the sensor's notion too)."""
+    done = done_shards(storage.data_store())
+    return [
+        StageRun(shard.key, True, already_done=True)
+        if not force and is_done(done, shard.key, shard.fingerprint)
+        else run(shard.key)
+        for shard in shards
+    ]
 
 
 def _materialize(
@@ -102,19 +118,29 @@ def run_lineage(
     instance: DagsterInstance | None = None,
     log_level: str = "WARNING",
     compress: bool = False,
+    force: bool = False,
 ) -> LineageRun:
     """Materialize the lineage: every shard's spine, then (with a preference file, or a pinned checkpoint)
     the reward model and its baselines once, every downloaded shard's reward and CLIP scores, and (with
     `compress`) the global cut of every subset variant and each shard's compressed subsets, and (with an
     evaluation set as well) per training variant a CLIP and a BLIP, their evaluations and the curation
-    report; one run per shard, variant and stage."""
-    instance = instance or default_instance()
-    storage = resources["storage"]
+    report; one run per shard, variant and stage. A shard whose spine is already published from the same
+    pool file is not downloaded again unless `force`.
+
+    The preference file is validated whole first (format and every image), so a bad one raises
+    PreferenceFormatError listing every problem within seconds, before any shard is registered or downloaded.
+    """
+    storage, downloader = resources["storage"], resources["downloader"]
     preferences, evaluation = resources["preferences"], resources["evaluation"]
     assert isinstance(storage, PlatformStorage) and isinstance(preferences, PreferencesConfig)
-    assert isinstance(evaluation, EvaluationConfig)
+    assert isinstance(evaluation, EvaluationConfig) and isinstance(downloader, DownloadConfig)
+    if preferences.uri:
+        with tempfile.TemporaryDirectory(prefix="ca-preferences-") as fetched:
+            policy = downloader.settings().policy
+            validate_preference_file(Path(preferences.uri), policy, Path(fetched), image_root=preferences.image_root)
+    instance = instance or default_instance()
     shards = register_shards(storage.pool_store(), instance)
-    runs = [_materialize(SPINE_ASSETS, resources, instance, key, log_level) for key in shards]
+    runs = _spine(shards, storage, force, lambda key: _materialize(SPINE_ASSETS, resources, instance, key, log_level))
     with tempfile.TemporaryDirectory() as scratch:
         pinned = registered_reward_checkpoint(storage.data_store(), Path(scratch)) is not None
     if preferences.uri or pinned:
@@ -176,6 +202,7 @@ def report(run: LineageRun) -> str:
     lines = [
         f"pool {run.storage.pool_uri} -> data {run.storage.data_uri}",
         f"shards: {totals[0]}, rows: {totals[1]}, downloaded: {totals[2]}, not downloaded: {totals[1] - totals[2]}",
+        *_already_done_line(run),
         "",
         "not downloaded, by reason:",
         by_status.as_text() if by_status.rows else "(none)",
@@ -229,6 +256,13 @@ def report(run: LineageRun) -> str:
             curation_text(rows),
         ]
     return "\n".join(lines)
+
+
+def _already_done_line(run: LineageRun) -> list[str]:
+    done = [r.target for r in run.runs if r.already_done]
+    if not done:
+        return []
+    return [f"already downloaded from the same pool files, not run again (--force re-runs them): {', '.join(done)}"]
 
 
 def _read_report(storage: PlatformStorage, key: str) -> dict[str, Any] | None:

@@ -54,6 +54,7 @@ def build_resources(
     quality: QualityConfig | None = None,
     analytics_dir: str | None = None,
     preferences_uri: str | None = None,
+    preference_image_root: str | None = None,
     reward_training: RewardModelConfig | None = None,
     baselines: BaselineConfig | None = None,
     scoring: ScoringConfig | None = None,
@@ -72,7 +73,7 @@ def build_resources(
         ),
         "downloader": DownloadConfig(allow_hosts=",".join(allow_hosts), **(download_options or {})),
         "quality": quality or QualityConfig(),
-        "preferences": PreferencesConfig(uri=preferences_uri),
+        "preferences": PreferencesConfig(uri=preferences_uri, image_root=preference_image_root),
         "reward_training": reward_training or RewardModelConfig(),
         "baselines": baselines or BaselineConfig(),
         "scoring": scoring or ScoringConfig(),
@@ -87,9 +88,9 @@ def build_resources(
 def resources_from_env() -> dict[str, ConfigurableResource]:
     """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI, the rest optional.
 
-    CA_ALLOW_HOSTS (comma-separated), CA_ANALYTICS_DIR, CA_PREFERENCES_URI, CA_KEEP_FRACTION, CA_EVAL_URI,
-    CA_CLIP_DIR and CA_BLIP_DIR; unset or empty means the default. S3 credentials, region and endpoint come
-    from boto3's usual environment (AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL, ...).
+    CA_ALLOW_HOSTS (comma-separated), CA_ANALYTICS_DIR, CA_PREFERENCES_URI, CA_PREFERENCE_IMAGE_ROOT,
+    CA_KEEP_FRACTION, CA_EVAL_URI, CA_CLIP_DIR and CA_BLIP_DIR; unset or empty means the default. S3 credentials,
+    region and endpoint come from boto3's usual environment (AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL, ...).
     """
     return build_resources(
         EnvVar("CA_POOL_URI"),
@@ -97,6 +98,7 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
         allow_hosts=os.environ.get("CA_ALLOW_HOSTS", "").split(","),
         analytics_dir=os.environ.get("CA_ANALYTICS_DIR"),
         preferences_uri=os.environ.get("CA_PREFERENCES_URI"),
+        preference_image_root=os.environ.get("CA_PREFERENCE_IMAGE_ROOT") or None,
         baselines=BaselineConfig(
             clip_pretrained_dir=os.environ.get("CA_CLIP_DIR"), blip_pretrained_dir=os.environ.get("CA_BLIP_DIR")
         ),

@@ -67,6 +67,10 @@ class QualityConfig(ConfigurableResource):
 
     min_caption_fraction: float = 0.9
     min_download_success_rate: float = 0.5
+    max_success_rate_drop: float = Field(
+        default=0.05,
+        description="A re-download whose success rate falls more than this below the published one is rejected.",
+    )
     min_image_side: int = 8
     max_image_side: int = 16384
 
@@ -78,6 +82,11 @@ class PreferencesConfig(ConfigurableResource):
     """The human preference file the reward model learns from, and how it is split."""
 
     uri: str | None = Field(default=None, description="Local JSONL or parquet preference file.")
+    image_root: str | None = Field(
+        default=None,
+        description="Local folder the file's local images must lie under (after symlinks and '..'); any other "
+        "path is refused by row. Default: the preference file's own folder.",
+    )
     holdout_fraction: float = Field(default=0.2, description="Share of images held out for evaluation.")
     split_seed: int = 0
 

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import socket
 import socketserver
 import threading
 import time
@@ -273,3 +274,28 @@ def elapsed_in(error: str, deadline_s: float) -> float:
     assert match, error
     assert float(match.group(1)) == deadline_s
     return float(match.group(2))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real S3-compatible server (moto's server mode) on loopback, with test credentials in the environment."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    from moto.server import ThreadedMotoServer  # heavy: imported only by the tests that need it
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -22,6 +22,7 @@ import duckdb
 
 from ca_platform import layout, schemas
 from ca_platform.analytics.queries import install_macros, stale_macros
+from ca_platform.analytics.sql_literals import sql_string_literal
 from ca_platform.storage import DataStore
 
 # View name -> the schema of the files it reads, for a typed empty view before any file exists.
@@ -62,9 +63,10 @@ def _connect(db_path: Path, read_only: bool, timeout_s: float = 30.0) -> duckdb.
 
 
 def _view_sql(name: str, files_root: Path) -> str:
+    """A view's body; the glob is quoted as a literal, as a view body cannot take parameters."""
     glob = files_root / layout.VIEW_GLOBS[name]
     if any(files_root.glob(layout.VIEW_GLOBS[name])):
-        return f"SELECT * FROM read_parquet('{glob.as_posix()}', union_by_name = true)"
+        return f"SELECT * FROM read_parquet({sql_string_literal(glob.as_posix())}, union_by_name = true)"
     return f"SELECT {schemas.duckdb_columns(VIEW_SCHEMAS[name])} WHERE false"
 
 
@@ -85,7 +87,7 @@ def ensure_views(db_path: Path, files_root: Path) -> None:
     with _connect(db_path, read_only=False) as con:
         for name, sql in stale.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
-            con.execute(f"COMMENT ON VIEW {name} IS '{_fingerprint(sql).replace(chr(39), chr(39) * 2)}'")
+            con.execute(f"COMMENT ON VIEW {name} IS {sql_string_literal(_fingerprint(sql))}")
         if macros_stale:
             install_macros(con)
 

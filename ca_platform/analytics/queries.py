@@ -18,6 +18,8 @@ from importlib import resources
 
 import duckdb
 
+from ca_platform.analytics.sql_literals import sql_string_literal
+
 SQL_FILE = "score_queries.sql"
 _CREATE = re.compile(r"CREATE\s+OR\s+REPLACE\s+MACRO\s+(\w+)\s*\(([^()]*)\)\s+AS\s+TABLE\b", re.IGNORECASE)
 
@@ -102,7 +104,7 @@ def install_macros(con: duckdb.DuckDBPyConnection) -> None:
                 con.execute(macro.sql)
             except duckdb.Error as err:
                 raise RuntimeError(f"{SQL_FILE}: could not create macro {macro.signature}: {err}") from err
-            con.execute(f"COMMENT ON MACRO TABLE {macro.name} IS '{macro.comment.replace(chr(39), chr(39) * 2)}'")
+            con.execute(f"COMMENT ON MACRO TABLE {macro.name} IS {sql_string_literal(macro.comment)}")
     except BaseException:
         con.execute("ROLLBACK")
         raise

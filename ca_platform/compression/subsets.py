@@ -27,7 +27,6 @@ from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import REWARD_TOPK, VARIANT_SCORERS
 from ca_platform.storage import DataStore, publish_folder
 
-
 SUBSET_STEP = "subsets"  # the step name in staging and locks' owners
 
 

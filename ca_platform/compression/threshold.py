@@ -63,19 +63,20 @@ def ranked_pairs(files_root: Path, variant: str, model_version: str, shard: str 
     """SQL (with parameters) of `uid, shard, score` for every pair `variant` ranks: all shards, or one.
 
     Scored variants read the scorer's files of `model_version`; random_topk reads the download ledgers'
-    successes, so all three rank the same downloaded pairs.
+    successes, so all three rank the same downloaded pairs. The file glob is a parameter too, so a data root,
+    version or shard holding a quote cannot change the SQL.
     """
     if variant == RANDOM_TOPK:
         seed = model_version.removeprefix(RANDOM_VERSION_PREFIX)
         ledgers = (files_root / layout.download_rows_key(shard)).as_posix()
         return (
-            f"SELECT uid, shard, {RANDOM_KEY_SQL} AS score FROM read_parquet('{ledgers}') WHERE status = ?",
-            [seed, Status.SUCCESS],
+            f"SELECT uid, shard, {RANDOM_KEY_SQL} AS score FROM read_parquet(?) WHERE status = ?",
+            [seed, ledgers, Status.SUCCESS],
         )
     if variant not in VARIANT_SCORERS:
         raise ValueError(f"unknown subset variant {variant!r}; expected one of {schemas.SUBSET_VARIANTS}")
     scores = (files_root / layout.scores_key(VARIANT_SCORERS[variant], model_version, shard)).as_posix()
-    return f"SELECT uid, shard, score FROM read_parquet('{scores}')", []
+    return "SELECT uid, shard, score FROM read_parquet(?)", [scores]
 
 
 def score_threshold(files_root: Path, variant: str, model_version: str, keep_fraction: float) -> ScoreThreshold:

@@ -23,6 +23,7 @@ from ca_platform.schemas import CAPTION, ROW_INDEX, SHARD, STATUS, UID, Status
 class QualityThresholds:
     min_caption_fraction: float = 0.9  # share of a shard's rows with a non-empty caption
     min_download_success_rate: float = 0.5  # successes among rows sent to download
+    max_success_rate_drop: float = 0.05  # how far a re-download's success rate may fall below the published one
     min_image_side: int = 8  # pixels, of the image as served
     max_image_side: int = 16384
 
@@ -49,6 +50,7 @@ DOWNLOAD_CHECKS = (
     CheckSpec("rows_accounted", "every input row appears exactly once in the download ledger"),
     CheckSpec("download_success_rate", "successful downloads among attempted rows reach the floor"),
     CheckSpec("image_size_bounds", "downloaded images' original sides lie within the configured bounds"),
+    CheckSpec("not_worse_than_published", "a re-download's success rate is not below the published one's by more"),
 )
 
 SCORE_CHECKS = (
@@ -83,10 +85,22 @@ def _run(name: str, frame: pl.DataFrame, expectations: Sequence[Any]) -> CheckOu
 _SUMMARY_KEYS = ("observed_value", "element_count", "unexpected_count", "unexpected_percent", "partial_unexpected_list")
 
 
+OFFENDING_ROWS_SHOWN = 20  # rows a check names in its metadata; the count covers all of them
+
+
+def _with_offending_rows(outcome: CheckOutcome, raw: pl.DataFrame, offending: pl.Expr) -> CheckOutcome:
+    """`outcome` naming the rows behind it (row index and uid, first few) and their count, not only a share."""
+    rows = raw.filter(offending).sort(ROW_INDEX)
+    named = rows.head(OFFENDING_ROWS_SHOWN).select(ROW_INDEX, UID).to_dicts()
+    metadata = {**outcome.metadata, "offending_row_count": rows.height, "offending_rows": named}
+    return CheckOutcome(outcome.name, outcome.passed, metadata)
+
+
 def check_raw_shard(raw: pl.DataFrame, thresholds: QualityThresholds) -> list[CheckOutcome]:
     import great_expectations.expectations as gxe
 
-    captions = raw.select(pl.col(CAPTION).fill_null("").str.strip_chars())
+    caption = pl.col(CAPTION).fill_null("").str.strip_chars()
+    captions = raw.select(caption)
     return [
         _run(
             "raw_schema",
@@ -98,15 +112,23 @@ def check_raw_shard(raw: pl.DataFrame, thresholds: QualityThresholds) -> list[Ch
                 gxe.ExpectColumnValuesToNotBeNull(column=SHARD),
             ],
         ),
-        _run("uid_unique", raw.select(UID), [gxe.ExpectColumnValuesToBeUnique(column=UID)]),
-        _run(
-            "captions_non_empty",
-            captions,
-            [
-                gxe.ExpectColumnValueLengthsToBeBetween(
-                    column=CAPTION, min_value=1, mostly=thresholds.min_caption_fraction
-                ),
-            ],
+        _with_offending_rows(
+            _run("uid_unique", raw.select(UID), [gxe.ExpectColumnValuesToBeUnique(column=UID)]),
+            raw,
+            pl.col(UID).is_duplicated(),
+        ),
+        _with_offending_rows(
+            _run(
+                "captions_non_empty",
+                captions,
+                [
+                    gxe.ExpectColumnValueLengthsToBeBetween(
+                        column=CAPTION, min_value=1, mostly=thresholds.min_caption_fraction
+                    ),
+                ],
+            ),
+            raw,
+            caption == "",
         ),
     ]
 
@@ -136,19 +158,20 @@ def check_download(ledger: pl.DataFrame, input_uids: pl.Series, thresholds: Qual
     accounted = CheckOutcome(
         accounted.name, accounted.passed and unknown_uids == 0, {**accounted.metadata, "unknown_uids": unknown_uids}
     )
-    return [
-        accounted,
-        _run(
-            "download_success_rate",
-            attempted,
-            [
-                gxe.ExpectColumnValuesToBeInSet(
-                    column=STATUS, value_set=[Status.SUCCESS], mostly=thresholds.min_download_success_rate
-                ),
-            ],
-        ),
-        _run("image_size_bounds", successes, sides),
-    ]
+    rate = _run(
+        "download_success_rate",
+        attempted,
+        [
+            gxe.ExpectColumnValuesToBeInSet(
+                column=STATUS, value_set=[Status.SUCCESS], mostly=thresholds.min_download_success_rate
+            ),
+        ],
+    )
+    if not rate.passed:
+        observed = success_rate(ledger) or 0.0
+        reason = f"success rate {observed:.3f} is below the floor {thresholds.min_download_success_rate}"
+        rate = CheckOutcome(rate.name, False, {**rate.metadata, "reason": reason})
+    return [accounted, rate, _run("image_size_bounds", successes, sides)]
 
 
 def check_scores(scores: pl.DataFrame, ledger: pl.DataFrame) -> list[CheckOutcome]:
@@ -177,3 +200,27 @@ def check_scores(scores: pl.DataFrame, ledger: pl.DataFrame) -> list[CheckOutcom
             },
         )
     ]
+
+
+def success_rate(ledger: pl.DataFrame) -> float | None:
+    """Successful downloads among the rows sent to download; None when none were."""
+    attempted = ledger.filter(pl.col(STATUS) != Status.SKIPPED)
+    return attempted.filter(pl.col(STATUS) == Status.SUCCESS).height / attempted.height if attempted.height else None
+
+
+def check_not_worse(
+    ledger: pl.DataFrame, published: pl.DataFrame | None, thresholds: QualityThresholds
+) -> CheckOutcome:
+    """A new download may not replace a clearly better published one (link rot, a host down for the day)."""
+    name = "not_worse_than_published"
+    new_rate = success_rate(ledger)
+    old_rate = success_rate(published) if published is not None else None
+    metadata: dict[str, Any] = {
+        "success_rate": new_rate,
+        "published_success_rate": old_rate,
+        "max_drop": thresholds.max_success_rate_drop,
+    }
+    if old_rate is None or new_rate is None or new_rate >= old_rate - thresholds.max_success_rate_drop:
+        return CheckOutcome(name, True, metadata)
+    reason = f"success rate {new_rate:.3f} is below the published {old_rate:.3f} by more than {metadata['max_drop']}"
+    return CheckOutcome(name, False, {**metadata, "reason": reason})

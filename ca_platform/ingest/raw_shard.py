@@ -12,7 +12,7 @@ import polars as pl
 
 from ca_platform import layout, schemas
 from ca_platform.audit import StagedOutput, audit_and_publish
-from ca_platform.ingest.pool import PoolColumns, PoolShard, read_shard
+from ca_platform.ingest.pool import PoolColumns, PoolShard, read_shard, skip_uids_of_other_shards
 from ca_platform.ingest.quality import CheckOutcome, QualityThresholds, check_raw_shard
 from ca_platform.storage import DataStore, fetch_to_local
 
@@ -40,11 +40,14 @@ def publish_raw_shard(
     run_id: str,
     scratch: Path,
 ) -> tuple[pl.DataFrame, list[CheckOutcome]]:
-    """Read and validate a pool shard, audit it, and publish it under the data root if it passes.
+    """Read and validate a pool shard, audit it, and publish it under the data root if it passes. Rows whose
+    uid another published shard holds are skipped with that reason (kept, not dropped).
 
     Raises AuditFailed (the attempt kept under rejected/, the published copy unchanged) when it does not.
     """
-    raw = read_shard(pool, shard, columns, scratch / "in")
+    raw = skip_uids_of_other_shards(
+        data, shard.key, read_shard(pool, shard, columns, scratch / "in"), scratch / "other"
+    )
     local = scratch / "raw.parquet"
     write_raw_shard(raw, local, shard.fingerprint)
     outcomes = check_raw_shard(raw, thresholds)

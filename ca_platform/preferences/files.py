@@ -4,6 +4,10 @@ A preference file holds one record per image, ``{"image": ..., "captions": [...]
 where ``ranking[i]`` is the rank of ``captions[i]`` (1 best, equal ranks tied), as JSONL or parquet. People
 write these files by hand or export them from labelling tools, so every row is checked and all problems
 are reported at once, each naming the file, row and field.
+
+`validate_preference_file` is the one entry point that checks a file before anything uses it: the format of
+every row and every image (local files confined to the file's folder or a configured root, URLs fetched behind
+the download guard; each must decode within the guard's caps), all problems in one error.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import tempfile
 import urllib.error
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from ca_platform.ingest.download_guard import GuardPolicy, build_opener
+from ca_platform.ingest.download_guard import TOO_LARGE_PREFIX, GuardPolicy, build_opener
 from ca_platform.preferences.pairs import PreferenceItem
 
 FIELDS = ("image", "captions", "ranking")
@@ -138,31 +143,31 @@ def _parquet_records(path: Path) -> list[tuple[int, object]]:
     return list(enumerate(table.select(list(FIELDS)).to_pylist(), start=1))
 
 
-def read_preferences(path: Path) -> list[PreferenceItem]:
-    """Every row of a ``.jsonl`` or ``.parquet`` preference file, validated; extra fields are ignored.
+def _read_rows(path: Path) -> tuple[list[PreferenceItem], list[tuple[int, str]]]:
+    """The file's valid rows as items, and (row, problem) for every invalid one.
 
-    Raises PreferenceFormatError listing all bad rows, so one round of fixes makes the file load.
+    Raises PreferenceFormatError at once only when the file as a whole is unusable (missing, unreadable, no rows).
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = _jsonl_records(path)
-    elif suffix == ".parquet":
-        records = _parquet_records(path)
-    else:
+    if suffix not in (".jsonl", ".parquet"):
         raise PreferenceFormatError(
             path.name, [f"unsupported file type {suffix or '(none)'!r}: use .jsonl or .parquet"]
         )
+    if not path.is_file():
+        raise PreferenceFormatError(path.name, [f"no such file: {path}"])
+    records = _jsonl_records(path) if suffix == ".jsonl" else _parquet_records(path)
     if not records:
         raise PreferenceFormatError(path.name, ["no rows"])
-    items, problems = [], []
+    items: list[PreferenceItem] = []
+    problems: list[tuple[int, str]] = []
     for row, record in records:
         if isinstance(record, json.JSONDecodeError):
-            problems.append(f"row {row}: invalid JSON ({record.msg} at column {record.colno})")
+            problems.append((row, f"invalid JSON ({record.msg} at column {record.colno})"))
             continue
         row_problems = _record_problems(record)
         if row_problems:
-            problems.extend(f"row {row}: {problem}" for problem in row_problems)
+            problems.extend((row, problem) for problem in row_problems)
             continue
         assert isinstance(record, dict)
         items.append(
@@ -170,8 +175,23 @@ def read_preferences(path: Path) -> list[PreferenceItem]:
                 image=record["image"], captions=tuple(record["captions"]), ranking=tuple(record["ranking"]), row=row
             )
         )
+    return items, problems
+
+
+def _by_row(problems: Sequence[tuple[int, str]]) -> list[str]:
+    """``row <n>: ...`` lines in row order (a row's own problems keep their order)."""
+    return [f"row {row}: {problem}" for row, problem in sorted(problems, key=lambda entry: entry[0])]
+
+
+def read_preferences(path: Path) -> list[PreferenceItem]:
+    """Every row of a ``.jsonl`` or ``.parquet`` preference file, format-checked; extra fields are ignored.
+
+    Raises PreferenceFormatError listing all bad rows, so one round of fixes makes the file load. Images are
+    not looked at: a file from a user goes through `validate_preference_file` instead.
+    """
+    items, problems = _read_rows(path)
     if problems:
-        raise PreferenceFormatError(path.name, problems)
+        raise PreferenceFormatError(Path(path).name, _by_row(problems))
     return items
 
 
@@ -201,8 +221,31 @@ def write_preferences(
     return path
 
 
-class _FetchFailed(Exception):
-    """Why one URL gave no image; turned into a PreferenceFormatError for every row using it."""
+class _ImageUnusable(Exception):
+    """Why one image (a local file or a URL's body) cannot be used; reported for every row naming it."""
+
+
+def _decoded_format(body: bytes, policy: GuardPolicy) -> str:
+    """The format of the image in `body`, decoded whole once its header shows it within the pixel cap."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(body)) as image:
+                width, height = image.size
+                if width * height > policy.max_pixels:
+                    raise _ImageUnusable(
+                        f"{TOO_LARGE_PREFIX} image of {width}x{height} pixels exceeds cap {policy.max_pixels}"
+                    )
+                image.load()  # a truncated or corrupt body fails here, not later in training
+                return image.format or ""
+    except _ImageUnusable:
+        raise
+    except Image.DecompressionBombError as err:
+        raise _ImageUnusable(f"{TOO_LARGE_PREFIX} {err}") from err
+    except UnidentifiedImageError as err:
+        raise _ImageUnusable(f"{len(body)} bytes that are not an image Pillow can identify") from err
+    except Exception as err:  # Pillow raises many types (SyntaxError, struct.error, ...) for broken data
+        raise _ImageUnusable(f"not a decodable image ({type(err).__name__}: {err})") from err
 
 
 def _fetch_image(url: str, dest_dir: Path, policy: GuardPolicy, timeout_s: float) -> Path:
@@ -218,19 +261,12 @@ def _fetch_image(url: str, dest_dir: Path, policy: GuardPolicy, timeout_s: float
         with build_opener(policy).open(url, timeout=timeout_s) as response:
             body = response.read()
     except urllib.error.HTTPError as err:
-        raise _FetchFailed(f"HTTP {err.code} {err.reason}") from err
+        raise _ImageUnusable(f"HTTP {err.code} {err.reason}") from err
     except urllib.error.URLError as err:
-        raise _FetchFailed(str(err.reason)) from err
+        raise _ImageUnusable(str(err.reason)) from err
     except (OSError, http.client.HTTPException, ValueError) as err:
-        raise _FetchFailed(f"{type(err).__name__}: {err}") from err
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            image_format = image.format or ""
-            image.verify()
-    except UnidentifiedImageError as err:
-        raise _FetchFailed(f"body of {len(body)} bytes is not an image Pillow can identify") from err
-    except Exception as err:  # Pillow raises many types (SyntaxError, struct.error, ...) for broken data
-        raise _FetchFailed(f"body is not a decodable image ({type(err).__name__}: {err})") from err
+        raise _ImageUnusable(f"{type(err).__name__}: {err}") from err
+    image_format = _decoded_format(body, policy)
     target = dest_dir / (stem + _EXTENSIONS.get(image_format, f".{image_format.lower() or 'img'}"))
     handle, temporary = tempfile.mkstemp(dir=dest_dir, prefix=f".{stem}-")
     with os.fdopen(handle, "wb") as out:
@@ -239,61 +275,144 @@ def _fetch_image(url: str, dest_dir: Path, policy: GuardPolicy, timeout_s: float
     return target
 
 
+def _check_local_image(path: Path, policy: GuardPolicy) -> Path:
+    """`path` (already confined to the allowed root) once it is a file within the byte cap that decodes."""
+    if not path.is_file():
+        raise _ImageUnusable(f"image file not found: {path}")
+    size = path.stat().st_size
+    if size > policy.max_bytes:
+        raise _ImageUnusable(f"{path}: {TOO_LARGE_PREFIX} file of {size} bytes exceeds cap {policy.max_bytes}")
+    try:
+        _decoded_format(path.read_bytes(), policy)
+    except _ImageUnusable as err:
+        raise _ImageUnusable(f"{path}: {err}") from err
+    return path
+
+
+def _resolve_images(
+    items: Sequence[PreferenceItem],
+    base_dir: Path,
+    dest_dir: Path,
+    policy: GuardPolicy,
+    image_root: Path | None,
+    timeout_s: float,
+    workers: int,
+) -> tuple[list[PreferenceItem], list[tuple[int, str]]]:
+    """The items whose image is usable, with `image` an absolute local path, and (row, problem) for the rest."""
+    root = Path(image_root if image_root is not None else base_dir).resolve()
+    allowed = "the configured image root" if image_root is not None else "the preference file's folder"
+    problems: list[tuple[int, str]] = []
+    targets: list[tuple[PreferenceItem, str | Path]] = []  # a URL to fetch, or a confined local path to check
+    for item in items:
+        scheme = urlsplit(item.image).scheme.lower()
+        if scheme in _URL_SCHEMES:
+            targets.append((item, item.image))
+        elif scheme:
+            problems.append(
+                (
+                    item.row,
+                    f"field 'image': scheme {scheme!r} refused in {item.image[:120]!r}; use a local path or http(s)",
+                )
+            )
+        else:
+            path = Path(item.image)
+            path = (path if path.is_absolute() else base_dir / path).resolve()  # symlinks and '..' followed
+            if not path.is_relative_to(root):
+                problems.append(
+                    (
+                        item.row,
+                        f"field 'image': refused: {item.image[:200]!r} lies outside {root} ({allowed}, where "
+                        "local images must lie)",
+                    )
+                )
+            else:
+                targets.append((item, path))
+
+    def check(target: str | Path) -> Path | str:
+        try:
+            if isinstance(target, Path):
+                return _check_local_image(target, policy)
+            return _fetch_image(target, dest_dir, policy, timeout_s)
+        except _ImageUnusable as err:
+            return str(err)
+
+    unique = sorted({target for _, target in targets}, key=str)
+    if any(isinstance(target, str) for target in unique):
+        dest_dir.mkdir(parents=True, exist_ok=True)
+    outcomes: dict[str | Path, Path | str] = {}
+    if unique:
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(unique)))) as pool:
+            outcomes = dict(zip(unique, pool.map(check, unique)))
+
+    resolved = []
+    for item, target in targets:
+        outcome = outcomes[target]
+        if isinstance(outcome, Path):
+            resolved.append(dataclasses.replace(item, image=str(outcome.resolve())))
+        elif isinstance(target, str):
+            problems.append((item.row, f"field 'image': cannot fetch {target!r}: {outcome}"))
+        else:
+            problems.append((item.row, f"field 'image': {outcome}"))
+    return resolved, problems
+
+
 def resolve_images(
     items: Sequence[PreferenceItem],
     base_dir: Path,
     dest_dir: Path,
     policy: GuardPolicy,
     *,
+    image_root: Path | None = None,
     source: str = "preferences",
     timeout_s: float = 10.0,
     workers: int = 4,
 ) -> list[PreferenceItem]:
-    """The items with `image` turned into an absolute local path.
+    """The items with `image` turned into an absolute local path to a checked image.
 
-    Relative paths are taken from `base_dir` (the preference file's folder). http(s) URLs are fetched
-    through the platform's download guard, which refuses private addresses unless `policy` allows the host
-    and caps bytes, pixels and each URL's total time, and must decode as images; they are saved in `dest_dir` as
-    ``sha1(url).<ext>``, each URL once. Other schemes (file:, ftp:, data:) are refused, since they would
-    read files or services the guard exists to keep out. All problems are raised together, named by
-    `source` (the preference file's name) and row.
+    Relative paths are taken from `base_dir` (the preference file's folder); every local path, once symlinks
+    and ``..`` are resolved, must lie under `image_root` (default `base_dir`), so a file cannot pull
+    ``/etc/passwd`` or ``../../secret.txt`` into the data root: such paths are refused and never opened.
+    http(s) URLs are fetched through the platform's download guard, which refuses private addresses unless
+    `policy` allows the host and caps bytes, pixels and each URL's total time; they are saved in `dest_dir` as
+    ``sha1(url).<ext>``, each URL once. Other schemes (file:, ftp:, data:) are refused, since they would read
+    files or services the guard exists to keep out. Every image, local or fetched, must decode whole within
+    the policy's byte and pixel caps. All problems are raised together, named by `source` (the preference
+    file's name) and row.
     """
-    base_dir, dest_dir = Path(base_dir), Path(dest_dir)
-    problems: list[str] = []
-    urls = sorted({item.image for item in items if urlsplit(item.image).scheme.lower() in _URL_SCHEMES})
-    fetched: dict[str, Path | str] = {}
-    if urls:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-
-        def fetch(url: str) -> Path | str:
-            try:
-                return _fetch_image(url, dest_dir, policy, timeout_s)
-            except _FetchFailed as err:
-                return str(err)
-
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(urls)))) as pool:
-            fetched = dict(zip(urls, pool.map(fetch, urls)))
-
-    resolved = []
-    for item in items:
-        scheme = urlsplit(item.image).scheme.lower()
-        where = f"row {item.row}: field 'image'"
-        if scheme in _URL_SCHEMES:
-            outcome = fetched[item.image]
-            if isinstance(outcome, str):
-                problems.append(f"{where}: cannot fetch {item.image!r}: {outcome}")
-                continue
-            path = outcome.resolve()
-        elif scheme:
-            problems.append(f"{where}: scheme {scheme!r} refused in {item.image[:120]!r}; use a local path or http(s)")
-            continue
-        else:
-            path = Path(item.image)
-            path = (path if path.is_absolute() else base_dir / path).resolve()
-            if not path.is_file():
-                problems.append(f"{where}: image file not found: {path}")
-                continue
-        resolved.append(dataclasses.replace(item, image=str(path)))
+    resolved, problems = _resolve_images(items, Path(base_dir), Path(dest_dir), policy, image_root, timeout_s, workers)
     if problems:
-        raise PreferenceFormatError(source, problems)
+        raise PreferenceFormatError(source, _by_row(problems))
+    return resolved
+
+
+def validate_preference_file(
+    path: Path,
+    policy: GuardPolicy,
+    fetch_dir: Path,
+    *,
+    image_root: Path | str | None = None,
+    timeout_s: float = 10.0,
+    workers: int = 4,
+) -> list[PreferenceItem]:
+    """Every row of the preference file at `path`, its format and its image checked, ready to stage.
+
+    Runs before anything else uses the file (before `ca-platform run` downloads a shard, and before staging
+    copies an image), so one round of fixes is enough: format problems and image problems of every row come in
+    one PreferenceFormatError, in row order (a row with format problems skips the image check). Images are
+    checked as `resolve_images` describes (local ones under `image_root`, default the file's own folder; URL
+    ones fetched into `fetch_dir`); the items returned point at the checked local files.
+    """
+    path = Path(path)
+    items, problems = _read_rows(path)
+    resolved, image_problems = _resolve_images(
+        items,
+        path.parent,
+        Path(fetch_dir),
+        policy,
+        None if image_root is None else Path(image_root).expanduser(),
+        timeout_s,
+        workers,
+    )
+    if problems or image_problems:
+        raise PreferenceFormatError(path.name, _by_row([*problems, *image_problems]))
     return resolved

@@ -1,9 +1,9 @@
 """A preference file turned into a self-contained, content-addressed preference set.
 
-The user's file may point at images anywhere (relative paths, absolute paths, http URLs). Staging copies
-every image into the set's own folder under a content-hash name and rewrites the file to point there, so
-the set's version (the hash of the folder) changes exactly when the preferences or their images do, and
-training reads only local files.
+The user's file points at local images (relative or absolute paths, confined to its folder or a configured
+root) or http URLs. Staging validates the whole file first, then copies every image into the set's own folder
+under a content-hash name and rewrites the file to point there, so the set's version (the hash of the folder)
+changes exactly when the preferences or their images do, and training reads only local files.
 """
 
 from __future__ import annotations
@@ -17,25 +17,32 @@ from pathlib import Path
 from ca_platform import layout
 from ca_platform.ingest.download_guard import GuardPolicy
 from ca_platform.models.checkpoints import content_version
-from ca_platform.preferences.files import read_preferences, resolve_images, write_preferences
+from ca_platform.preferences.files import read_preferences, validate_preference_file, write_preferences
 from ca_platform.preferences.pairs import PreferenceItem, preference_pairs, split_by_image
 from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
 
 IMAGES_DIR = "images"
 
 
-def stage_preferences(source: Path, folder: Path, policy: GuardPolicy) -> tuple[str, list[PreferenceItem]]:
-    """Validate `source`, gather its images into `folder`; return the set's version and its items."""
-    items = read_preferences(source)
-    resolved = resolve_images(items, source.parent, folder / ".fetched", policy)
+def stage_preferences(
+    source: Path, folder: Path, policy: GuardPolicy, image_root: Path | str | None = None
+) -> tuple[str, list[PreferenceItem]]:
+    """Validate `source` whole (format and every image), then gather its images into `folder`; return the set's
+    version and its items.
+
+    Nothing is copied unless every row passes, and only images `validate_preference_file` checked are copied:
+    local ones under `image_root` (default the file's folder) that decode within the guard's caps.
+    """
+    resolved = validate_preference_file(source, policy, folder / ".fetched", image_root=image_root)
     images = folder / IMAGES_DIR
     images.mkdir(parents=True, exist_ok=True)
     staged = []
     for item in resolved:
         path = Path(item.image)
-        name = hashlib.sha1(path.read_bytes()).hexdigest()[:20] + path.suffix.lower()
+        body = path.read_bytes()
+        name = hashlib.sha1(body).hexdigest()[:20] + path.suffix.lower()
         if not (images / name).exists():
-            shutil.copyfile(path, images / name)
+            (images / name).write_bytes(body)  # the bytes hashed are the bytes staged
         staged.append(dataclasses.replace(item, image=f"{IMAGES_DIR}/{name}"))
     shutil.rmtree(folder / ".fetched", ignore_errors=True)
     write_preferences(staged, folder / layout.PREFERENCES_FILE)
@@ -71,11 +78,12 @@ class PublishedPreferences:
 
 
 def publish_preference_set(
-    store: DataStore, source: str | Path, policy: GuardPolicy, scratch: Path
+    store: DataStore, source: str | Path, policy: GuardPolicy, scratch: Path, image_root: Path | str | None = None
 ) -> PublishedPreferences:
-    """Stage the file `source` (images given by URL fetched behind the download guard `policy`), publish the set
-    under its version (the preference file last) and make it the current one."""
-    version, items = stage_preferences(Path(source), scratch / "set", policy)
+    """Stage the file `source` (images given by URL fetched behind the download guard `policy`, local ones only
+    from under `image_root`, default the file's folder), publish the set under its version (the preference file
+    last) and make it the current one."""
+    version, items = stage_preferences(Path(source), scratch / "set", policy, image_root)
     publish_folder(store, scratch / "set", layout.preferences_prefix(version), index_name=layout.PREFERENCES_FILE)
     write_json(store, layout.CURRENT_PREFERENCES_KEY, {"version": version, "source": str(source)}, scratch)
     ordered = sum(len(preference_pairs(i.ranking, "skip")) for i in items)

@@ -16,6 +16,7 @@ import pytest
 
 from ca_platform import layout, schemas
 from ca_platform.analytics import queries as score_queries
+from ca_platform.analytics.sql_literals import sql_string_literal
 
 V1 = {"a": {"u1": 1.0, "u2": 2.0, "u3": 3.0, "u4": 4.0}, "b": {"u5": 5.0, "u6": 6.0, "u7": 7.0, "u8": 10.0}}
 V2 = {"a": {"u1": 2.0, "u2": 1.0, "u3": 3.5, "u4": 4.0}, "b": {"u5": 9.0, "u6": 6.0, "u7": 6.0, "u9": 0.5}}
@@ -74,8 +75,8 @@ def _write_subsets(root: Path) -> None:
 def _create_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     """The views as the analytics database holds them once files exist: globs over the parquet files."""
     for name in ("scores", "subsets"):
-        glob = (root / layout.VIEW_GLOBS[name]).as_posix()
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{glob}', union_by_name = true)")
+        glob = sql_string_literal((root / layout.VIEW_GLOBS[name]).as_posix())
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({glob}, union_by_name = true)")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from ca_platform.compression.threshold import (
     ranked_pairs,
     score_histogram,
     score_threshold,
+    shard_membership,
 )
 from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import Status
@@ -45,7 +46,7 @@ def _kept(root: Path, threshold) -> list[tuple[str, str]]:
     pattern = (root / layout.SCORES_DIR / "reward_model" / "v1" / "*.parquet").as_posix()
     with duckdb.connect() as con:
         rows = con.execute(
-            f"SELECT shard, uid FROM read_parquet('{pattern}') WHERE {condition} ORDER BY shard, uid", params
+            f"SELECT shard, uid FROM read_parquet(?) WHERE {condition} ORDER BY shard, uid", [pattern, *params]
         ).fetchall()
     return rows
 
@@ -179,7 +180,7 @@ def test_all_tied_and_heavy_ties_at_the_cut(tmp_path: Path, keep_fraction: float
 def _scores(root: Path) -> list[tuple[str, str, float]]:
     pattern = (root / layout.SCORES_DIR / "reward_model" / "v1" / "*.parquet").as_posix()
     with duckdb.connect() as con:
-        return con.execute(f"SELECT shard, uid, score FROM read_parquet('{pattern}')").fetchall()
+        return con.execute("SELECT shard, uid, score FROM read_parquet(?)", [pattern]).fetchall()
 
 
 def _write_ledgers(root: Path, shards: dict[str, list[tuple[str, str]]]) -> None:
@@ -304,3 +305,16 @@ def test_a_kept_uid_missing_from_the_downloads_is_named(tmp_path: Path) -> None:
     membership = _membership("reward_topk", ["u00", "u99"], {"u99"})
     with pytest.raises(SubsetError, match=r"shard s0: 1 kept uids of reward_topk .*u99"):
         write_shard_subsets({"reward_topk": membership}, [tar], tmp_path / "out", "s0")
+
+
+def test_cuts_and_membership_under_a_data_root_whose_path_holds_a_quote(tmp_path: Path) -> None:
+    root = tmp_path / "it's my data"
+    _write(root, "a", [("u1", 0.9), ("u2", 0.5)])
+    _write(root, "b", [("u3", 0.7), ("u4", 0.1)])
+    _write_ledgers(root, {"a": [("u1", Status.SUCCESS), ("u2", Status.SUCCESS)], "b": [("u3", Status.SUCCESS)]})
+    threshold = score_threshold(root, "reward_topk", "v1", 0.5)
+    assert (threshold.total, threshold.kept, threshold.uid) == (4, 2, "u3")
+    assert sum(score_histogram(root, threshold, bins=3).kept) == 2
+    membership = shard_membership(root, threshold, "b")
+    assert membership.select("uid", "kept").rows() == [("u3", True), ("u4", False)]
+    assert score_threshold(root, "random_topk", random_version(0), 1.0).total == 3

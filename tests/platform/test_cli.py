@@ -213,11 +213,11 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
         command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + 120
-    while not list((data / ".staging").glob("download-*/out/*.tar")) and time.monotonic() < deadline:
+    while not list((data / ".staging").glob("downloads-*/out/*.tar")) and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert list((data / ".staging").glob("download-*/out/*.tar")), "the run was not caught mid-download"
+    assert list((data / ".staging").glob("downloads-*/out/*.tar")), "the run was not caught mid-download"
     assert not (data / layout.download_rows_key("part-00000")).exists()  # nothing a reader would take as done
 
     routes_server.delay_s = 0.0
@@ -225,7 +225,8 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
     assert done.returncode == 0, done.stdout[-2000:]
     db = data / layout.ANALYTICS_DB
     assert analytics.query(db, "SELECT count(*), count(DISTINCT uid) FROM downloads").rows == [(160, 160)]
-    assert not list((data / ".staging").iterdir())
+    # only the killed attempt's private folder is left, for the stale sweep: no run deletes another's staging
+    assert len(list((data / ".staging").iterdir())) == 1
     for shard in ("part-00000", "part-00001"):
         ledger = pl.read_parquet(data / layout.download_rows_key(shard))
         on_disk = {p.name for p in (data / layout.download_prefix(shard)).glob("*.tar")}
@@ -256,3 +257,44 @@ def test_run_with_eval_runs_the_whole_lineage_and_writes_the_report(
     assert all({"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"} <= set(v) for v in report.values())
     assert report["reward_topk"]["kept_fraction"] == pytest.approx(DEFAULT_KEEP_FRACTION, abs=0.05)  # --keep's default
     assert "curation report" in done.stdout and "kept" in done.stdout
+
+
+def test_sql_command_answers_under_a_quoted_data_root_and_errors_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ca_platform.cli import main
+
+    data = tmp_path / "it's data"
+    assert main(["sql", "--data", str(data), "SELECT count(*) AS n FROM downloads"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].strip() == "0"
+
+    for query, message in [
+        ("CREATE TABLE t (a INTEGER)", "read-only"),
+        ("SELEC 1", 'syntax error at or near "SELEC"'),
+        ("SELECT * FROM nowhere", "nowhere does not exist"),
+    ]:
+        assert main(["sql", "--data", str(data), query]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.startswith("error: ") and message in captured.err, captured.err
+        assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_shards_list_names_ignored_files_and_colliding_keys_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ca_platform.cli import main
+
+    pool = tmp_path / "pool"
+    (pool / "a").mkdir(parents=True)
+    pl.DataFrame({"url": ["u"], "caption": ["c"]}).write_parquet(pool / "a" / "x.parquet")
+    (pool / "notes.txt").write_text("about the pool")
+    assert main(["shards", "list", "--pool", str(pool)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"a__x\t{pool / 'a' / 'x.parquet'}\n"
+    assert captured.err == f"ignored: {pool / 'notes.txt'}: not a .parquet file\n"
+
+    pl.DataFrame({"url": ["u"], "caption": ["c"]}).write_parquet(pool / "a__x.parquet")
+    assert main(["shards", "list", "--pool", str(pool)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "'a/x.parquet' and 'a__x.parquet' -> 'a__x'" in error

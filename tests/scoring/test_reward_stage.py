@@ -13,6 +13,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from ca_platform import analytics, layout
 from ca_platform.assets import ALL_ASSETS, SHARD_SCORE_ASSETS
+from ca_platform.assets.reward import preference_data
 from ca_platform.compression.threshold import keep_count
 from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
 from ca_platform.resources import BaselineConfig, CompressionConfig, RewardModelConfig, ScoringConfig
@@ -129,18 +130,20 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
     assert current["version"] in {v for v, _ in per_version}
 
 
-@pytest.mark.slow
-def test_bad_preference_file_fails_the_stage_naming_the_row(web_pool: Callable[..., Path], tmp_path: Path) -> None:
-    pool = web_pool(rows_per_shard=6)
+def test_bad_preference_file_fails_the_asset_naming_the_row(tmp_path: Path) -> None:
+    """Materialized from the UI (no `run` to check the file first), the stage itself names the row."""
     bad = tmp_path / "prefs.jsonl"
     bad.write_text(
         '{"image": "a.png", "captions": ["x", "y"], "ranking": [1, 2]}\n{"image": "b.png", "captions": ["x"]}\n'
     )
-    run = run_lineage(_resources(pool, tmp_path / "data", bad), DagsterInstance.ephemeral())
-    assert not run.success
-    failures = [r for r in run.runs if not r.success]
-    assert [r.target for r in failures] == ["(pool)"]
-    assert "prefs.jsonl: row 2: field 'captions'" in failures[0].error
+    resources = _resources(tmp_path / "pool", tmp_path / "data", bad)
+    result = materialize(ALL_ASSETS, selection=[preference_data], resources=resources, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error
+    while failure.cause is not None:
+        failure = failure.cause
+    assert "prefs.jsonl: row 2: field 'captions'" in failure.message
+    assert not (tmp_path / "data" / layout.PREFERENCES_DIR / layout.CURRENT_FILE).exists()
 
 
 def test_reward_training_settings_reach_the_model_spec_and_the_training_config() -> None:
