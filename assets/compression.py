@@ -1,16 +1,20 @@
 """Compression: score_threshold (the global cut of every subset variant) and compressed_subset (each shard's
 kept pairs of every variant, re-packed for training)."""
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from collections.abc import Iterator
+
+from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from ca_platform import layout
 from ca_platform.analytics.plots import markdown_image, markdown_table
 from ca_platform.assets.automation import ON_SCORES_UPDATE, ON_THRESHOLD_UPDATE
 from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
+from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
 from ca_platform.assets.scores import clip_scores, reward_scores
 from ca_platform.compression.subsets import SUBSET_STEP, compress_shard
 from ca_platform.compression.threshold import cut_variants
+from ca_platform.ingest.quality import SUBSET_CHECKS
 from ca_platform.resources import CompressionConfig, PlatformStorage
 from ca_platform.schemas import REWARD_TOPK
 
@@ -47,17 +51,28 @@ def score_threshold(storage: PlatformStorage, compression: CompressionConfig) ->
 @asset(
     partitions_def=pool_shards,
     deps=[score_threshold, downloaded_shard, reward_scores, clip_scores],
+    check_specs=blocking_check_specs("compressed_subset", SUBSET_CHECKS),
     automation_condition=ON_THRESHOLD_UPDATE,
     group_name=GROUP,
     kinds={"webdataset"},
 )
-def compressed_subset(context: AssetExecutionContext, storage: PlatformStorage) -> MaterializeResult:
+def compressed_subset(
+    context: AssetExecutionContext, storage: PlatformStorage
+) -> Iterator[MaterializeResult | AssetCheckResult]:
     """Each variant's kept pairs of the shard re-packed as a webdataset tar, with the kept uids, a manifest
-    and the membership of every downloaded pair (dropped ones keep the score that dropped them)."""
+    and the membership of every downloaded pair (dropped ones keep the score that dropped them); audited
+    (every downloaded pair accounted for) before it is published."""
     shard = context.partition_key
     with storage.shard_attempt(SUBSET_STEP, shard, context.run_id) as staging:
-        subsets = compress_shard(
-            storage.data_store(), storage.analytics_root(), shard, staging, storage.refresh_analytics
+        subsets = yield from audited(
+            lambda: compress_shard(
+                storage.data_store(),
+                storage.analytics_root(),
+                shard,
+                context.run_id,
+                staging,
+                storage.refresh_analytics,
+            )
         )
         image = markdown_image(subsets.plot, f"reward scores of shard {shard}")
     manifests = subsets.manifests
@@ -65,11 +80,12 @@ def compressed_subset(context: AssetExecutionContext, storage: PlatformStorage) 
         ["variant", "ranked by", "pairs", "kept", "dropped"],
         [[m["variant"], m["model_version"], m["pairs"], m["kept"], m["dropped"]] for m in manifests],
     )
-    return MaterializeResult(
+    yield MaterializeResult(
         metadata={
             "pairs": manifests[0]["pairs"] if manifests else 0,
             **{f"kept_{m['variant']}": m["kept"] for m in manifests},
             "subsets": MetadataValue.md(table),
             "histogram": MetadataValue.md(image),
-        }
+        },
+        check_results=check_results(subsets.outcomes),
     )

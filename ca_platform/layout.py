@@ -115,16 +115,18 @@ def subset_prefix(variant: str, shard: str) -> str:
     return f"{SUBSETS_DIR}/{variant}/{shard}"
 
 
-def subset_tar_name(shard: str) -> str:
-    return f"{shard}.tar"
+def subset_tar_name(shard: str, token: str = "") -> str:
+    """The subset's tar; `token` (the run's) keeps a new tar from overwriting one a published manifest names."""
+    return f"{shard}.{token}.tar" if token else f"{shard}.tar"
 
 
-def subset_tar_key(variant: str, shard: str) -> str:
-    return f"{subset_prefix(variant, shard)}/{subset_tar_name(shard)}"
+def subset_manifest_key(variant: str, shard: str) -> str:
+    """Counts and the tar's name; published last, it marks the shard's subset complete."""
+    return f"{subset_prefix(variant, shard)}/{SUBSET_MANIFEST_FILE}"
 
 
 def subset_membership_key(variant: str, shard: str) -> str:
-    """Every downloaded pair of the shard, kept or not; written last, it marks the shard's subset complete."""
+    """Every downloaded pair of the shard, kept or not (what the DuckDB view `subsets` reads)."""
     return f"{subset_prefix(variant, shard)}/{SUBSET_MEMBERSHIP_FILE}"
 
 

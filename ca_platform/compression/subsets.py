@@ -21,11 +21,13 @@ import webdataset as wds
 
 from ca_platform import layout, schemas
 from ca_platform.analytics.plots import histogram_png
+from ca_platform.audit import AuditFailed, StagedOutput, audit_and_publish, reject
 from ca_platform.compression.threshold import mirror_if_remote, published_thresholds, shard_membership
 from ca_platform.ingest.download import downloaded_rows, fetch_downloaded_tars, read_download_ledger
+from ca_platform.ingest.quality import CheckOutcome, check_subsets
 from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import REWARD_TOPK, VARIANT_SCORERS
-from ca_platform.storage import DataStore, publish_folder
+from ca_platform.storage import DataStore
 
 SUBSET_STEP = "subsets"  # the step name in staging and locks' owners
 
@@ -34,11 +36,17 @@ class SubsetError(RuntimeError):
     """The downloads and the membership table disagree; the message names the shard and the uids."""
 
 
+@dataclass(frozen=True)
+class WrittenSubsets:
+    manifests: dict[str, dict[str, Any]]  # variant -> its manifest
+    written: dict[str, list[str]]  # variant -> the uids written to its tar, in order
+
+
 def write_shard_subsets(
-    memberships: Mapping[str, pl.DataFrame], download_tars: Sequence[Path], out_root: Path, shard: str
-) -> dict[str, dict[str, Any]]:
+    memberships: Mapping[str, pl.DataFrame], download_tars: Sequence[Path], out_root: Path, shard: str, token: str = ""
+) -> WrittenSubsets:
     """Write each variant's tar, uid list, manifest and membership of one shard into `out_root/<variant>`, in
-    one pass over the download tars; returns each variant's manifest.
+    one pass over the download tars. `token` goes into the tar's name (see layout.subset_tar_name).
 
     The samples are copied byte for byte (image, caption, json), in download order.
     """
@@ -50,7 +58,7 @@ def write_shard_subsets(
         writers = {}
         for variant in memberships:
             (out_root / variant).mkdir(parents=True, exist_ok=True)
-            tar = out_root / variant / layout.subset_tar_name(shard)
+            tar = out_root / variant / layout.subset_tar_name(shard, token)
             writers[variant] = stack.enter_context(wds.TarWriter(str(tar)))
         for sample in iter_samples(download_tars):
             uid = str(sample.meta.get(schemas.UID))
@@ -70,19 +78,15 @@ def write_shard_subsets(
                 writers[variant].write(record)
                 written[variant].append(uid)
                 sizes[variant] += len(sample.image)
-    manifests = {}
-    for variant, membership in memberships.items():
-        missing = sorted(kept_uids[variant] - seen)
-        if missing:
-            raise SubsetError(
-                f"shard {shard}: {len(missing)} kept uids of {variant} are not in its download tars, e.g. {missing[:5]}"
-            )
-        manifests[variant] = _write_beside_tar(membership, written[variant], sizes[variant], out_root / variant, shard)
-    return manifests
+    manifests = {
+        variant: _write_beside_tar(membership, written[variant], sizes[variant], out_root / variant, shard, token)
+        for variant, membership in memberships.items()
+    }
+    return WrittenSubsets(manifests, written)
 
 
 def _write_beside_tar(
-    membership: pl.DataFrame, written: list[str], size: int, out_dir: Path, shard: str
+    membership: pl.DataFrame, written: list[str], size: int, out_dir: Path, shard: str, token: str
 ) -> dict[str, Any]:
     (out_dir / layout.SUBSET_UIDS_FILE).write_text("".join(f"{uid}\n" for uid in written))
     first = membership.row(0, named=True) if membership.height else {}
@@ -94,7 +98,7 @@ def _write_beside_tar(
         "pairs": membership.height,
         "kept": len(written),
         "dropped": membership.height - len(written),
-        "tar": layout.subset_tar_name(shard),
+        "tar": layout.subset_tar_name(shard, token),
         "image_bytes": size,
     }
     (out_dir / layout.SUBSET_MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -105,16 +109,27 @@ def _write_beside_tar(
 @dataclass(frozen=True)
 class ShardSubsets:
     manifests: list[dict[str, Any]]  # one per variant, in the score-threshold report's order
+    outcomes: list[CheckOutcome]  # the audit that let them be published
     plot: Path  # the shard's reward scores, kept and dropped
 
 
 def compress_shard(
-    store: DataStore, files_root: Path, shard: str, scratch: Path, refresh: Callable[[list[str]], None]
+    store: DataStore,
+    files_root: Path,
+    shard: str,
+    run_id: str,
+    scratch: Path,
+    refresh: Callable[[list[str]], None],
 ) -> ShardSubsets:
-    """Apply every variant's published cut to one shard and publish its subsets (each variant's membership
-    last, which marks it complete); `refresh(keys)` makes the memberships visible to the DuckDB views.
+    """Apply every variant's published cut to one shard, audit the result and publish its subsets if it passes
+    (AuditFailed otherwise, the attempt kept under rejected/); `refresh(keys)` makes the memberships visible
+    to the DuckDB views.
 
-    The scores and ledger are read by DuckDB under `files_root` (the data root or its local mirror).
+    The audit proves nothing is lost: each variant's membership is the shard's downloaded pairs once each, and
+    its tar exactly the kept ones. A variant's tar carries the run's token and its manifest, which names the
+    tar, is published last, so a reader sees either the previous complete subset or this one; the previous
+    tar is removed afterwards. The scores and ledger are read by DuckDB under `files_root` (the data root or
+    its local mirror).
     """
     thresholds = published_thresholds(store, scratch)
     ledger = read_download_ledger(store, shard, scratch / "ledger")
@@ -125,25 +140,37 @@ def compress_shard(
         if t.variant in VARIANT_SCORERS
     ]
     mirror_if_remote(store, files_root, [layout.download_rows_key(shard), *scored])
-    downloaded = downloaded_rows(ledger).height
-    memberships = {}
-    for threshold in thresholds:
-        membership = shard_membership(files_root, threshold, shard)
-        if membership.height != downloaded:
-            raise SubsetError(
-                f"shard {shard}: {threshold.variant} ranks {membership.height} pairs but the shard downloaded "
-                f"{downloaded}; rescore it"
-            )
-        memberships[threshold.variant] = membership
-    manifests = write_shard_subsets(memberships, tars, scratch / "subsets", shard)
-    published = []
-    for variant in memberships:
-        prefix = layout.subset_prefix(variant, shard)
-        publish_folder(store, scratch / "subsets" / variant, prefix, index_name=layout.SUBSET_MEMBERSHIP_FILE)
-        published.append(layout.subset_membership_key(variant, shard))
-    refresh(published)
+    memberships = {t.variant: shard_membership(files_root, t, shard) for t in thresholds}
+    written = write_shard_subsets(memberships, tars, scratch / "subsets", shard, token=run_id[:8])
+    outcomes = [check_subsets(memberships, written.written, downloaded_rows(ledger)[schemas.UID])]
+    staged = {
+        variant: _staged_variant(scratch / "subsets" / variant, variant, shard, run_id) for variant in memberships
+    }
+    if not outcomes[0].passed:
+        rejected = ", ".join(store.uri_of(reject(store, output, outcomes)) for output in staged.values())
+        raise AuditFailed(f"shard {shard} ({SUBSET_STEP})", outcomes, rejected)
+    for variant, output in staged.items():
+        previous = {o.key for o in store.list(layout.subset_prefix(variant, shard) + "/")}
+        audit_and_publish(store, output, outcomes)
+        for stale in previous - {*output.files, output.index_key}:
+            store.delete(stale)
+    refresh([layout.subset_membership_key(variant, shard) for variant in memberships])
     plot = shard_score_plot(memberships[REWARD_TOPK], scratch / "plot.png", shard)
-    return ShardSubsets([manifests[v] for v in memberships], plot)
+    return ShardSubsets([written.manifests[v] for v in memberships], outcomes, plot)
+
+
+def _staged_variant(folder: Path, variant: str, shard: str, run_id: str) -> StagedOutput:
+    """A variant's written folder as one staged output: its files first, the manifest (the index) last."""
+    prefix = layout.subset_prefix(variant, shard)
+    files = {
+        f"{prefix}/{path.name}": path
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.name != layout.SUBSET_MANIFEST_FILE
+    }
+    manifest = folder / layout.SUBSET_MANIFEST_FILE
+    return StagedOutput(
+        f"{SUBSET_STEP}-{variant}", shard, run_id, files, layout.subset_manifest_key(variant, shard), manifest
+    )
 
 
 def shard_score_plot(membership: pl.DataFrame, path: Path, shard: str) -> Path:

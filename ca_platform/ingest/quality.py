@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,13 @@ DOWNLOAD_CHECKS = (
     CheckSpec("download_success_rate", "successful downloads among attempted rows reach the floor"),
     CheckSpec("image_size_bounds", "downloaded images' original sides lie within the configured bounds"),
     CheckSpec("not_worse_than_published", "a re-download's success rate is not below the published one's by more"),
+)
+
+SUBSET_CHECKS = (
+    CheckSpec(
+        "membership_accounted",
+        "each variant's membership holds every downloaded pair of the shard once, and its tar exactly the kept ones",
+    ),
 )
 
 SCORE_CHECKS = (
@@ -224,3 +232,37 @@ def check_not_worse(
         return CheckOutcome(name, True, metadata)
     reason = f"success rate {new_rate:.3f} is below the published {old_rate:.3f} by more than {metadata['max_drop']}"
     return CheckOutcome(name, False, {**metadata, "reason": reason})
+
+
+def check_subsets(
+    memberships: Mapping[str, pl.DataFrame], written: Mapping[str, Sequence[str]], downloaded: pl.Series
+) -> CheckOutcome:
+    """Nothing lost between the ledger and a shard's subsets: per variant, the membership is the downloaded
+    uids once each, and the tar holds exactly the kept ones (`written`: the uids written to its tar)."""
+    expected = set(downloaded.to_list())
+    per_variant: dict[str, Any] = {}
+    problems = []
+    for variant, membership in memberships.items():
+        uids = membership[UID].to_list()
+        kept = set(membership.filter(pl.col("kept"))[UID].to_list())
+        in_tar = set(written.get(variant, []))
+        report = {
+            "pairs": len(uids),
+            "downloaded": len(expected),
+            "kept": len(kept),
+            "written": len(in_tar),
+            "duplicated_uids": sorted(uid for uid, n in Counter(uids).items() if n > 1)[:10],
+            "not_ranked": sorted(expected - set(uids))[:10],
+            "not_downloaded": sorted(set(uids) - expected)[:10],
+            "kept_not_in_tar": sorted(kept - in_tar)[:10],
+        }
+        per_variant[variant] = report
+        if len(set(uids)) != len(uids) or set(uids) != expected or kept != in_tar:
+            problems.append(
+                f"{variant}: {len(uids)} pairs ranked of {len(expected)} downloaded, {len(kept)} kept, "
+                f"{len(in_tar)} in its tar"
+            )
+    metadata: dict[str, Any] = dict(per_variant)
+    if problems:
+        metadata["reason"] = "; ".join(problems) + " (rescore the shard or download it again)"
+    return CheckOutcome(SUBSET_CHECKS[0].name, not problems, metadata)

@@ -26,6 +26,7 @@ from ca_platform.compression.threshold import (
     score_threshold,
     shard_membership,
 )
+from ca_platform.ingest.quality import check_subsets
 from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import Status
 from tests.conftest import write_download_tar
@@ -283,7 +284,9 @@ def test_one_pass_over_the_downloads_writes_every_variants_subset(
         return iter_samples(download_tars)
 
     monkeypatch.setattr(subsets, "iter_samples", counted)
-    manifests = write_shard_subsets({v: _membership(v, uids, k) for v, k in kept.items()}, tars, tmp_path / "out", "s0")
+    manifests = write_shard_subsets(
+        {v: _membership(v, uids, k) for v, k in kept.items()}, tars, tmp_path / "out", "s0"
+    ).manifests
 
     assert walks == [tars]
     originals = {s.key: s for s in iter_samples(tars)}
@@ -300,11 +303,24 @@ def test_one_pass_over_the_downloads_writes_every_variants_subset(
         assert set(membership.filter(pl.col("kept"))["uid"]) == kept_uids and membership.height == 10
 
 
-def test_a_kept_uid_missing_from_the_downloads_is_named(tmp_path: Path) -> None:
+def test_the_subset_audit_names_a_kept_uid_missing_from_the_downloads(tmp_path: Path) -> None:
     tar = write_download_tar(tmp_path / "a.tar", [("000000000", "u00", "a caption")])
-    membership = _membership("reward_topk", ["u00", "u99"], {"u99"})
-    with pytest.raises(SubsetError, match=r"shard s0: 1 kept uids of reward_topk .*u99"):
-        write_shard_subsets({"reward_topk": membership}, [tar], tmp_path / "out", "s0")
+    memberships = {"reward_topk": _membership("reward_topk", ["u00", "u99"], {"u99"})}
+    written = write_shard_subsets(memberships, [tar], tmp_path / "out", "s0", token="run1")
+    assert (tmp_path / "out" / "reward_topk" / "s0.run1.tar").exists()
+    outcome = check_subsets(memberships, written.written, pl.Series(["u00", "u99"]))
+    assert not outcome.passed
+    assert outcome.metadata["reward_topk"]["kept_not_in_tar"] == ["u99"]
+    assert "reward_topk: 2 pairs ranked of 2 downloaded, 1 kept, 0 in its tar" in outcome.metadata["reason"]
+    assert check_subsets(memberships, written.written, pl.Series(["u00"])).metadata["reward_topk"][
+        "not_downloaded"
+    ] == ["u99"]
+
+
+def test_a_uid_twice_in_the_download_tars_is_named(tmp_path: Path) -> None:
+    tar = write_download_tar(tmp_path / "a.tar", [("000000000", "u00", "a"), ("000000001", "u00", "b")])
+    with pytest.raises(SubsetError, match=r"shard s0: uid u00 appears twice"):
+        write_shard_subsets({"reward_topk": _membership("reward_topk", ["u00"], {"u00"})}, [tar], tmp_path / "o", "s0")
 
 
 def test_cuts_and_membership_under_a_data_root_whose_path_holds_a_quote(tmp_path: Path) -> None:

@@ -93,8 +93,10 @@ def test_subsets_models_and_report_on_s3(
     keys = {o["Key"] for page in pages for o in page["Contents"]}
     for variant in SUBSET_VARIANTS:
         for shard in ("part-00000", "part-00001"):
-            assert f"ca/{layout.subset_tar_key(variant, shard)}" in keys
+            prefix = f"ca/{layout.subset_prefix(variant, shard)}/"
+            assert len([k for k in keys if k.startswith(prefix) and k.endswith(".tar")]) == 1
             assert f"ca/{layout.subset_membership_key(variant, shard)}" in keys
+            assert f"ca/{layout.subset_manifest_key(variant, shard)}" in keys
     assert "ca/reports/curation_report.json" in keys
     subsets = analytics.query(tmp_path / "analytics" / layout.ANALYTICS_DB, "SELECT count(*) FROM subsets").rows
     downloaded = analytics.query(

@@ -35,7 +35,7 @@ def _compress(data: Path, variant: str, kept: set[str], scratch: Path) -> None:
             LocalStore(data),
             scratch / shard / variant,
             layout.subset_prefix(variant, shard),
-            index_name=layout.SUBSET_MEMBERSHIP_FILE,
+            index_name=layout.SUBSET_MANIFEST_FILE,
         )
 
 
