@@ -6,18 +6,21 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import pytest
 import webdataset as wds
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, build_sensor_context, materialize
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from ca_platform import analytics, layout
-from ca_platform.assets import ALL_ASSETS, SHARD_SCORE_ASSETS
+from ca_platform.assets import ALL_ASSETS, SHARD_SCORE_ASSETS, SPINE_ASSETS
 from ca_platform.assets.reward import preference_data
 from ca_platform.compression.threshold import keep_count
 from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
 from ca_platform.resources import BaselineConfig, CompressionConfig, RewardModelConfig, ScoringConfig
 from ca_platform.runner import build_resources, report, run_lineage
+from ca_platform.sensors import pool_shard_sensor
+from tests.conftest import RoutesServer
 
 FAST_REWARD = RewardModelConfig(epochs=8, learning_rate=1e-3, images_per_batch=8)
 FAST_BASELINES = BaselineConfig(epochs=1, batch_size=8)
@@ -55,8 +58,16 @@ def _subset_tar_uids(data: Path, variant: str) -> list[str]:
     return uids
 
 
+def _published_files(data: Path) -> dict[str, bytes]:
+    """Every published download, score and subset file, by path."""
+    roots = [data / layout.DOWNLOADS_DIR, data / layout.SCORES_DIR, data / layout.SUBSETS_DIR]
+    return {str(p.relative_to(data)): p.read_bytes() for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., Path], tmp_path: Path) -> None:
+def test_scores_every_downloaded_pair_per_model_version(
+    web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
+) -> None:
     pool = web_pool(rows_per_shard=6)
     preferences = write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=24))
     data = tmp_path / "data"
@@ -94,6 +105,26 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
     assert analytics.query(db, "SELECT count(*) FROM subsets").rows == [(3 * downloaded,)]
     assert f"kept {thresholds['reward_topk']['kept']} of {downloaded}" in report(first)
 
+    # the UI opened after `run` on the same pool and data root (another instance), the image host now down:
+    # the sensor requests nothing (every shard is done from the same files), and a re-download the user forces
+    # is rejected, leaving downloads, scores and subsets as they were and keeping the attempt under rejected/
+    published = _published_files(data)
+    with build_sensor_context(instance=DagsterInstance.ephemeral(), resources={"storage": resources["storage"]}) as ctx:
+        assert pool_shard_sensor(ctx).run_requests == []
+    routes_server.routes.clear()
+    forced = materialize(
+        ALL_ASSETS,
+        selection=SPINE_ASSETS,
+        partition_key="part-00000",
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+    )
+    assert not forced.success
+    assert _published_files(data) == published
+    rejected = data / layout.rejected_prefix("downloads", "part-00000", forced.run_id)
+    assert pl.read_parquet(rejected / layout.ROWS_FILE)["status"].unique().to_list() == ["failed_to_download"]
+
     # a backfill run over a range of shards scores them all with one load of the model
     ranged = materialize(
         ALL_ASSETS,
@@ -115,7 +146,8 @@ def test_scores_every_downloaded_pair_per_model_version(web_pool: Callable[..., 
     current = json.loads((data / layout.current_model_key("reward_model")).read_text())
     again = run_lineage(_resources(pool, data, preferences), instance)
     assert again.success, [r for r in again.runs if not r.success]
-    assert analytics.query(db, DOWNLOADED).rows == first_downloads  # downloaded again, the same images
+    assert analytics.query(db, DOWNLOADED).rows == first_downloads  # done from the same files: not downloaded again
+    assert [r.target for r in again.runs if r.already_done] == ["part-00000", "part-00001"]
     assert json.loads((data / layout.current_model_key("reward_model")).read_text()) == current
 
     # changed preferences: a new version, scored beside the old one
