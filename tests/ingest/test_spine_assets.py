@@ -17,10 +17,12 @@ from ca_platform.runner import build_resources
 from ca_platform.sensors import pool_shard_sensor
 from tests.conftest import RoutesServer, write_pool
 
+DATA = "it's data"  # a data root whose path holds a quote and a space: every path reaches SQL safely
+
 
 def spine(tmp_path: Path, pool: Path, shard: str, instance: DagsterInstance, quality: QualityConfig | None = None):
     resources = build_resources(
-        str(pool), str(tmp_path / "data"), ["127.0.0.1"], quality=quality, download_options={"thread_count": 4}
+        str(pool), str(tmp_path / DATA), ["127.0.0.1"], quality=quality, download_options={"thread_count": 4}
     )
     if shard not in instance.get_dynamic_partitions(POOL_SHARDS):
         instance.add_dynamic_partitions(POOL_SHARDS, [shard])
@@ -45,14 +47,14 @@ def test_one_partition_end_to_end(web_pool: Callable[..., Path], tmp_path: Path)
         "downloaded_shard:image_size_bounds": True,
         "downloaded_shard:not_worse_than_published": True,
     }
-    ledger = pl.read_parquet(tmp_path / "data" / layout.download_rows_key("part-00000"))
+    ledger = pl.read_parquet(tmp_path / DATA / layout.download_rows_key("part-00000"))
     assert ledger.height == 10
     assert dict(ledger["status"].value_counts().rows()) == {
         "success": 8,
         "failed_to_decode": 1,
         "failed_to_download": 1,
     }
-    db = tmp_path / "data" / layout.ANALYTICS_DB
+    db = tmp_path / DATA / layout.ANALYTICS_DB
     assert analytics.query(db, "SELECT count(*), count(DISTINCT uid) FROM downloads").rows == [(10, 10)]
     materialization = result.asset_materializations_for_node("downloaded_shard")[0]
     assert materialization.metadata["downloaded"].value == 8
@@ -63,13 +65,13 @@ def test_rematerializing_a_partition_is_idempotent(web_pool: Callable[..., Path]
     instance = DagsterInstance.ephemeral()
     assert spine(tmp_path, pool, "part-00001", instance).success
     assert spine(tmp_path, pool, "part-00001", instance).success
-    shard_dir = tmp_path / "data" / layout.download_prefix("part-00001")
+    shard_dir = tmp_path / DATA / layout.download_prefix("part-00001")
     tars = sorted(p.name for p in shard_dir.glob("*.tar"))
     ledger = pl.read_parquet(shard_dir / layout.ROWS_FILE)
     assert len(tars) == 1 and set(ledger["tar"].drop_nulls()) == set(tars)
-    db = tmp_path / "data" / layout.ANALYTICS_DB
+    db = tmp_path / DATA / layout.ANALYTICS_DB
     assert analytics.query(db, "SELECT count(*), count(DISTINCT uid) FROM downloads").rows == [(6, 6)]
-    assert not list((tmp_path / "data" / ".staging").iterdir())
+    assert not list((tmp_path / DATA / ".staging").iterdir())
 
 
 def test_failed_blocking_check_stops_the_shards_downstream(tmp_path: Path, routes_server) -> None:
@@ -81,7 +83,7 @@ def test_failed_blocking_check_stops_the_shards_downstream(tmp_path: Path, route
     assert not result.success
     assert checks_of(result)["raw_pool_shard:captions_non_empty"] is False
     assert instance.get_latest_materialization_event(AssetKey("downloaded_shard")) is None
-    assert not (tmp_path / "data" / layout.download_rows_key("p")).exists()
+    assert not (tmp_path / DATA / layout.download_rows_key("p")).exists()
 
 
 def failure_message(result) -> str:
@@ -101,9 +103,9 @@ def test_success_rate_floor_rejects_the_download_without_publishing(
     assert checks_of(result)["downloaded_shard:download_success_rate"] is False
     assert not result.success
     assert "success rate 0.500 is below the floor 0.9" in failure_message(result)
-    assert not (tmp_path / "data" / layout.download_rows_key("part-00000")).exists()
+    assert not (tmp_path / DATA / layout.download_rows_key("part-00000")).exists()
     # the attempt is kept for inspection: every row accounted for in its ledger, with the audit's reasons
-    (rejected,) = (tmp_path / "data" / "rejected" / "downloads" / "part-00000").iterdir()
+    (rejected,) = (tmp_path / DATA / "rejected" / "downloads" / "part-00000").iterdir()
     assert rejected.name == result.run_id
     assert pl.read_parquet(rejected / layout.ROWS_FILE).height == 4
     audit = json.loads((rejected / "audit.json").read_text())
@@ -117,7 +119,7 @@ def test_a_worse_download_never_replaces_the_published_one(
     pool = web_pool(rows_per_shard=10)
     instance = DagsterInstance.ephemeral()
     assert spine(tmp_path, pool, "part-00000", instance).success
-    shard_dir = tmp_path / "data" / layout.download_prefix("part-00000")
+    shard_dir = tmp_path / DATA / layout.download_prefix("part-00000")
     published = {p.name: p.read_bytes() for p in shard_dir.iterdir()}
 
     routes_server.routes.clear()  # every image now answers 404
@@ -126,9 +128,9 @@ def test_a_worse_download_never_replaces_the_published_one(
     assert checks_of(result)["downloaded_shard:not_worse_than_published"] is False
     assert "below the published 0.800" in failure_message(result)
     assert {p.name: p.read_bytes() for p in shard_dir.iterdir()} == published
-    db = tmp_path / "data" / layout.ANALYTICS_DB
+    db = tmp_path / DATA / layout.ANALYTICS_DB
     assert analytics.query(db, "SELECT count(*) FILTER (status = 'success') FROM downloads").rows == [(8,)]
-    rejected = tmp_path / "data" / layout.rejected_prefix("downloads", "part-00000", result.run_id)
+    rejected = tmp_path / DATA / layout.rejected_prefix("downloads", "part-00000", result.run_id)
     assert pl.read_parquet(rejected / layout.ROWS_FILE)["status"].to_list() == ["failed_to_download"] * 10
 
 
@@ -145,7 +147,7 @@ def test_malformed_shard_fails_naming_file_and_column(tmp_path: Path) -> None:
 def test_shard_sensor_adds_new_shards_and_requests_each_file_version(tmp_path: Path) -> None:
     pool = write_pool(tmp_path / "pool", {f"s{i}": {"url": ["http://h/1.png"], "caption": ["c"]} for i in range(2)})
     instance = DagsterInstance.ephemeral()
-    storage = PlatformStorage(pool_uri=str(pool), data_uri=str(tmp_path / "data"))
+    storage = PlatformStorage(pool_uri=str(pool), data_uri=str(tmp_path / DATA))
 
     def tick():
         with build_sensor_context(instance=instance, resources={"storage": storage}) as context:
@@ -174,7 +176,7 @@ def test_shard_sensor_skips_shards_done_from_the_same_file(web_pool: Callable[..
     changes, even by a sensor on another instance (the UI opened after `ca-platform run`)."""
     pool = web_pool(rows_per_shard=4, failures=False)
     assert spine(tmp_path, pool, "part-00000", DagsterInstance.ephemeral()).success
-    storage = PlatformStorage(pool_uri=str(pool), data_uri=str(tmp_path / "data"))
+    storage = PlatformStorage(pool_uri=str(pool), data_uri=str(tmp_path / DATA))
 
     def requested() -> list[str]:
         with build_sensor_context(instance=DagsterInstance.ephemeral(), resources={"storage": storage}) as context:
