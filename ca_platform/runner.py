@@ -238,10 +238,12 @@ def report(run: LineageRun) -> str:
         lines += ["", f"held-out preference accuracy ({accuracy['pairs']} human-ordered pairs, ties excluded):"]
         lines += [f"  {kind:14s} {accuracy[kind]:.3f}" for kind in schemas.SCORERS]
     lines += ["", "checks (runs passed / runs):"]
-    for name in sorted({name for r in run.runs for name in r.checks}):
+    names = sorted({name for r in run.runs for name in r.checks})
+    width = max(map(len, names), default=0)
+    for name in names:
         passed = sum(1 for r in run.runs if r.checks.get(name))
         evaluated = sum(1 for r in run.runs if name in r.checks)
-        lines.append(f"  {name:40s} {passed}/{evaluated}")
+        lines.append(f"  {name:{width}s}  {passed}/{evaluated}")
     for r in run.runs:
         if not r.success:
             failed = [n for n, ok in r.checks.items() if not ok]
