@@ -12,7 +12,7 @@ from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
 from ca_platform.assets.scores import clip_scores, reward_scores
-from ca_platform.compression.subsets import SUBSET_STEP, compress_shard
+from ca_platform.compression.subsets import compress_shard
 from ca_platform.compression.threshold import cut_variants
 from ca_platform.ingest.quality import SUBSET_CHECKS
 from ca_platform.resources import CompressionConfig, PlatformStorage
@@ -23,8 +23,9 @@ GROUP = "compression"
 
 @asset(deps=[reward_scores, clip_scores], automation_condition=ON_SCORES_UPDATE, group_name=GROUP, kinds={"duckdb"})
 def score_threshold(storage: PlatformStorage, compression: CompressionConfig) -> MaterializeResult:
-    """The cut of every subset variant at keep fraction k, computed in DuckDB over all shards' files: exactly
-    round(k*N) pairs kept, ties broken by (score, uid, shard). Written to reports/score_threshold.json."""
+    """The cut of every subset variant at keep fraction k, computed in DuckDB over the healthy shards' files:
+    exactly round(k*N) pairs kept, ties broken by (score, uid, shard). Quarantined shards are left out and
+    listed. Written to reports/score_threshold.json."""
     data = storage.data_store()
     with storage.staging_dir("threshold") as staging:
         cuts = cut_variants(data, storage.analytics_root(), compression.keep_fraction, compression.random_seed, staging)
@@ -41,6 +42,12 @@ def score_threshold(storage: PlatformStorage, compression: CompressionConfig) ->
             "kept": reward.kept,
             "reward_model_version": reward.model_version,
             "threshold_score": reward.score if reward.score is not None else float("nan"),
+            "quarantined_shards": MetadataValue.md(
+                markdown_table(
+                    ["shard", "failed step", "input rows", "reason"],
+                    [[e.shard, e.step, e.rows, e.reason] for entries in cuts.held.values() for e in entries],
+                )
+            ),
             "thresholds": MetadataValue.md(table),
             "histogram": MetadataValue.md(image),
             "plot": MetadataValue.path(data.uri_of(layout.SCORE_THRESHOLD_PLOT_KEY)),
@@ -63,7 +70,7 @@ def compressed_subset(
     and the membership of every downloaded pair (dropped ones keep the score that dropped them); audited
     (every downloaded pair accounted for) before it is published."""
     shard = context.partition_key
-    with storage.shard_attempt(SUBSET_STEP, shard, context.run_id) as staging:
+    with storage.shard_attempt(layout.SUBSET_STEP, shard, context.run_id) as staging:
         subsets = yield from audited(
             lambda: compress_shard(
                 storage.data_store(),

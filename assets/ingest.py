@@ -10,10 +10,10 @@ from dagster import AssetCheckResult, AssetExecutionContext, DataVersion, Materi
 from ca_platform import layout
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
-from ca_platform.ingest.download import DOWNLOAD_STEP, download_audit_publish, downloaded_rows, failure_counts
+from ca_platform.ingest.download import download_audit_publish, downloaded_rows, failure_counts
 from ca_platform.ingest.pool import find_shard
 from ca_platform.ingest.quality import DOWNLOAD_CHECKS, RAW_SHARD_CHECKS, success_rate
-from ca_platform.ingest.raw_shard import RAW_STEP, publish_raw_shard
+from ca_platform.ingest.raw_shard import publish_raw_shard
 from ca_platform.resources import DownloadConfig, PlatformStorage, QualityConfig
 
 GROUP = "ingest"
@@ -33,7 +33,7 @@ def raw_pool_shard(
     version is the pool file's fingerprint."""
     pool, data = storage.pool_store(), storage.data_store()
     shard = find_shard(pool, context.partition_key)
-    with storage.shard_attempt(RAW_STEP, shard.key, context.run_id) as staging:
+    with storage.shard_attempt(layout.RAW_STEP, shard.key, context.run_id) as staging:
         raw, outcomes = yield from audited(
             lambda: publish_raw_shard(
                 pool, data, shard, storage.pool_columns(), quality.thresholds(), context.run_id, staging
@@ -68,7 +68,7 @@ def downloaded_shard(
     ledger is published last, so readers see either the previous complete download or this one."""
     shard = context.partition_key
     data = storage.data_store()
-    with storage.shard_attempt(DOWNLOAD_STEP, shard, context.run_id) as staging:
+    with storage.shard_attempt(layout.DOWNLOAD_STEP, shard, context.run_id) as staging:
         download = yield from audited(
             lambda: download_audit_publish(
                 data, shard, downloader.settings(), quality.thresholds(), context.run_id, staging

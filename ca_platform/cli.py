@@ -1,4 +1,4 @@
-"""`ca-platform`: run the lineage, register shards, query analytics, run the embedded demo."""
+"""`ca-platform`: run the lineage, register shards, query analytics, configure the Dagster instance, run the demo."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION
 from ca_platform.demo.shapes_pool import ShapesWorldConfig
+from ca_platform.instance import PG_URL_ENV, POSTGRES_MAX_CONCURRENT_RUNS, SQLITE_MAX_CONCURRENT_RUNS
 
 DEMO_HOST = "127.0.0.1"
 
@@ -135,6 +136,26 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_instance(args: argparse.Namespace) -> int:
+    import os
+
+    from ca_platform.instance import InstanceConfigError, write_instance_config
+
+    home = args.dagster_home or os.environ.get("DAGSTER_HOME")
+    if not home:
+        print("error: give --dagster-home or set DAGSTER_HOME", file=sys.stderr)
+        return 1
+    pg_url = os.environ.get(PG_URL_ENV) or None
+    try:
+        path = write_instance_config(Path(home), pg_url, args.max_concurrent_runs)
+    except InstanceConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    storage = f"PostgreSQL storage, its URL read from ${PG_URL_ENV} by every Dagster process" if pg_url else "SQLite"
+    print(f"wrote {path}: {storage}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
     from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
@@ -249,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--data", required=True, help="the data root whose models it joins")
     _add_s3(register)
     register.set_defaults(func=_cmd_register)
+
+    instance = sub.add_parser("instance", help="write the Dagster instance's dagster.yaml (SQLite or PostgreSQL)")
+    instance.add_argument("action", choices=["init"])
+    instance.add_argument(
+        "--dagster-home", metavar="DIR", help="the instance's folder (default: $DAGSTER_HOME); created if missing"
+    )
+    instance.add_argument(
+        "--max-concurrent-runs",
+        type=int,
+        metavar="N",
+        help=f"runs the daemon lets go at once (default: {POSTGRES_MAX_CONCURRENT_RUNS} on PostgreSQL, "
+        f"{SQLITE_MAX_CONCURRENT_RUNS} on SQLite)",
+    )
+    instance.epilog = (
+        f"Storage is PostgreSQL when {PG_URL_ENV}=postgresql://user:password@host:port/db is set (the file refers to "
+        "the variable, so the password is never written), SQLite under the folder otherwise."
+    )
+    instance.set_defaults(func=_cmd_instance)
 
     demo = sub.add_parser("demo", help="generate the shapes world, serve it on 127.0.0.1 and run the lineage")
     demo.add_argument("--dir", default=".demo", help="where the world and the data root go (default .demo)")

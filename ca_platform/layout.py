@@ -48,6 +48,25 @@ def spine_done_key(shard: str, source_digest: str) -> str:
     return f"{spine_done_prefix(shard)}/{source_digest}.json"
 
 
+# The per-shard steps, by the names their staging folders, locks' owners, rejected/ and quarantine/ entries and
+# fault points carry.
+RAW_STEP = "raw"
+DOWNLOAD_STEP = "downloads"
+SUBSET_STEP = "subsets"
+
+
+def scores_step(scorer: str) -> str:
+    return f"scores-{scorer}"
+
+
+QUARANTINE_DIR = "quarantine"
+
+
+def quarantine_key(shard: str, step: str) -> str:
+    """Why a shard's step last failed (see ca_platform.quarantine); removed when the step next succeeds."""
+    return f"{QUARANTINE_DIR}/{shard}/{step}.json"
+
+
 REJECTED_DIR = "rejected"
 
 

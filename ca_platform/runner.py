@@ -16,7 +16,7 @@ from typing import Any
 
 from dagster import AssetsDefinition, DagsterInstance, SourceAsset, materialize
 
-from ca_platform import analytics, layout, schemas
+from ca_platform import analytics, layout, quarantine, schemas
 from ca_platform.assets import (
     ALL_ASSETS,
     EVALUATION_SET_ASSETS,
@@ -35,6 +35,7 @@ from ca_platform.evaluation.report import CurationRow, curation_text
 from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import PoolShard, discover_shards
 from ca_platform.preferences.files import validate_preference_file
+from ca_platform.quarantine import QuarantinedShard
 from ca_platform.resources import DownloadConfig, EvaluationConfig, PlatformStorage, PreferencesConfig
 from ca_platform.resources import build_resources as build_resources  # the one factory, for callers of the runner
 from ca_platform.scoring.registry import registered_reward_checkpoint
@@ -56,10 +57,11 @@ class StageRun:
 class LineageRun:
     storage: PlatformStorage
     runs: list[StageRun]
+    quarantined: dict[str, list[QuarantinedShard]] = field(default_factory=dict)  # left in quarantine at the end
 
     @property
     def success(self) -> bool:
-        return all(r.success for r in self.runs)
+        return all(r.success for r in self.runs) and not self.quarantined
 
 
 def default_instance() -> DagsterInstance:
@@ -125,7 +127,8 @@ def run_lineage(
     `compress`) the global cut of every subset variant and each shard's compressed subsets, and (with an
     evaluation set as well) per training variant a CLIP and a BLIP, their evaluations and the curation
     report; one run per shard, variant and stage. A shard whose spine is already published from the same
-    pool file is not downloaded again unless `force`.
+    pool file is not downloaded again unless `force`. A shard that fails is quarantined and the pool-wide
+    stages proceed over the healthy ones; the run's `success` stays False while any shard is quarantined.
 
     The preference file is validated whole first (format and every image), so a bad one raises
     PreferenceFormatError listing every problem within seconds, before any shard is registered or downloaded.
@@ -151,16 +154,17 @@ def run_lineage(
             downloaded = [run.target for run in runs if run.success and run.target != POOL_WIDE]
             scored = [_materialize(SHARD_SCORE_ASSETS, resources, instance, key, log_level) for key in downloaded]
             runs += scored
-            if compress and all(run.success for run in scored):
+            healthy = [run.target for run in scored if run.success]
+            if compress and healthy:  # failed shards are quarantined: the cut proceeds over the healthy ones
                 threshold = _materialize(THRESHOLD_ASSETS, resources, instance, None, log_level)
                 runs.append(threshold)
                 if threshold.success:
-                    subsets = [_materialize(SHARD_SUBSET_ASSETS, resources, instance, k, log_level) for k in downloaded]
+                    subsets = [_materialize(SHARD_SUBSET_ASSETS, resources, instance, k, log_level) for k in healthy]
                     runs += subsets
                     if evaluation.uri and all(run.success for run in subsets):
                         runs += _train_and_evaluate(resources, instance, log_level)
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
-    return LineageRun(storage, runs)
+    return LineageRun(storage, runs, quarantine.quarantined(storage.data_store()))
 
 
 def _train_and_evaluate(resources: dict[str, object], instance: DagsterInstance, log_level: str) -> list[StageRun]:
@@ -248,6 +252,7 @@ def report(run: LineageRun) -> str:
         if not r.success:
             failed = [n for n, ok in r.checks.items() if not ok]
             lines.append(f"  FAILED {r.target}: {r.error or 'checks failed: ' + ', '.join(failed)}")
+    lines += _quarantine_lines(run.quarantined)
     lines.append(f'\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} "SELECT ...")')
     curation = _read_report(run.storage, layout.CURATION_REPORT_KEY)
     if curation:
@@ -258,6 +263,18 @@ def report(run: LineageRun) -> str:
             curation_text(rows),
         ]
     return "\n".join(lines)
+
+
+def _quarantine_lines(held: dict[str, list[QuarantinedShard]]) -> list[str]:
+    """The quarantined shards, each failed step with the shard's input rows and the reason."""
+    if not held:
+        return []
+    lines = ["", f"quarantined shards ({len(held)}; left out of the cut and what follows it until they succeed):"]
+    for entries in held.values():
+        for e in entries:
+            rows = "unknown" if e.rows is None else e.rows
+            lines.append(f"  {e.shard} ({rows} input rows) failed at {e.step}: {e.reason.splitlines()[0][:300]}")
+    return lines
 
 
 def _already_done_line(run: LineageRun) -> list[str]:

@@ -13,7 +13,7 @@ from dagster import ConfigurableResource
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
-from ca_platform import analytics, layout
+from ca_platform import analytics, layout, quarantine
 from ca_platform.ingest.pool import PoolColumns
 from ca_platform.locks import LockSettings, held_lock
 from ca_platform.storage import DataStore, is_s3_uri, open_store
@@ -116,11 +116,16 @@ class PlatformStorage(ConfigurableResource):
 
     @contextmanager
     def shard_attempt(self, step: str, shard: str, run_id: str) -> Iterator[Path]:
-        """Hold the shard's lock and give a private staging folder: what every per-shard write runs inside.
+        """Hold the shard's lock and give a private staging folder: what every per-shard write runs inside. A
+        failure puts the shard in quarantine for `step` (ca_platform.quarantine); a success takes it out.
 
         One lock per shard, whatever the step, so a download never replaces tars a scoring run of the same
         shard is reading, and two runs of one shard never interleave; different shards never wait on each other.
         """
-        with held_lock(self.data_store(), f"shards/{shard}", f"run {run_id} ({step})", self.lock_settings()):
-            with self.staging_dir(f"{step}-{shard}", attempt=run_id) as staging:
+        store = self.data_store()
+        with held_lock(store, f"shards/{shard}", f"run {run_id} ({step})", self.lock_settings()):
+            with (
+                quarantine.recorded(store, shard, step, run_id),
+                self.staging_dir(f"{step}-{shard}", run_id) as staging,
+            ):
                 yield staging

@@ -29,8 +29,6 @@ from ca_platform.ingest.webdataset_io import iter_samples
 from ca_platform.schemas import REWARD_TOPK, VARIANT_SCORERS
 from ca_platform.storage import DataStore
 
-SUBSET_STEP = "subsets"  # the step name in staging and locks' owners
-
 
 class SubsetError(RuntimeError):
     """The downloads and the membership table disagree; the message names the shard and the uids."""
@@ -132,6 +130,11 @@ def compress_shard(
     its local mirror).
     """
     thresholds = published_thresholds(store, scratch)
+    if any(shard in t.excluded for t in thresholds):
+        raise SubsetError(
+            f"shard {shard} was quarantined when the pool was cut, so no cut covers it: materialize its failed step "
+            "again, then score_threshold"
+        )
     ledger = read_download_ledger(store, shard, scratch / "ledger")
     tars = fetch_downloaded_tars(store, shard, ledger, scratch / "in")
     scored = [
@@ -148,7 +151,7 @@ def compress_shard(
     }
     if not outcomes[0].passed:
         rejected = ", ".join(store.uri_of(reject(store, output, outcomes)) for output in staged.values())
-        raise AuditFailed(f"shard {shard} ({SUBSET_STEP})", outcomes, rejected)
+        raise AuditFailed(f"shard {shard} ({layout.SUBSET_STEP})", outcomes, rejected)
     for variant, output in staged.items():
         previous = {o.key for o in store.list(layout.subset_prefix(variant, shard) + "/")}
         audit_and_publish(store, output, outcomes)
@@ -169,7 +172,7 @@ def _staged_variant(folder: Path, variant: str, shard: str, run_id: str) -> Stag
     }
     manifest = folder / layout.SUBSET_MANIFEST_FILE
     return StagedOutput(
-        f"{SUBSET_STEP}-{variant}", shard, run_id, files, layout.subset_manifest_key(variant, shard), manifest
+        f"{layout.SUBSET_STEP}-{variant}", shard, run_id, files, layout.subset_manifest_key(variant, shard), manifest
     )
 
 

@@ -9,6 +9,7 @@ the same scores always give the same cut whatever order the files are read in.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from ca_platform import analytics, layout, schemas
+from ca_platform import analytics, layout, quarantine, schemas
 from ca_platform.analytics.plots import histogram_png
 from ca_platform.ingest.download import downloaded_shards
 from ca_platform.schemas import RANDOM_TOPK, REWARD_TOPK, VARIANT_SCORERS, Status
@@ -39,13 +40,14 @@ class ScoreThreshold:
     score: float | None  # the last kept pair's score, uid and shard (None when nothing is kept)
     uid: str | None
     shard: str | None
+    excluded: tuple[str, ...] = ()  # quarantined shards the cut left out (ca_platform.quarantine)
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "excluded": list(self.excluded)}
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> ScoreThreshold:
-        return cls(**document)
+        return cls(**{**document, "excluded": tuple(document.get("excluded", ()))})
 
 
 def keep_count(keep_fraction: float, total: int) -> int:
@@ -59,35 +61,46 @@ def random_version(seed: int) -> str:
     return f"{RANDOM_VERSION_PREFIX}{seed}"
 
 
-def ranked_pairs(files_root: Path, variant: str, model_version: str, shard: str = "*") -> tuple[str, list[Any]]:
-    """SQL (with parameters) of `uid, shard, score` for every pair `variant` ranks: all shards, or one.
+def ranked_pairs(
+    files_root: Path, variant: str, model_version: str, shard: str = "*", excluded: Sequence[str] = ()
+) -> tuple[str, list[Any]]:
+    """SQL (with parameters) of `uid, shard, score` for every pair `variant` ranks: all shards but the
+    `excluded` ones, or one shard.
 
     Scored variants read the scorer's files of `model_version`; random_topk reads the download ledgers'
     successes, so all three rank the same downloaded pairs. The file glob is a parameter too, so a data root,
     version or shard holding a quote cannot change the SQL.
     """
+    # only when there are shards to leave out: the filter reads the shard column, which the score-only passes
+    # of the cut and the histogram otherwise never decode
+    leave_out, leave_out_params = (
+        ("NOT list_contains(CAST(? AS VARCHAR[]), shard)", [list(excluded)]) if excluded else ("true", [])
+    )
     if variant == RANDOM_TOPK:
         seed = model_version.removeprefix(RANDOM_VERSION_PREFIX)
         ledgers = (files_root / layout.download_rows_key(shard)).as_posix()
         return (
-            f"SELECT uid, shard, {RANDOM_KEY_SQL} AS score FROM read_parquet(?) WHERE status = ?",
-            [seed, ledgers, Status.SUCCESS],
+            f"SELECT uid, shard, {RANDOM_KEY_SQL} AS score FROM read_parquet(?) WHERE status = ? AND {leave_out}",
+            [seed, ledgers, Status.SUCCESS, *leave_out_params],
         )
     if variant not in VARIANT_SCORERS:
         raise ValueError(f"unknown subset variant {variant!r}; expected one of {schemas.SUBSET_VARIANTS}")
     scores = (files_root / layout.scores_key(VARIANT_SCORERS[variant], model_version, shard)).as_posix()
-    return "SELECT uid, shard, score FROM read_parquet(?)", [scores]
+    return f"SELECT uid, shard, score FROM read_parquet(?) WHERE {leave_out}", [scores, *leave_out_params]
 
 
-def score_threshold(files_root: Path, variant: str, model_version: str, keep_fraction: float) -> ScoreThreshold:
-    """The cut of `variant` over all shards under `files_root` (a local data root or its mirror).
+def score_threshold(
+    files_root: Path, variant: str, model_version: str, keep_fraction: float, excluded: Sequence[str] = ()
+) -> ScoreThreshold:
+    """The cut of `variant` over all shards under `files_root` (a local data root or its mirror) but the
+    `excluded` (quarantined) ones.
 
     Found by selection rather than by sorting every pair with its strings: the kept-th best score by one
     `quantile_disc` pass over the score column, then its place among the pairs tied at that score, the only
     rows whose uid and shard are read. random_topk computes its key from every uid at each pass, so its cut is
     looked for in one pass first, among the few pairs whose uniform keys lie near where the cut must fall.
     """
-    relation, params = ranked_pairs(files_root, variant, model_version)
+    relation, params = ranked_pairs(files_root, variant, model_version, excluded=excluded)
     with duckdb.connect() as con:
         total = con.execute(f"SELECT count(*) FROM ({relation})", params).fetchone()[0]
         kept = keep_count(keep_fraction, total)
@@ -97,7 +110,7 @@ def score_threshold(files_root: Path, variant: str, model_version: str, keep_fra
         if kept and last is None:
             last = _cut_by_selection(con, relation, params, total, kept)
     score, uid, shard = last if last else (None, None, None)
-    return ScoreThreshold(variant, model_version, keep_fraction, total, kept, score, uid, shard)
+    return ScoreThreshold(variant, model_version, keep_fraction, total, kept, score, uid, shard, tuple(excluded))
 
 
 def _selection_fraction(values: int, kept: int) -> float:
@@ -205,7 +218,7 @@ def score_histogram(files_root: Path, threshold: ScoreThreshold, bins: int = 40)
     (all in one bin) are counted apart, in a scan that decodes the strings of those rows only. random_topk
     reads every uid for its key at each pass anyway, so its bin pass applies the whole kept condition.
     """
-    relation, params = ranked_pairs(files_root, threshold.variant, threshold.model_version)
+    relation, params = ranked_pairs(files_root, threshold.variant, threshold.model_version, excluded=threshold.excluded)
     condition, condition_params = kept_condition(threshold)
     count_ties_apart = threshold.kept > 0 and threshold.variant != RANDOM_TOPK
     if count_ties_apart:
@@ -258,12 +271,13 @@ def variant_rankings(store: DataStore, random_seed: int, scratch: Path) -> dict[
     return versions
 
 
-def require_scored(store: DataStore, versions: dict[str, str]) -> None:
-    """Fail, naming them, when some downloaded shards lack scores of the current versions: a cut over part of
-    the pool would keep the wrong pairs."""
+def require_scored(store: DataStore, versions: dict[str, str], excluded: Collection[str]) -> None:
+    """Fail, naming them, when some downloaded shards that are not `excluded` (quarantined) lack scores of the
+    current versions: a cut over part of the healthy pool would keep the wrong pairs."""
     missing = [
         f"{scorer} {versions[variant]} of shard {shard}"
         for shard in downloaded_shards(store)
+        if shard not in excluded
         for variant, scorer in VARIANT_SCORERS.items()
         if not store.exists(layout.scores_key(scorer, versions[variant], shard))
     ]
@@ -278,17 +292,21 @@ def require_scored(store: DataStore, versions: dict[str, str]) -> None:
 class VariantCuts:
     thresholds: dict[str, ScoreThreshold]  # variant -> its cut
     plot: Path  # the reward model's score histogram with its cut
+    held: dict[str, list[quarantine.QuarantinedShard]]  # the quarantined shards the cut left out, with why
 
 
 def cut_variants(
     store: DataStore, files_root: Path, keep_fraction: float, random_seed: int, scratch: Path
 ) -> VariantCuts:
-    """The cut of every subset variant at `keep_fraction` over all shards' score files (read by DuckDB under
-    `files_root`, the data root or its local mirror), published as the score-threshold report and plot."""
+    """The cut of every subset variant at `keep_fraction` over the healthy shards' score files (read by DuckDB
+    under `files_root`, the data root or its local mirror), published as the score-threshold report and plot.
+    Shards quarantined before the cut (ca_platform.quarantine) are left out and listed in each cut."""
     versions = variant_rankings(store, random_seed, scratch)
-    require_scored(store, versions)
+    held = quarantine.held_from_cut(store)
+    excluded = sorted(held)
+    require_scored(store, versions, excluded)
     mirror_if_remote(store, files_root)
-    thresholds = {v: score_threshold(files_root, v, versions[v], keep_fraction) for v in versions}
+    thresholds = {v: score_threshold(files_root, v, versions[v], keep_fraction, excluded) for v in versions}
     write_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, {v: t.as_json() for v, t in thresholds.items()}, scratch)
     reward = thresholds[REWARD_TOPK]
     histogram = score_histogram(files_root, reward)
@@ -300,7 +318,7 @@ def cut_variants(
         {"threshold": reward.score} if reward.score is not None else None,
     )
     store.put_file(plot, layout.SCORE_THRESHOLD_PLOT_KEY, consume=False)
-    return VariantCuts(thresholds, plot)
+    return VariantCuts(thresholds, plot, held)
 
 
 def published_thresholds(store: DataStore, scratch: Path) -> list[ScoreThreshold]:

@@ -39,7 +39,6 @@ from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 _OPT_OUT_MESSAGE = "disallowed by X-Robots-Tag"
 _URLOPEN_WRAPPER = "<urlopen error "
-DOWNLOAD_STEP = "downloads"  # the step name in staging, rejected/ and fault points
 
 
 @dataclass(frozen=True)
@@ -257,7 +256,7 @@ def download_audit_publish(
         check_not_worse(result.rows, published, thresholds),
     ]
     tars = {layout.download_tar_key(shard, name): path for name, path in result.tars.items()}
-    staged = StagedOutput(DOWNLOAD_STEP, shard, run_id, tars, layout.download_rows_key(shard), ledger_path)
+    staged = StagedOutput(layout.DOWNLOAD_STEP, shard, run_id, tars, layout.download_rows_key(shard), ledger_path)
     audit_and_publish(store, staged, outcomes)
     mark_spine_done(store, shard, source_fingerprint, result.rows, run_id, scratch)
     for stale in previous - set(tars) - {layout.download_rows_key(shard)}:

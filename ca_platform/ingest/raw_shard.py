@@ -16,8 +16,6 @@ from ca_platform.ingest.pool import PoolColumns, PoolShard, read_shard, skip_uid
 from ca_platform.ingest.quality import CheckOutcome, QualityThresholds, check_raw_shard
 from ca_platform.storage import DataStore, fetch_to_local
 
-RAW_STEP = "raw"  # the step name in staging, rejected/ and fault points
-
 
 def write_raw_shard(raw: pl.DataFrame, path: Path, source_fingerprint: str) -> None:
     """A validated shard's parquet, carrying the fingerprint of the pool file it was read from."""
@@ -52,6 +50,6 @@ def publish_raw_shard(
     write_raw_shard(raw, local, shard.fingerprint)
     outcomes = check_raw_shard(raw, thresholds)
     audit_and_publish(
-        data, StagedOutput(RAW_STEP, shard.key, run_id, {}, layout.raw_shard_key(shard.key), local), outcomes
+        data, StagedOutput(layout.RAW_STEP, shard.key, run_id, {}, layout.raw_shard_key(shard.key), local), outcomes
     )
     return raw, outcomes

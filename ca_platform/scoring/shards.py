@@ -55,11 +55,6 @@ def score_normalisation(scorer: PairScorer) -> pl.Expr:
     return pl.lit(None, dtype=pl.Float64)
 
 
-def scores_step(kind: str) -> str:
-    """The step name of scoring by `kind`, in staging, locks' owners, rejected/ and fault points."""
-    return f"scores-{kind}"
-
-
 def score_shard(
     store: DataStore,
     scorer: PairScorer,
@@ -91,8 +86,22 @@ def score_shard(
     local = scratch / "scores.parquet"
     frame.write_parquet(local)
     outcomes = check_scores(frame, ledger)
-    audit_and_publish(store, StagedOutput(scores_step(kind), shard, run_id, {}, key, local), outcomes)
+    audit_and_publish(store, StagedOutput(layout.scores_step(kind), shard, run_id, {}, key, local), outcomes)
     return ShardScores(shard, frame, outcomes[0], reused=False)
+
+
+def _failed_shards(kind: str, version: str, failures: dict[str, Exception]) -> Exception:
+    """One error naming every failed shard with its reason; an AuditFailed (carrying one merged uid-coverage
+    outcome for the run's check) when some failed their audit."""
+    what = f"{kind} {version}: {len(failures)} shards failed: " + "; ".join(f"{s}: {e}" for s, e in failures.items())
+    audits = {shard: error for shard, error in failures.items() if isinstance(error, AuditFailed)}
+    if not audits:
+        return RuntimeError(what)
+    per_shard = {shard: error.outcomes[0].metadata for shard, error in audits.items()}
+    merged = CheckOutcome(
+        SCORE_CHECKS[0].name, False, {"reason": f"failed for shards {', '.join(audits)}", **per_shard}
+    )
+    return AuditFailed(what, [merged], ", ".join(error.rejected_uri for error in audits.values()))
 
 
 def score_shards(
@@ -111,28 +120,25 @@ def score_shards(
     """Score `shards` with the current version of `kind`, the model loaded once for all of them.
 
     `attempt(step, shard)` holds the shard's lock and gives a private staging folder; `refresh(keys)` makes
-    newly written score files visible to the DuckDB views. A shard whose audit fails does not stop the others:
-    they are published, then AuditFailed names every failed shard. Raises NoModelError when `kind` has no
-    current version.
+    newly written score files visible to the DuckDB views. A shard that fails (its audit, or an error) does not
+    stop the others: they are published, then one error names every failed shard. Raises NoModelError when
+    `kind` has no current version.
     """
     with tempfile.TemporaryDirectory(prefix="ca-current-model-") as scratch:
         document = current_model(store, kind, Path(scratch))
     scorer = load_scorer(store, kind, document, cache, device)
-    results, failures = [], []
+    results: list[ShardScores] = []
+    failures: dict[str, Exception] = {}
     for shard in shards:
         try:
-            with attempt(scores_step(kind), shard) as scratch:
+            with attempt(layout.scores_step(kind), shard) as scratch:
                 result = score_shard(store, scorer, kind, shard, run_id, scratch, batch_size, num_workers)
-        except AuditFailed as failure:
-            failures.append((shard, failure))
+        except Exception as error:  # one bad shard never stops the others; `attempt` quarantined it
+            failures[shard] = error
             continue
         if not result.reused:
             refresh([layout.scores_key(kind, scorer.version, shard)])
         results.append(result)
     if failures:
-        names = ", ".join(shard for shard, _ in failures)
-        per_shard = {shard: failure.outcomes[0].metadata for shard, failure in failures}
-        merged = CheckOutcome(SCORE_CHECKS[0].name, False, {"reason": f"failed for shards {names}", **per_shard})
-        rejected = ", ".join(failure.rejected_uri for _, failure in failures)
-        raise AuditFailed(f"shards {names} ({kind} {scorer.version})", [merged], rejected)
+        raise _failed_shards(kind, scorer.version, failures)
     return ScoringRun(kind, scorer.version, results)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ca_platform import layout, schemas
+from ca_platform.compression.threshold import published_thresholds
 from ca_platform.ingest.download import downloaded_rows, downloaded_shards, fetch_downloaded_tars, read_download_ledger
 from ca_platform.ingest.webdataset_io import TarSample, iter_samples
 from ca_platform.scoring.registry import recipe_hash, recipe_settings, train_once
@@ -39,11 +40,14 @@ class TrainingSet:
 
 
 def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
-    """The variant's tars fetched under `scratch` (a local data root's files are used in place), walked once."""
+    """The variant's tars fetched under `scratch` (a local data root's files are used in place), walked once.
+
+    Every variant, `full` included, covers the same pool: the downloaded shards but those the published cut
+    left out (quarantined), so the variants stay comparable."""
     digest = hashlib.sha256()
     tars: list[Path] = []
     pairs = pool_pairs = 0
-    shards = downloaded_shards(store)
+    shards = [shard for shard in downloaded_shards(store) if shard not in _left_out_of_cut(store, scratch)]
     if not shards:
         raise NoTrainingDataError(f"no training data for {variant}: no shard has been downloaded")
     for shard in shards:
@@ -55,6 +59,14 @@ def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
         pairs += len(rows)
         pool_pairs += shard_pool_pairs
     return TrainingSet(variant, tars, digest.hexdigest(), pairs, pool_pairs)
+
+
+def _left_out_of_cut(store: DataStore, scratch: Path) -> set[str]:
+    """The shards the published cut left out (none before there is a cut)."""
+    try:
+        return {shard for threshold in published_thresholds(store, scratch) for shard in threshold.excluded}
+    except LookupError:
+        return set()
 
 
 def _pair_row(shard: str, sample: TarSample) -> tuple[str, str, str]:

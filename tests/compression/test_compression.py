@@ -334,3 +334,14 @@ def test_cuts_and_membership_under_a_data_root_whose_path_holds_a_quote(tmp_path
     membership = shard_membership(root, threshold, "b")
     assert membership.select("uid", "kept").rows() == [("u3", True), ("u4", False)]
     assert score_threshold(root, "random_topk", random_version(0), 1.0).total == 3
+
+
+def test_a_quarantined_shard_is_left_out_of_every_cut(tmp_path: Path) -> None:
+    _write(tmp_path, "a", [("u1", 0.9), ("u2", 0.5)])
+    _write(tmp_path, "bad", [("u3", 0.99), ("u4", 0.98)])  # scores of a shard quarantined since
+    _write_ledgers(tmp_path, {"a": [("u1", Status.SUCCESS), ("u2", Status.SUCCESS)], "bad": [("u3", Status.SUCCESS)]})
+    threshold = score_threshold(tmp_path, "reward_topk", "v1", 0.5, excluded=["bad"])
+    assert (threshold.total, threshold.kept, threshold.uid, threshold.excluded) == (2, 1, "u1", ("bad",))
+    assert ScoreThreshold.from_json(json.loads(json.dumps(threshold.as_json()))) == threshold
+    assert sum(score_histogram(tmp_path, threshold, bins=2).kept) == 1
+    assert score_threshold(tmp_path, "random_topk", random_version(0), 1.0, excluded=["bad"]).total == 2
