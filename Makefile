@@ -9,8 +9,10 @@ INSTALLED := $(VENV)/.installed
 DAGSTER_HOME_DIR := $(CURDIR)/.dagster_home
 DEMO_DIR := $(CURDIR)/.demo
 DEMO_PORT ?= 8765
+# Runs the Dagster daemon lets go at once (empty: ca-platform's default for the instance's storage).
+MAX_CONCURRENT_RUNS ?=
 
-.PHONY: install demo test test-fast ui benchmarks clean
+.PHONY: install postgres demo test test-fast ui benchmarks clean FORCE
 
 install: $(INSTALLED)
 
@@ -21,13 +23,22 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-$(DAGSTER_HOME_DIR)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME_DIR) && printf 'telemetry:\n  enabled: false\n' > $@
+# Rewritten on every use, so that setting CA_DAGSTER_PG_URL (PostgreSQL storage) or MAX_CONCURRENT_RUNS takes effect.
+$(DAGSTER_HOME_DIR)/dagster.yaml: $(INSTALLED) FORCE
+	$(BIN)/ca-platform instance init --dagster-home $(DAGSTER_HOME_DIR) \
+		$(if $(MAX_CONCURRENT_RUNS),--max-concurrent-runs $(MAX_CONCURRENT_RUNS))
+
+# Debian's PostgreSQL server, for the test that runs a Dagster instance on it (CI starts from a clean machine).
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; else \
+		sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y --no-install-recommends postgresql; \
+	fi
 
 demo: install $(DAGSTER_HOME_DIR)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(BIN)/ca-platform demo --dir $(DEMO_DIR)
 
-test: install
+test: install postgres
 	$(BIN)/python -m pytest
 
 test-fast: install
@@ -44,6 +55,8 @@ benchmarks: install
 	$(BIN)/python benchmarks/download.py
 	$(BIN)/python benchmarks/scoring.py
 	$(BIN)/python benchmarks/analytics.py
+
+FORCE:
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) $(DAGSTER_HOME_DIR) *.egg-info

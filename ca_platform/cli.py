@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION
 from ca_platform.demo.shapes_pool import ShapesWorldConfig
-from ca_platform.instance import PG_URL_ENV, POSTGRES_MAX_CONCURRENT_RUNS, SQLITE_MAX_CONCURRENT_RUNS
+from ca_platform.instance import PG_URL_ENV, PG_URL_FORM, POSTGRES_MAX_CONCURRENT_RUNS, SQLITE_MAX_CONCURRENT_RUNS
 
 DEMO_HOST = "127.0.0.1"
 
@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{SQLITE_MAX_CONCURRENT_RUNS} on SQLite)",
     )
     instance.epilog = (
-        f"Storage is PostgreSQL when {PG_URL_ENV}=postgresql://user:password@host:port/db is set (the file refers to "
-        "the variable, so the password is never written), SQLite under the folder otherwise."
+        f"Storage is PostgreSQL when {PG_URL_ENV}={PG_URL_FORM} is set (the file refers to the variable, so the "
+        "password is never written), SQLite under the folder otherwise."
     )
     instance.set_defaults(func=_cmd_instance)
 

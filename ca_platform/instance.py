@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import yaml
 
 PG_URL_ENV = "CA_DAGSTER_PG_URL"
+PG_URL_FORM = "postgresql+psycopg2://user:password@host:port/db"
 # Dagster's own default; SQLite gets far fewer, as more writers than that is where it starts to lock.
 POSTGRES_MAX_CONCURRENT_RUNS = 10
 SQLITE_MAX_CONCURRENT_RUNS = 4
@@ -25,23 +25,34 @@ _HEADER = (
 
 
 class InstanceConfigError(ValueError):
-    """The PostgreSQL URL cannot configure an instance; the message never repeats the password."""
+    """The settings cannot configure an instance; a message never repeats the password."""
 
 
 def check_pg_url(pg_url: str) -> None:
-    """Refuse a URL Dagster would only fail on later, in the daemon or a run, far from the setting."""
+    """Refuse a URL Dagster would only fail on later, in the daemon or a run, far from the setting.
+
+    SQLAlchemy 2.1 reads a bare `postgresql://` with psycopg 3, while dagster-postgres installs psycopg2: the
+    driver is checked by asking SQLAlchemy for it, so the URL works whichever of the two is installed.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
-        parts = urlsplit(pg_url)
-        _ = parts.port  # parsing the port is the check
-    except ValueError as err:
-        raise InstanceConfigError(f"{PG_URL_ENV} is not a URL: {err}") from None
-    scheme = parts.scheme.split("+", 1)[0]
-    if scheme not in ("postgresql", "postgres"):
-        raise InstanceConfigError(f"{PG_URL_ENV} must be postgresql://user:password@host:port/db, not {scheme}://")
-    if not parts.hostname or not parts.username or not parts.path.strip("/"):
+        url = make_url(pg_url)
+        dialect = url.get_dialect()
+    except (ArgumentError, ValueError):  # their messages may hold the URL, password and all
+        raise InstanceConfigError(f"{PG_URL_ENV} is not a PostgreSQL URL: use {PG_URL_FORM}") from None
+    if dialect.name != "postgresql":
+        raise InstanceConfigError(f"{PG_URL_ENV} must be a PostgreSQL URL, not {url.drivername}: use {PG_URL_FORM}")
+    try:
+        dialect.import_dbapi()
+    except ImportError:
         raise InstanceConfigError(
-            f"{PG_URL_ENV} must name a user, a host and a database: postgresql://user:password@host:port/db"
-        )
+            f"{PG_URL_ENV} names {url.drivername}://, whose driver {url.get_driver_name()} is not installed: use "
+            f"{PG_URL_FORM} (dagster-postgres installs psycopg2)"
+        ) from None
+    if not url.host or not url.username or not url.database:
+        raise InstanceConfigError(f"{PG_URL_ENV} must name a user, a host and a database: {PG_URL_FORM}")
 
 
 def instance_config(pg_url: str | None, max_concurrent_runs: int | None = None) -> dict[str, object]:

@@ -11,23 +11,27 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance
 
-from ca_platform import layout
+from ca_platform import analytics, layout
 from ca_platform.resources import ModelTrainingConfig
 from ca_platform.runner import build_resources, report, run_lineage
 from ca_platform.schemas import TRAINING_VARIANTS
 from ca_platform.training.captioner import train_blip_captioner_on_tars
 from ca_platform.training.clip import train_clip_on_tars
 from ca_platform.training.tars import TrainingBudget
-from tests.conftest import RoutesServer, fast_reward_stage, write_evaluation_file
+from tests.conftest import RoutesServer, fast_reward_stage, write_evaluation_file, write_pool
 
 CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"}
 
 
 @pytest.mark.slow
-def test_the_report_lists_every_variant_as_measured(
+def test_the_report_lists_every_variant_as_measured_over_the_healthy_shards(
     web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
 ) -> None:
+    """The whole lineage on a pool where one shard's host is gone: that shard is quarantined, and the scores,
+    subsets, models and report are produced for the healthy ones; the run names it and fails."""
     pool = web_pool(rows_per_shard=12)
+    dead = [routes_server.url(f"/gone/{i}.png") for i in range(7)]  # a host whose images are all gone
+    write_pool(pool, {"part-dead": {"url": dead, "caption": [f"lost {i}" for i in range(7)]}})
     evaluation, urls = write_evaluation_file(routes_server, tmp_path / "eval.parquet", images=6, seed=500)
     second_references = pl.DataFrame({"url": urls[:2], "caption": ["a first", "a second"]})
     pl.concat([pl.read_parquet(evaluation), second_references]).write_parquet(evaluation)
@@ -43,7 +47,22 @@ def test_the_report_lists_every_variant_as_measured(
         model_training=ModelTrainingConfig(full_epochs=2, image_size=32, batch_size=8),
     )
     run = run_lineage(resources, DagsterInstance.ephemeral(), compress=True)
-    assert run.success, [r for r in run.runs if not r.success]
+    assert not run.success  # `ca-platform run` exits non-zero, after producing everything the healthy shards allow
+    assert [r.target for r in run.runs if not r.success] == ["part-dead"]
+    (entry,) = run.quarantined["part-dead"]
+    assert entry.step == "downloads" and entry.rows == 7 and "success rate 0.000 is below the floor" in entry.reason
+    assert "part-dead (7 input rows) failed at downloads: " in report(run)
+    db = data / layout.ANALYTICS_DB
+    assert analytics.query(db, "SELECT DISTINCT shard FROM subsets ORDER BY shard").rows == [
+        ("part-00000",),
+        ("part-00001",),
+    ]
+    thresholds = json.loads((data / layout.SCORE_THRESHOLD_REPORT_KEY).read_text())
+    assert all(t["excluded"] == ["part-dead"] for t in thresholds.values())  # the cut names what it left out
+    # every input row is accounted for: the healthy shards' ledgers, the quarantined shard's rows with its reason
+    assert analytics.query(db, "SELECT count(*) FROM downloads").rows == [(24,)]
+    rejected = next((data / layout.REJECTED_DIR / "downloads" / "part-dead").iterdir())
+    assert json.loads((rejected / "audit.json").read_text())["shard"] == "part-dead"
 
     reports = data / layout.REPORTS_DIR
     curation = json.loads((reports / "curation_report.json").read_text())
@@ -73,7 +92,8 @@ def test_the_report_lists_every_variant_as_measured(
     # a second run reuses the downloaded evaluation set and trains nothing again: the data and settings are the same
     versions = {v: json.loads((data / layout.current_model_key(f"clip_checkpoint/{v}")).read_text()) for v in seen_by}
     evaluation_ledger = next((data / layout.EVALUATION_DIR).glob("*/rows.parquet")).stat().st_mtime_ns
-    assert run_lineage(resources, DagsterInstance.ephemeral(), compress=True).success
+    again = run_lineage(resources, DagsterInstance.ephemeral(), compress=True)
+    assert list(again.quarantined) == ["part-dead"]  # still gone: still quarantined, the rest reused
     assert next((data / layout.EVALUATION_DIR).glob("*/rows.parquet")).stat().st_mtime_ns == evaluation_ledger
     assert all(
         json.loads((data / layout.current_model_key(f"clip_checkpoint/{v}")).read_text()) == versions[v]
