@@ -33,7 +33,7 @@ def raw_pool_shard(
     version is the pool file's fingerprint."""
     pool, data = storage.pool_store(), storage.data_store()
     shard = find_shard(pool, context.partition_key)
-    with storage.shard_attempt(layout.RAW_STEP, shard.key, context.run_id) as staging:
+    with storage.shard_attempt(layout.RAW_STEP, shard.key, context.run_id, layout.raw_shard_key(shard.key)) as staging:
         raw, outcomes = yield from audited(
             lambda: publish_raw_shard(
                 pool, data, shard, storage.pool_columns(), quality.thresholds(), context.run_id, staging
@@ -68,7 +68,7 @@ def downloaded_shard(
     ledger is published last, so readers see either the previous complete download or this one."""
     shard = context.partition_key
     data = storage.data_store()
-    with storage.shard_attempt(layout.DOWNLOAD_STEP, shard, context.run_id) as staging:
+    with storage.shard_attempt(layout.DOWNLOAD_STEP, shard, context.run_id, layout.download_rows_key(shard)) as staging:
         download = yield from audited(
             lambda: download_audit_publish(
                 data, shard, downloader.settings(), quality.thresholds(), context.run_id, staging

@@ -45,13 +45,18 @@ def release(store: DataStore, shard: str, step: str) -> None:
 
 
 @contextmanager
-def recorded(store: DataStore, shard: str, step: str, run_id: str) -> Iterator[None]:
+def recorded(store: DataStore, shard: str, step: str, run_id: str, published_key: str | None = None) -> Iterator[None]:
     """Run one shard's step: quarantine the shard with the error's message when it fails (the error still
-    propagates), release it when it succeeds."""
+    propagates), release it when it succeeds.
+
+    A failed attempt that leaves the step's earlier output published (`published_key` exists: a re-download
+    rejected as worse than the published one, say) does not quarantine the shard: its data is whole and
+    current; that run alone fails, with the reason."""
     try:
         yield
     except Exception as error:
-        record(store, shard, step, str(error) or type(error).__name__, run_id)
+        if published_key is None or not store.exists(published_key):
+            record(store, shard, step, str(error) or type(error).__name__, run_id)
         raise
     release(store, shard, step)
 

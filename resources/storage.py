@@ -115,9 +115,10 @@ class PlatformStorage(ConfigurableResource):
         return LockSettings(wait_s=self.lock_wait_s, stale_s=self.lock_stale_s)
 
     @contextmanager
-    def shard_attempt(self, step: str, shard: str, run_id: str) -> Iterator[Path]:
+    def shard_attempt(self, step: str, shard: str, run_id: str, published_key: str | None = None) -> Iterator[Path]:
         """Hold the shard's lock and give a private staging folder: what every per-shard write runs inside. A
-        failure puts the shard in quarantine for `step` (ca_platform.quarantine); a success takes it out.
+        failure puts the shard in quarantine for `step` (ca_platform.quarantine) unless the step's earlier output,
+        `published_key`, stays published; a success takes it out.
 
         One lock per shard, whatever the step, so a download never replaces tars a scoring run of the same
         shard is reading, and two runs of one shard never interleave; different shards never wait on each other.
@@ -125,7 +126,7 @@ class PlatformStorage(ConfigurableResource):
         store = self.data_store()
         with held_lock(store, f"shards/{shard}", f"run {run_id} ({step})", self.lock_settings()):
             with (
-                quarantine.recorded(store, shard, step, run_id),
+                quarantine.recorded(store, shard, step, run_id, published_key),
                 self.staging_dir(f"{step}-{shard}", run_id) as staging,
             ):
                 yield staging

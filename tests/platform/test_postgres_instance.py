@@ -215,8 +215,22 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
     return most
 
 
+def _wait_for_runs(
+    instance: DagsterInstance, daemon: subprocess.Popen, daemon_log: Path, count: int, timeout_s: float = 600
+) -> list:
+    """The shard_spine run records once `count` runs exist and all have finished."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = instance.get_run_records(RunsFilter(job_name="shard_spine"))
+        if len(records) == count and all(r.dagster_run.is_finished for r in records):
+            return records
+        assert daemon.poll() is None, f"the daemon exited: {daemon_log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"runs unfinished: {[r.dagster_run.status for r in records]}"
+        time.sleep(2)
+
+
 @pytest.mark.slow
-def test_daemon_backfill_runs_in_parallel_on_a_postgres_instance(
+def test_daemon_backfill_in_parallel_and_the_shard_sensor_on_a_postgres_instance(
     postgres_url: str, routes_server: RoutesServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     routes_server.delay_s = 4.0  # every image answers after 4 s, so the runs overlap however the daemon staggers them
@@ -280,22 +294,28 @@ def test_daemon_backfill_runs_in_parallel_on_a_postgres_instance(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 600
-        while True:
-            records = instance.get_run_records(RunsFilter(job_name="shard_spine"))
-            if len(records) == SHARDS and all(r.dagster_run.is_finished for r in records):
-                break
-            assert daemon.poll() is None, f"the daemon exited: {daemon_log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"runs unfinished: {[r.dagster_run.status for r in records]}"
-            time.sleep(2)
+        records = _wait_for_runs(instance, daemon, daemon_log, SHARDS)
+        backfilled = [r.dagster_run.run_id for r in records]
+
+        # a shard added to the pool afterwards: the shard sensor, evaluated by the daemon, requests it alone
+        late = "part-late"
+        urls = [routes_server.add(f"/late/{row}.png", png_bytes(24, 20, seed=900 + row)) for row in range(ROWS)]
+        shards[late] = {"url": urls, "caption": [f"a late picture {row}" for row in range(ROWS)]}
+        write_pool(pool, {late: shards[late]})
+        routes_server.delay_s = 0.0
+        outputs += _finish(_run(env, BIN / "dagster", "sensor", "start", "pool_shard_sensor", *grpc))
+        records = _wait_for_runs(instance, daemon, daemon_log, SHARDS + 1)
     finally:
         for process in (daemon, server):
             if process is not None:
                 _stop(process)
 
     runs = [r.dagster_run for r in records]
-    assert sorted(run.tags["dagster/partition"] for run in runs) == keys
-    assert len({run.tags["dagster/backfill"] for run in runs}) == 1
+    assert sorted(run.tags["dagster/partition"] for run in runs) == [*keys, late]
+    assert len({run.tags["dagster/backfill"] for run in runs if run.run_id in backfilled}) == 1
+    (sensed,) = [run for run in runs if run.run_id not in backfilled]
+    assert sensed.tags["dagster/partition"] == late and sensed.tags["dagster/sensor_name"] == "pool_shard_sensor"
+    records = [r for r in records if r.dagster_run.run_id in backfilled]
     failed = {run.tags["dagster/partition"]: run.status for run in runs if run.status != DagsterRunStatus.SUCCESS}
     assert not failed, failed
     assert _most_at_once([(r.start_time, r.end_time) for r in records]) == MAX_CONCURRENT_RUNS  # and no more
@@ -308,8 +328,8 @@ def test_daemon_backfill_runs_in_parallel_on_a_postgres_instance(
     assert not list(home.rglob("*.db")), "something fell back to SQLite"
     instance.dispose()
 
-    ledger = pl.concat([pl.read_parquet(data / layout.download_rows_key(shard)) for shard in keys])
-    assert ledger.height == SHARDS * ROWS
+    ledger = pl.concat([pl.read_parquet(data / layout.download_rows_key(shard)) for shard in shards])
+    assert ledger.height == (SHARDS + 1) * ROWS
     expected = {(shard, row, url) for shard, columns in shards.items() for row, url in enumerate(columns["url"])}
     assert set(ledger.select(schemas.SHARD, schemas.ROW_INDEX, schemas.URL).iter_rows()) == expected
     assert ledger[schemas.STATUS].unique().to_list() == [schemas.Status.SUCCESS]

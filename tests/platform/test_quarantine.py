@@ -25,3 +25,10 @@ def test_a_failed_step_is_recorded_and_released_by_its_next_success(tmp_path: Pa
     with quarantine.recorded(store, "s1", layout.DOWNLOAD_STEP, "run-2"):
         pass
     assert sorted(quarantine.quarantined(store)) == ["s2"]
+    # a failed re-download that leaves the published download in place does not quarantine the shard
+    (tmp_path / "data" / layout.download_rows_key("s1")).parent.mkdir(parents=True)
+    (tmp_path / "data" / layout.download_rows_key("s1")).write_bytes(b"published")
+    with pytest.raises(RuntimeError):
+        with quarantine.recorded(store, "s1", layout.DOWNLOAD_STEP, "run-3", layout.download_rows_key("s1")):
+            raise RuntimeError("success rate below the published one")
+    assert sorted(quarantine.quarantined(store)) == ["s2"]
