@@ -5,6 +5,7 @@ visible, and no run deletes another's files."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -120,15 +121,24 @@ def run_spine(pool: Path, data: Path, shard: str, run_id: str, fault: str | None
     return done.returncode, done.stdout + done.stderr
 
 
+@pytest.fixture(scope="module")
+def downloaded_once(slow_images: RoutesServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A one-shard pool and its data root after one complete download; each crash case starts from a copy."""
+    root = tmp_path_factory.mktemp("downloaded")
+    pool = write_pool(root / "pool", {"s0": shard_columns(slow_images, "s0")})
+    code, output = run_spine(pool, root / "data", "s0", "first")
+    assert code == 0, output
+    return pool, root / "data"
+
+
 @pytest.mark.parametrize("point", ["downloads:after-staging", "downloads:after-audit", "downloads:mid-publish"])
 def test_a_run_killed_at_each_point_of_write_audit_publish(
-    slow_images: RoutesServer, point: str, tmp_path: Path
+    downloaded_once: tuple[Path, Path], point: str, tmp_path: Path
 ) -> None:
     """A shard downloaded once, re-downloaded by a run killed at `point`, then by a run that completes."""
-    pool = write_pool(tmp_path / "pool", {"s0": shard_columns(slow_images, "s0")})
+    pool, published = downloaded_once
     data = tmp_path / "data"
-    code, output = run_spine(pool, data, "s0", "first")
-    assert code == 0, output
+    shutil.copytree(published, data)
     before = pl.read_parquet(data / layout.download_rows_key("s0"))
 
     code, output = run_spine(pool, data, "s0", "killed", fault=point)
