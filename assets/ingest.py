@@ -15,6 +15,7 @@ from ca_platform.ingest.pool import find_shard
 from ca_platform.ingest.quality import DOWNLOAD_CHECKS, RAW_SHARD_CHECKS, success_rate
 from ca_platform.ingest.raw_shard import publish_raw_shard
 from ca_platform.resources import DownloadConfig, PlatformStorage, QualityConfig
+from ca_platform.schemas import SKIP_REASON
 
 GROUP = "ingest"
 
@@ -39,14 +40,14 @@ def raw_pool_shard(
                 pool, data, shard, storage.pool_columns(), quality.thresholds(), context.run_id, staging
             )
         )
-    skipped = raw.filter(pl.col("skip_reason").is_not_null())
+    skipped = raw.filter(pl.col(SKIP_REASON).is_not_null())
     yield MaterializeResult(
         metadata={
             "source": MetadataValue.path(pool.uri_of(shard.object_key)),
             "path": MetadataValue.path(data.uri_of(layout.raw_shard_key(shard.key))),
             "rows": raw.height,
             "skipped": skipped.height,
-            "skip_reasons": MetadataValue.json(dict(skipped.group_by("skip_reason").len().iter_rows())),
+            "skip_reasons": MetadataValue.json(dict(skipped.group_by(SKIP_REASON).len().iter_rows())),
         },
         check_results=check_results(outcomes),
         data_version=DataVersion(shard.fingerprint),

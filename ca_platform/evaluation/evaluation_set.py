@@ -69,7 +69,7 @@ def download_evaluation_set(path: Path, out_dir: Path, settings: DownloadSetting
     images = frame.unique(UID, keep="first", maintain_order=True)
     raw = schemas.conform(
         images.with_row_index(schemas.ROW_INDEX).with_columns(
-            pl.lit(EVALUATION_SHARD).alias(schemas.SHARD), pl.lit(None, dtype=pl.String).alias("skip_reason")
+            pl.lit(EVALUATION_SHARD).alias(schemas.SHARD), pl.lit(None, dtype=pl.String).alias(schemas.SKIP_REASON)
         ),
         schemas.RAW_SHARD,
     )

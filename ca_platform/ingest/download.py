@@ -26,7 +26,7 @@ from ca_platform.ingest.download_guard import GuardPolicy, guarded_urlopen
 from ca_platform.ingest.quality import CheckOutcome, QualityThresholds, check_download, check_not_worse
 from ca_platform.ingest.raw_shard import read_raw_shard
 from ca_platform.ingest.webdataset_io import tar_members
-from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, STATUS, UID, URL, Status
+from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, SKIP_REASON, STATUS, UID, URL, Status
 from ca_platform.storage import DataStore, fetch_to_local, write_json
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
@@ -144,7 +144,7 @@ def download_shard(
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     shard = raw[SHARD][0] if raw.height else ""
-    to_fetch = raw.filter(pl.col("skip_reason").is_null())
+    to_fetch = raw.filter(pl.col(SKIP_REASON).is_null())
     chunks = max(1, math.ceil(to_fetch.height / settings.samples_per_tar))
     oom_shard_count = max(5, len(str(chunks)))
     results = []
@@ -194,14 +194,14 @@ def _reconcile(raw: pl.DataFrame, results: list[pl.DataFrame], shard: str) -> pl
         fetched = pl.DataFrame(schema={UID: pl.String, STATUS: pl.String, ERROR: pl.String})
     ledger = raw.join(fetched, on=UID, how="left", validate="1:1", maintain_order="left")
     ledger = ledger.with_columns(
-        pl.when(pl.col("skip_reason").is_not_null())
+        pl.when(pl.col(SKIP_REASON).is_not_null())
         .then(pl.lit(Status.SKIPPED))
         .when(pl.col(STATUS).is_null())
         .then(pl.lit(Status.FAILED_TO_DOWNLOAD))
         .otherwise(pl.col(STATUS))
         .alias(STATUS),
-        pl.when(pl.col("skip_reason").is_not_null())
-        .then(pl.col("skip_reason"))
+        pl.when(pl.col(SKIP_REASON).is_not_null())
+        .then(pl.col(SKIP_REASON))
         .when(pl.col(STATUS).is_null())
         .then(pl.lit("img2dataset returned no result for this row"))
         .otherwise(pl.col(ERROR))
