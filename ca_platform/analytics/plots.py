@@ -1,21 +1,30 @@
 """Plots and tables for the UI: a score histogram as PNG and markdown the Dagster UI renders inline.
 
-Matplotlib's Agg backend draws without a display, so plots render on servers and in CI alike.
+Matplotlib's Agg backend draws without a display, so plots render on servers and in CI alike. Matplotlib is
+imported when a plot is drawn, not with the module: every Dagster process loads the definitions, few plot.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
-import numpy as np  # noqa: E402
+@functools.cache
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot, on the Agg backend chosen once per process."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def histogram_png(
@@ -28,6 +37,7 @@ def histogram_png(
     """Stacked per-bin counts (e.g. kept and dropped pairs) over shared bin edges, with labelled cut lines."""
     edges_array = np.asarray(edges, dtype=np.float64)
     widths = np.diff(edges_array)
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 3.5), dpi=100)
     bottom = np.zeros(widths.size)
     for label, values in counts.items():

@@ -4,6 +4,9 @@ Beside each variant's tar: the kept uids (one per line), a manifest with the cou
 of every downloaded pair of the shard (kept or dropped, with the score that decided it), so nothing is lost
 between the download ledger and the training set. One pass over the shard's download tars writes every
 variant's tar.
+
+webdataset (which imports torch) is imported when the tars are written, not with the module: every Dagster
+process loads the definitions, few compress.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import webdataset as wds
 
 from ca_platform import layout, schemas
 from ca_platform.analytics.plots import histogram_png
@@ -48,6 +50,8 @@ def write_shard_subsets(
 
     The samples are copied byte for byte (image, caption, json), in download order.
     """
+    import webdataset as wds
+
     kept_uids = {v: set(m.filter(pl.col("kept"))[schemas.UID].to_list()) for v, m in memberships.items()}
     written: dict[str, list[str]] = {variant: [] for variant in memberships}
     sizes = dict.fromkeys(memberships, 0)

@@ -2,6 +2,9 @@
 
 The share of caption pairs (ties excluded) each scorer orders as people did; it says whether the reward
 model learnt something its baselines do not already know.
+
+Scoring (torch) is imported where accuracy is measured, not with the module: every Dagster process loads the
+definitions, and most measure nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from ca_platform.preferences.pairs import pairwise_accuracy
 from ca_platform.preferences.staging import current_preference_split
 from ca_platform.schemas import SCORERS
 from ca_platform.scoring.registry import current_model, load_scorer
-from ca_platform.scoring.streaming import score_pairs
 from ca_platform.storage import DataStore
 
 
@@ -37,6 +39,8 @@ def measure_preference_accuracy(
 ) -> PreferenceAccuracy:
     """Every scorer's accuracy on the current preference set's held-out images (split as the reward model's
     training split them), written to the preference-accuracy report."""
+    from ca_platform.scoring.streaming import score_pairs
+
     _, heldout = current_preference_split(store, holdout_fraction, split_seed, cache, scratch)
     images = [decode_image(Path(item.image).read_bytes()) for item in heldout]
     report: dict[str, Any] = {}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ca_platform import layout
-from ca_platform.analytics.plots import markdown_table, plt
+from ca_platform.analytics.plots import markdown_table, pyplot
 from ca_platform.schemas import FULL, TRAINING_VARIANTS, VARIANT_SCORERS
 from ca_platform.storage import DataStore, read_json, write_json
 
@@ -77,6 +77,7 @@ def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     """Retrieval recall (left) and captioning scores (right) per variant, bars side by side."""
     variants = [row.variant for row in rows]
     x = np.arange(len(rows))
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     retrieval = {
         "I->T R@1": [r.i2t_r1 for r in rows],

@@ -1,22 +1,24 @@
 """Each training variant's models on the same clean held-out set: its CLIP's retrieval recall and its BLIP's
-captions, written as one report per variant and evaluation."""
+captions, written as one report per variant and evaluation.
+
+The models (torch, transformers) are imported where a variant is evaluated, not with the module: every Dagster
+process loads the definitions, and most evaluate nothing.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ca_platform import layout
 from ca_platform.evaluation.captions import bleu4, cider_d
 from ca_platform.evaluation.evaluation_set import current_evaluation_set
-from ca_platform.evaluation.retrieval import RetrievalRecall, cosine_similarity_matrix, retrieval_recall
-from ca_platform.models.blip import generate_captions
-from ca_platform.models.clip import embed_pairs
 from ca_platform.scoring.registry import current_model
 from ca_platform.storage import DataStore, fetch_folder, write_json
-from ca_platform.training.captioner import load_trained_captioner
-from ca_platform.training.clip import load_trained_clip
+
+if TYPE_CHECKING:
+    from ca_platform.evaluation.retrieval import RetrievalRecall
 
 
 def _checkpoint_folder(store: DataStore, model: str, variant: str, cache: Path, scratch: Path) -> tuple[str, Path]:
@@ -38,6 +40,10 @@ def evaluate_retrieval(
 ) -> RetrievalEvaluation:
     """Image->text and text->image Recall@1/5/10 of the variant's CLIP on the current evaluation set (cosine of
     the normalised embeddings; an image counts as found by any of its references), written to its report."""
+    from ca_platform.evaluation.retrieval import cosine_similarity_matrix, retrieval_recall
+    from ca_platform.models.clip import embed_pairs
+    from ca_platform.training.clip import load_trained_clip
+
     evaluation_version, dataset = current_evaluation_set(store, cache, scratch)
     version, folder = _checkpoint_folder(store, layout.CLIP_CHECKPOINT, variant, cache, scratch)
     model, preprocessor = load_trained_clip(folder, device=device)
@@ -75,6 +81,9 @@ def evaluate_captioning(
 ) -> CaptioningEvaluation:
     """CIDEr-D and BLEU-4 (coco-caption's definitions, in Python) of the variant's BLIP captions, greedy
     decoding, against every reference of each evaluation image; written to its report."""
+    from ca_platform.models.blip import generate_captions
+    from ca_platform.training.captioner import load_trained_captioner
+
     evaluation_version, dataset = current_evaluation_set(store, cache, scratch)
     version, folder = _checkpoint_folder(store, layout.BLIP_CHECKPOINT, variant, cache, scratch)
     model, preprocessor = load_trained_captioner(folder, device=device)

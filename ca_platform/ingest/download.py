@@ -4,6 +4,9 @@ img2dataset's own `download()` spawns worker processes, where our guarded urllib
 installed; the platform's unit of parallelism is the shard (one Dagster step each), so here a shard is
 fed straight to img2dataset's `Downloader` in this process, with its threads, behind the guard. Its
 per-row parquet is then reconciled with the input so every input row appears exactly once.
+
+img2dataset (with pandas, ray, wandb and albumentations behind it) is imported when a shard is downloaded, not
+with the module: every Dagster process loads the definitions, few download.
 """
 
 from __future__ import annotations
@@ -28,12 +31,6 @@ from ca_platform.ingest.raw_shard import read_raw_shard
 from ca_platform.ingest.webdataset_io import tar_members
 from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, SKIP_REASON, STATUS, UID, URL, Status
 from ca_platform.storage import DataStore, fetch_to_local, write_json
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
-
-from img2dataset.downloader import Downloader  # noqa: E402 - after download_guard lowers OpenCV's pixel cap
-from img2dataset.resizer import Resizer  # noqa: E402
-from img2dataset.writer import WebDatasetSampleWriter  # noqa: E402
 
 # img2dataset's defaults: the opt-out directives it honours stay on.
 OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
@@ -98,6 +95,12 @@ def _tar_member_sizes(tar_path: Path, extension: str) -> dict[str, int]:
 def _run_downloader(
     chunk: pl.DataFrame, chunk_id: int, work_dir: Path, settings: DownloadSettings, oom_shard_count: int
 ) -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+    # download_guard, imported with this module, has lowered OpenCV's pixel cap before img2dataset imports cv2
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
     feather = work_dir / f"_input_{chunk_id:05d}.feather"
     table = pa.table({URL: chunk[URL].to_list(), CAPTION: chunk[CAPTION].to_list(), UID: chunk[UID].to_list()})
     with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:

@@ -4,6 +4,9 @@ webdataset's default decoders unpickle `.pyd`/`.pickle` members and `torch.load`
 from anywhere could run code. The platform never uses them: `WDS_SECURE=1` is set for the versions that
 honour it, `.pth` loads are limited to weights, and samples are handed out as raw bytes of an allow-list
 of extensions that the caller decodes itself.
+
+webdataset (which imports torch) is imported where tars are read, not with the module: every Dagster process
+loads the definitions, few read tars.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from ca_platform.models.images import decode_image
+
+# Set with this module, so they are in place before webdataset is imported to read or write a tar.
 os.environ["WDS_SECURE"] = "1"
 os.environ["WDS_PYTORCH_WEIGHTS_ONLY"] = "1"
-
-import webdataset as wds  # noqa: E402 - after the security settings above
-from PIL import Image  # noqa: E402
-
-from ca_platform.models.images import decode_image  # noqa: E402
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -42,6 +45,8 @@ def iter_samples(tars: Iterable[Path | str]) -> Iterator[TarSample]:
     Every sample of every tar, wherever it runs: webdataset's own splitting by DataLoader worker and by
     distributed node is off, so callers that parallelise split the stream themselves and lose nothing.
     """
+    import webdataset as wds
+
     dataset = wds.WebDataset(
         [str(t) for t in tars], shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
     )

@@ -12,6 +12,9 @@ written by `save_model` and read back by `read_model`:
 
 The same weights and settings always give the same version, so retraining to identical weights or
 registering a copy is a no-op, and scores keyed by version stay comparable.
+
+torch, safetensors and transformers are imported where a checkpoint is written or read, not with the module:
+`content_version` is on the path of every Dagster process that loads the definitions, most of which run no model.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ca_platform.models.preprocessing import PairPreprocessor
+    from ca_platform.models.preprocessing import PairPreprocessor
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -85,6 +88,8 @@ def save_model(
     }
 
     def fill(staging: Path) -> None:
+        from safetensors.torch import save_file
+
         tokenizer_files = _save_tokenizer(preprocessor.tokenizer, staging)
         clashes = sorted(tokenizer_files & (set(files) | {WEIGHTS_FILE}))
         if clashes:
@@ -124,6 +129,10 @@ class ModelCheckpoint:
 
 def read_model(folder: Path, kind: str) -> ModelCheckpoint:
     """A checkpoint of `kind` written by `save_model`; any other kind, a pickle or a missing file is refused."""
+    from transformers import AutoTokenizer
+
+    from ca_platform.models.preprocessing import PairPreprocessor
+
     preprocessing = read_json(folder, PREPROCESSING_FILE)
     if preprocessing.get("model") != kind:
         raise CheckpointError(f"{folder}: holds a {preprocessing.get('model')!r} model, not {kind!r}")
@@ -157,6 +166,8 @@ def load_transformers_model(
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The folder's safetensors weights, after refusing any pickle file beside them."""
+    from safetensors.torch import load_file
+
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)

@@ -2,16 +2,22 @@
 
 Resize the shorter side, centre-crop to a square, scale to [0, 1], normalise per channel: what CLIP and
 BLIP image processors do, in a form that is cheap to pickle into DataLoader workers.
+
+torch is imported when an image is transformed, not with the module: `decode_image` is on the path of every
+Dagster process that loads the definitions, most of which run no model.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 # The normalisation CLIP and BLIP were trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,6 +38,8 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """A float32 tensor [3, size, size]."""
+        import torch
+
         image = image.convert("RGB")
         width, height = image.size
         scale = self.size / min(width, height)

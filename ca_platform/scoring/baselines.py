@@ -1,5 +1,9 @@
 """The baselines the reward model must beat, CLIP score and BLIP ITM: the user's pretrained models, or models
-trained on the raw pool's downloaded pairs (again only when the downloads or the settings change)."""
+trained on the raw pool's downloaded pairs (again only when the downloads or the settings change).
+
+The models (torch, transformers) are imported where one is trained or exported, not with the module: every
+Dagster process loads the definitions, and most train none.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +21,16 @@ from ca_platform.ingest.download import downloaded_rows, downloaded_shards, fetc
 from ca_platform.ingest.webdataset_io import iter_pairs
 from ca_platform.models.checkpoints import content_version
 from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, UID
-from ca_platform.scoring.blip_itm import BlipItmScorer, save_blip_itm, train_blip_itm
-from ca_platform.scoring.clip_score import save_clip, train_clip
 from ca_platform.scoring.registry import current_model, load_scorer, recipe_hash, recipe_settings, train_once
 from ca_platform.storage import DataStore, write_json
 
-# Each baseline's trainer and checkpoint writer.
-_TRAINERS: dict[str, tuple[Callable[..., Any], Callable[[Any, Path], tuple[str, Path]]]] = {
-    CLIP_SCORE: (train_clip, save_clip),
-    BLIP_SCORE: (train_blip_itm, save_blip_itm),
-}
+
+def _trainer(kind: str) -> tuple[Callable[..., Any], Callable[[Any, Path], tuple[str, Path]]]:
+    """The baseline's trainer and checkpoint writer."""
+    from ca_platform.scoring.blip_itm import save_blip_itm, train_blip_itm
+    from ca_platform.scoring.clip_score import save_clip, train_clip
+
+    return {CLIP_SCORE: (train_clip, save_clip), BLIP_SCORE: (train_blip_itm, save_blip_itm)}[kind]
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def current_baseline(
         current = {"version": content_version(Path(pretrained_dir)), "pretrained_dir": pretrained_dir}
         write_json(store, layout.current_model_key(kind), current, scratch)
         return current, False
-    train, save = _TRAINERS[kind]
+    train, save = _trainer(kind)
     shards = downloaded_shards(store)
     recipe = recipe_hash([downloads_fingerprint(store, shards, scratch / "in"), recipe_settings(settings)])
 
@@ -101,6 +105,8 @@ def pool_blip_backbone(store: DataStore, cache: Path, folder: Path) -> str:
     """Export the current BLIP ITM model (the user's pretrained BLIP, or one trained on the raw pool) as a
     transformers folder to start the reward model from, as ImageReward starts from pretrained BLIP.
     Returns that model's version."""
+    from ca_platform.scoring.blip_itm import BlipItmScorer
+
     document = current_model(store, BLIP_SCORE, folder.parent)
     scorer = load_scorer(store, BLIP_SCORE, document, cache, "cpu")
     assert isinstance(scorer, BlipItmScorer)

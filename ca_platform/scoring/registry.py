@@ -4,6 +4,9 @@ Each kind of model (the scorers of `schemas.SCORERS`, and the CLIP/BLIP trained 
 keeps its checkpoints under `models/<kind>/<version>/` and a pointer `models/<kind>/current.json` saying
 which version is current, what it was made from (its recipe), and its metrics. A user's own pretrained
 folder is used in place, by its content hash.
+
+The scorers and trainers (torch, transformers) are imported where a model is trained or loaded, not with the
+module: every Dagster process loads the definitions, and most only read the pointer documents.
 """
 
 from __future__ import annotations
@@ -14,28 +17,17 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ca_platform import layout
 from ca_platform.preferences.staging import current_preference_set, load_preference_split
 from ca_platform.schemas import BLIP_SCORE, CLIP_SCORE, POOL_BLIP_BACKBONE, REWARD_MODEL
-from ca_platform.scoring.blip_itm import BlipItmScorer, load_blip_itm
-from ca_platform.scoring.clip_score import ClipScorer, load_clip
-from ca_platform.scoring.reward.model import RewardModelSpec
-from ca_platform.scoring.reward.scorer import RewardScorer, load_reward_model, register_reward_model, save_reward_model
-from ca_platform.scoring.reward.train import TrainConfig, train_reward_model
-from ca_platform.scoring.scorer import PairScorer
 from ca_platform.storage import DataStore, fetch_folder, publish_folder, read_json, write_json
 
-_LOADERS: dict[str, Callable[[Path, str | None], PairScorer]] = {
-    REWARD_MODEL: lambda folder, device: RewardScorer(load_reward_model(folder, device=device)),
-    CLIP_SCORE: load_clip,
-    BLIP_SCORE: load_blip_itm,
-}
-_PRETRAINED: dict[str, Callable[[Path, str | None], PairScorer]] = {
-    CLIP_SCORE: ClipScorer.from_pretrained_dir,
-    BLIP_SCORE: BlipItmScorer.from_pretrained_dir,
-}
+if TYPE_CHECKING:
+    from ca_platform.scoring.reward.model import RewardModelSpec
+    from ca_platform.scoring.reward.train import TrainConfig
+    from ca_platform.scoring.scorer import PairScorer
 
 
 class NoModelError(LookupError):
@@ -114,6 +106,9 @@ def current_reward_model(
     recipe = {"preferences": preferences, "spec": repr(recipe_spec), "config": repr(config), "split": split}
 
     def train_and_save() -> tuple[str, Path, dict[str, Any]]:
+        from ca_platform.scoring.reward.scorer import save_reward_model
+        from ca_platform.scoring.reward.train import train_reward_model
+
         folder = fetch_folder(store, layout.preferences_prefix(preferences), cache)
         train, heldout = load_preference_split(folder, *split)
         trained = train_reward_model(train, heldout, spec, config)
@@ -139,14 +134,23 @@ def load_scorer(store: DataStore, kind: str, document: dict[str, Any], cache: Pa
 @functools.lru_cache(maxsize=4)
 def _cached_scorer(kind: str, origin: str, folder: str, version: str, device: str | None) -> PairScorer:
     """Keyed by the content version too, so a pretrained folder changed in place is loaded again."""
-    loaders = _PRETRAINED if origin == "pretrained" else _LOADERS
-    return loaders[kind](Path(folder), device)
+    from ca_platform.scoring.blip_itm import BlipItmScorer, load_blip_itm
+    from ca_platform.scoring.clip_score import ClipScorer, load_clip
+    from ca_platform.scoring.reward.scorer import RewardScorer, load_reward_model
+
+    if origin == "pretrained":
+        return {CLIP_SCORE: ClipScorer, BLIP_SCORE: BlipItmScorer}[kind].from_pretrained_dir(Path(folder), device)
+    if kind == REWARD_MODEL:
+        return RewardScorer(load_reward_model(Path(folder), device=device))
+    return {CLIP_SCORE: load_clip, BLIP_SCORE: load_blip_itm}[kind](Path(folder), device)
 
 
 def register_reward_checkpoint(store: DataStore, source: Path, scratch: Path) -> str:
     """Pin a reward-model checkpoint trained elsewhere (a folder as `save_reward_model` writes it): it must
     load (safetensors only) before it is copied. `reward_model` adopts the pinned version instead of training
     until it is unpinned. Returns its version."""
+    from ca_platform.scoring.reward.scorer import load_reward_model, register_reward_model
+
     version, folder = register_reward_model(source, scratch / "checkpoints")
     metrics = load_reward_model(folder, device="cpu").metrics
     publish_folder(store, folder, layout.model_prefix(REWARD_MODEL, version))

@@ -2,6 +2,9 @@
 parquet file per shard and version, beside older versions' files.
 
 Scores of one checkpoint on one image never change, so a shard already scored by a version is not scored again.
+
+The scorers (torch, transformers) are imported where a shard is scored, not with the module: every Dagster
+process loads the definitions, and most score nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -19,10 +23,10 @@ from ca_platform.audit import AuditFailed, StagedOutput, audit_and_publish
 from ca_platform.ingest.download import downloaded_rows, fetch_downloaded_tars, read_download_ledger
 from ca_platform.ingest.quality import SCORE_CHECKS, CheckOutcome, check_scores
 from ca_platform.scoring.registry import current_model, load_scorer
-from ca_platform.scoring.reward.scorer import RewardScorer
-from ca_platform.scoring.scorer import PairScorer
-from ca_platform.scoring.streaming import score_tars
 from ca_platform.storage import DataStore, fetch_to_local
+
+if TYPE_CHECKING:
+    from ca_platform.scoring.scorer import PairScorer
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class ScoringRun:
 def score_normalisation(scorer: PairScorer) -> pl.Expr:
     """`score_norm`: the reward model's (score - mean) / std over its training preferences; null for scorers
     with no normalisation statistics of their own (CLIP's cosine, BLIP's match probability)."""
+    from ca_platform.scoring.reward.scorer import RewardScorer
+
     if isinstance(scorer, RewardScorer):
         return (pl.col("score") - scorer.loaded.mean) / scorer.loaded.std
     return pl.lit(None, dtype=pl.Float64)
@@ -68,6 +74,8 @@ def score_shard(
     """Score one shard's downloaded pairs, audit them against its ledger and publish its scores parquet if
     they pass (AuditFailed otherwise, the attempt kept under rejected/); a file of this version that already
     covers exactly the shard's downloaded uids is reused instead."""
+    from ca_platform.scoring.streaming import score_tars
+
     key = layout.scores_key(kind, scorer.version, shard)
     ledger = read_download_ledger(store, shard, scratch / "ledger")
     if store.exists(key):

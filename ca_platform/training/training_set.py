@@ -4,6 +4,9 @@ The training set is read from one source, the variant's tars themselves: every d
 `full`, its compressed subsets' tars otherwise. One walk over them, images left undecoded, gives both the
 fingerprint of the pairs (what decides whether a model must be trained again) and their count (which the
 trainer is handed, so it does not walk the tars again to count them).
+
+The trainers (torch, transformers) are imported where a model is trained, not with the module: every Dagster
+process loads the definitions, and most train nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ca_platform import layout, schemas
 from ca_platform.compression.threshold import published_thresholds
@@ -21,9 +24,9 @@ from ca_platform.ingest.download import downloaded_rows, downloaded_shards, fetc
 from ca_platform.ingest.webdataset_io import TarSample, iter_samples
 from ca_platform.scoring.registry import recipe_hash, recipe_settings, train_once
 from ca_platform.storage import DataStore, fetch_to_local, read_json
-from ca_platform.training.captioner import save_trained_captioner, train_blip_captioner_on_tars
-from ca_platform.training.clip import save_trained_clip, train_clip_on_tars
-from ca_platform.training.tars import TrainingBudget
+
+if TYPE_CHECKING:
+    from ca_platform.training.tars import TrainingBudget
 
 
 class NoTrainingDataError(LookupError):
@@ -112,6 +115,8 @@ class TrainingSettings:
 
 def budget_for(settings: TrainingSettings, full_pairs: int) -> TrainingBudget:
     """Equal samples seen across variants (DataComp's rule), or equal epochs when configured."""
+    from ca_platform.training.tars import TrainingBudget
+
     if settings.budget == "epochs":
         return TrainingBudget(samples_seen=None, epochs=settings.epochs)
     if settings.budget != "samples":
@@ -127,14 +132,21 @@ class _VariantModel:
     learning_rate: Callable[[TrainingSettings], float]
 
 
-_MODELS = {
-    layout.CLIP_CHECKPOINT: _VariantModel(
-        train_clip_on_tars, save_trained_clip, lambda s: s.clip_source, lambda s: s.clip_learning_rate
-    ),
-    layout.BLIP_CHECKPOINT: _VariantModel(
-        train_blip_captioner_on_tars, save_trained_captioner, lambda s: s.blip_source, lambda s: s.blip_learning_rate
-    ),
-}
+def _variant_model(model: str) -> _VariantModel:
+    from ca_platform.training.captioner import save_trained_captioner, train_blip_captioner_on_tars
+    from ca_platform.training.clip import save_trained_clip, train_clip_on_tars
+
+    return {
+        layout.CLIP_CHECKPOINT: _VariantModel(
+            train_clip_on_tars, save_trained_clip, lambda s: s.clip_source, lambda s: s.clip_learning_rate
+        ),
+        layout.BLIP_CHECKPOINT: _VariantModel(
+            train_blip_captioner_on_tars,
+            save_trained_captioner,
+            lambda s: s.blip_source,
+            lambda s: s.blip_learning_rate,
+        ),
+    }[model]
 
 
 def train_on_variant(
@@ -142,7 +154,7 @@ def train_on_variant(
 ) -> tuple[dict[str, Any], bool]:
     """The current document of `model` (CLIP_CHECKPOINT or BLIP_CHECKPOINT) trained on `variant`, and whether
     it was trained now: not while the variant's pairs and the settings are unchanged."""
-    spec = _MODELS[model]
+    spec = _variant_model(model)
     dataset = training_set(store, variant, scratch)
     budget = budget_for(settings, dataset.pool_pairs)
     recipe = recipe_hash([model, dataset.fingerprint, recipe_settings(settings), repr(budget)])
