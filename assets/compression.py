@@ -14,6 +14,7 @@ from ca_platform.assets.quality_checks import audited, blocking_check_specs, che
 from ca_platform.assets.scores import clip_scores, reward_scores
 from ca_platform.compression.subsets import compress_shard
 from ca_platform.compression.threshold import cut_variants
+from ca_platform.engine import current_placement
 from ca_platform.ingest.quality import SUBSET_CHECKS
 from ca_platform.resources import CompressionConfig, PlatformStorage
 from ca_platform.schemas import REWARD_TOPK
@@ -93,6 +94,7 @@ def compressed_subset(
             **{f"kept_{m['variant']}": m["kept"] for m in manifests},
             "subsets": MetadataValue.md(table),
             "histogram": MetadataValue.md(image),
+            **current_placement().as_metadata(),
         },
         check_results=check_results(subsets.outcomes),
     )

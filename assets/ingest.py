@@ -10,6 +10,7 @@ from dagster import AssetCheckResult, AssetExecutionContext, DataVersion, Materi
 from ca_platform import layout
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
+from ca_platform.engine import current_placement
 from ca_platform.ingest.download import download_audit_publish, downloaded_rows, failure_counts
 from ca_platform.ingest.pool import find_shard
 from ca_platform.ingest.quality import DOWNLOAD_CHECKS, RAW_SHARD_CHECKS, success_rate
@@ -48,6 +49,7 @@ def raw_pool_shard(
             "rows": raw.height,
             "skipped": skipped.height,
             "skip_reasons": MetadataValue.json(dict(skipped.group_by(SKIP_REASON).len().iter_rows())),
+            **current_placement().as_metadata(),
         },
         check_results=check_results(outcomes),
         data_version=DataVersion(shard.fingerprint),
@@ -85,6 +87,7 @@ def downloaded_shard(
             "status_counts": MetadataValue.json(failure_counts(ledger)),
             "tars": MetadataValue.json(download.tar_keys),
             "ledger": MetadataValue.path(data.uri_of(layout.download_rows_key(shard))),
+            **current_placement().as_metadata(),
         },
         check_results=check_results(download.outcomes),
     )

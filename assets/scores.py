@@ -21,6 +21,7 @@ from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
 from ca_platform.assets.reward import reward_model
+from ca_platform.engine import current_placement
 from ca_platform.ingest.quality import SCORE_CHECKS
 from ca_platform.resources import PlatformStorage, ScoringConfig
 from ca_platform.schemas import CLIP_SCORE, REWARD_MODEL
@@ -79,6 +80,7 @@ def shard_scores_asset(name: str, kind: str, model_asset: AssetsDefinition) -> A
                 "model_version": run.model_version,
                 "pairs": sum(s.scores.height for s in run.shards),
                 "shards": MetadataValue.json(per_shard),
+                **current_placement().as_metadata(),
             },
             check_results=check_results([run.coverage()]),
             data_version=DataVersion(run.model_version),

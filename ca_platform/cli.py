@@ -7,10 +7,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION
 from ca_platform.demo.shapes_pool import ShapesWorldConfig
 from ca_platform.instance import PG_URL_ENV, PG_URL_FORM, POSTGRES_MAX_CONCURRENT_RUNS, SQLITE_MAX_CONCURRENT_RUNS
+
+if TYPE_CHECKING:
+    from ca_platform.engine import EngineSettings
 
 DEMO_HOST = "127.0.0.1"
 
@@ -20,6 +24,27 @@ def _add_s3(parser: argparse.ArgumentParser) -> None:
         "--s3-endpoint-url",
         help="S3-compatible endpoint (default: boto3's, e.g. from AWS_ENDPOINT_URL); for s3:// URIs only",
     )
+
+
+def _add_engine(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=["ray", "inline"],
+        help="where shards run: 'ray' (default; concurrently, on a local Ray this command starts or on the cluster "
+        "at --ray-address) or 'inline' (one after another in this process); default from CA_ENGINE",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="an existing Ray cluster (e.g. 10.0.0.5:6379 or ray://head:10001); default CA_RAY_ADDRESS / RAY_ADDRESS, "
+        "else an embedded local Ray",
+    )
+
+
+def _engine(args: argparse.Namespace) -> EngineSettings:
+    from ca_platform.engine import EngineSettings
+
+    return EngineSettings.from_env(kind=args.engine, address=args.ray_address)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -38,7 +63,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         evaluation_uri=args.eval,
     )
     try:
-        run = runner.run_lineage(resources, compress=args.keep is not None or args.eval is not None, force=args.force)
+        run = runner.run_lineage(
+            resources, compress=args.keep is not None or args.eval is not None, force=args.force, engine=_engine(args)
+        )
     except PreferenceFormatError as err:  # raised before anything ran: the list of problems is the whole story
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -193,7 +220,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             evaluation_uri=str(evaluation),
             model_training=ModelTrainingConfig(full_epochs=args.full_epochs),
         )
-        run = runner.run_lineage(resources, compress=True)
+        run = runner.run_lineage(resources, compress=True, engine=_engine(args))
     print(runner.report(run))
     return 0 if run.success else 1
 
@@ -246,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reports/curation_report.json",
     )
     _add_s3(run)
+    _add_engine(run)
     run.set_defaults(func=_cmd_run)
 
     shards = sub.add_parser("shards", help="list a pool's shards or register them as partitions (DAGSTER_HOME)")
@@ -305,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")
+    _add_engine(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 

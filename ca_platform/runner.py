@@ -1,20 +1,25 @@
-"""Running the lineage in-process for every shard of a pool: what `ca-platform run` and the demo do.
+"""Running the lineage for every shard of a pool: what `ca-platform run` and the demo do.
 
-It goes through the same asset definitions the Dagster UI shows, with `materialize()` once per shard and
-stage (pool-wide stages once), on the instance of DAGSTER_HOME when set (so the runs appear in the UI's
-history) or an ephemeral one.
+It goes through the same asset definitions the Dagster UI shows: one Dagster run per shard and stage (one per
+pool-wide stage), on the instance of DAGSTER_HOME when set (so the runs appear in the UI's history) or a
+temporary one. Per-shard runs go to the engine (ca_platform.engine): on Ray they run concurrently, each in a
+Ray worker wherever the cluster has room, with the same instance, so Dagster records every shard's own
+materialization, checks and failure exactly as a backfill from the UI would. Pool-wide stages run here.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dagster import AssetsDefinition, DagsterInstance, SourceAsset, materialize
+from dagster._core.instance.ref import InstanceRef
 
 from ca_platform import analytics, layout, quarantine, schemas
 from ca_platform.assets import (
@@ -31,17 +36,32 @@ from ca_platform.assets import (
     VARIANT_MODEL_ASSETS,
 )
 from ca_platform.assets.partitions import POOL_SHARDS
+from ca_platform.engine import Engine, EngineSettings, InlineEngine, Work, current_placement, open_engine
 from ca_platform.evaluation.report import CurationRow, curation_text
 from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import PoolShard, discover_shards
 from ca_platform.preferences.files import validate_preference_file
 from ca_platform.quarantine import QuarantinedShard
-from ca_platform.resources import DownloadConfig, EvaluationConfig, PlatformStorage, PreferencesConfig
+from ca_platform.resources import (
+    DownloadConfig,
+    EvaluationConfig,
+    PlatformStorage,
+    PreferencesConfig,
+    ResourceRecipe,
+    recipe_of,
+    resources_from_recipe,
+)
 from ca_platform.resources import build_resources as build_resources  # the one factory, for callers of the runner
 from ca_platform.scoring.registry import registered_reward_checkpoint
 from ca_platform.storage import DataStore, read_json
 
 POOL_WIDE = "(pool)"  # the target of a run of unpartitioned assets
+# The per-shard stages, by name, so that a worker in another process can be told which one to run.
+SHARD_STAGES: dict[str, Sequence[AssetsDefinition]] = {
+    "spine": SPINE_ASSETS,
+    "scores": SHARD_SCORE_ASSETS,
+    "subsets": SHARD_SUBSET_ASSETS,
+}
 
 
 @dataclass
@@ -51,6 +71,7 @@ class StageRun:
     checks: dict[str, bool] = field(default_factory=dict)  # "asset:check" -> passed
     error: str | None = None
     already_done: bool = False  # not run: the shard's spine is published from the same pool file
+    placement: str | None = None  # the host (and Ray node) the run ran on
 
 
 @dataclass
@@ -58,10 +79,31 @@ class LineageRun:
     storage: PlatformStorage
     runs: list[StageRun]
     quarantined: dict[str, list[QuarantinedShard]] = field(default_factory=dict)  # left in quarantine at the end
+    engine: str = ""  # where the per-shard runs ran, in words
 
     @property
     def success(self) -> bool:
         return all(r.success for r in self.runs) and not self.quarantined
+
+
+@contextmanager
+def lineage_instance(instance: DagsterInstance | None, engine: EngineSettings) -> Iterator[DagsterInstance]:
+    """The instance the runs are recorded on: the one given, else DAGSTER_HOME's, else (for the inline engine)
+    an ephemeral one or (on Ray, whose workers are other processes and must share it) a temporary one."""
+    if instance is not None:
+        if engine.kind == "ray" and instance.is_ephemeral:
+            raise ValueError(
+                "the Ray engine records each shard's run from a worker process: give a persistent "
+                "Dagster instance (DAGSTER_HOME), not an ephemeral one"
+            )
+        yield instance
+    elif os.environ.get("DAGSTER_HOME"):
+        yield DagsterInstance.get()
+    elif engine.kind == "inline":
+        yield DagsterInstance.ephemeral()
+    else:
+        with tempfile.TemporaryDirectory(prefix="ca-dagster-") as home, DagsterInstance.local_temp(home) as temp:
+            yield temp
 
 
 def default_instance() -> DagsterInstance:
@@ -76,19 +118,6 @@ def register_shards(pool: DataStore, instance: DagsterInstance) -> list[PoolShar
     if new:
         instance.add_dynamic_partitions(POOL_SHARDS, new)
     return shards
-
-
-def _spine(
-    shards: list[PoolShard], storage: PlatformStorage, force: bool, run: Callable[[str], StageRun]
-) -> list[StageRun]:
-    """Each shard's spine, except shards already done from the same pool file (the sensor's notion too)."""
-    done = done_shards(storage.data_store())
-    return [
-        StageRun(shard.key, True, already_done=True)
-        if not force and is_done(done, shard.key, shard.fingerprint)
-        else run(shard.key)
-        for shard in shards
-    ]
 
 
 def _materialize(
@@ -112,7 +141,44 @@ def _materialize(
     if not result.success:
         failures = [ev for ev in result.all_events if ev.is_step_failure]
         error = "; ".join(_root_cause(ev.step_failure_data.error) for ev in failures) or "run failed"
-    return StageRun(partition_key or POOL_WIDE, result.success and all(checks.values()), checks, error)
+    success = result.success and all(checks.values())
+    return StageRun(partition_key or POOL_WIDE, success, checks, error, placement=current_placement().describe())
+
+
+@dataclass(frozen=True)
+class ShardStageRun:
+    """One per-shard stage as a Dagster run, picklable so that it runs in a Ray worker: the resources travel as
+    their configuration and the instance as its reference."""
+
+    stage: str  # a key of SHARD_STAGES
+    recipe: ResourceRecipe
+    instance_ref: InstanceRef
+    log_level: str
+
+    def __call__(self, shard: str) -> StageRun:
+        with DagsterInstance.from_ref(self.instance_ref) as instance:
+            resources = resources_from_recipe(self.recipe)
+            return _materialize(SHARD_STAGES[self.stage], resources, instance, shard, self.log_level)
+
+
+def _per_shard(
+    engine: Engine,
+    stage: str,
+    shards: Sequence[str],
+    resources: dict[str, object],
+    instance: DagsterInstance,
+    log_level: str,
+    work: Work = "task",
+) -> list[StageRun]:
+    """One run per shard of `stage`, through the engine (concurrently on Ray); results in the shards' order."""
+    if isinstance(engine, InlineEngine):  # same process: the resources and instance as they are
+        run: Callable[[str], StageRun] = lambda key: _materialize(  # noqa: E731
+            SHARD_STAGES[stage], resources, instance, key, log_level
+        )
+    else:
+        run = ShardStageRun(stage, recipe_of(resources), instance.get_ref(), log_level)
+    finished = dict(engine.map_shards(run, shards, work))
+    return [finished[shard] for shard in shards]
 
 
 def run_lineage(
@@ -121,14 +187,17 @@ def run_lineage(
     log_level: str = "WARNING",
     compress: bool = False,
     force: bool = False,
+    engine: EngineSettings | None = None,
 ) -> LineageRun:
     """Materialize the lineage: every shard's spine, then (with a preference file, or a pinned checkpoint)
     the reward model and its baselines once, every downloaded shard's reward and CLIP scores, and (with
     `compress`) the global cut of every subset variant and each shard's compressed subsets, and (with an
     evaluation set as well) per training variant a CLIP and a BLIP, their evaluations and the curation
-    report; one run per shard, variant and stage. A shard whose spine is already published from the same
-    pool file is not downloaded again unless `force`. A shard that fails is quarantined and the pool-wide
-    stages proceed over the healthy ones; the run's `success` stays False while any shard is quarantined.
+    report; one run per shard, variant and stage. Per-shard runs go to the engine (`engine`, default from the
+    environment: an embedded local Ray), concurrently as far as its CPUs allow. A shard whose spine is already
+    published from the same pool file is not downloaded again unless `force`. A shard that fails is
+    quarantined and the pool-wide stages proceed over the healthy ones; the run's `success` stays False while
+    any shard is quarantined.
 
     The preference file is validated whole first (format and every image), so a bad one raises
     PreferenceFormatError listing every problem within seconds, before any shard is registered or downloaded.
@@ -141,30 +210,56 @@ def run_lineage(
         with tempfile.TemporaryDirectory(prefix="ca-preferences-") as fetched:
             policy = downloader.settings().policy
             validate_preference_file(Path(preferences.uri), policy, Path(fetched), image_root=preferences.image_root)
-    instance = instance or default_instance()
+    settings = engine or EngineSettings.from_env()
+    with lineage_instance(instance, settings) as dagster_instance:
+        shard_engine = open_engine(settings)
+        runs = _run_stages(shard_engine, resources, dagster_instance, log_level, compress, force)
+    analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
+    quarantined = quarantine.quarantined(storage.data_store())
+    return LineageRun(storage, runs, quarantined, engine=shard_engine.describe())
+
+
+def _run_stages(
+    engine: Engine,
+    resources: dict[str, object],
+    instance: DagsterInstance,
+    log_level: str,
+    compress: bool,
+    force: bool,
+) -> list[StageRun]:
+    storage, preferences, evaluation = resources["storage"], resources["preferences"], resources["evaluation"]
+    assert isinstance(storage, PlatformStorage) and isinstance(preferences, PreferencesConfig)
+    assert isinstance(evaluation, EvaluationConfig)
     shards = register_shards(storage.pool_store(), instance)
-    runs = _spine(shards, storage, force, lambda key: _materialize(SPINE_ASSETS, resources, instance, key, log_level))
+    done = done_shards(storage.data_store())
+    to_run = [s.key for s in shards if force or not is_done(done, s.key, s.fingerprint)]
+    spine = {run.target: run for run in _per_shard(engine, "spine", to_run, resources, instance, log_level)}
+    runs = [spine.get(s.key) or StageRun(s.key, True, already_done=True) for s in shards]
     with tempfile.TemporaryDirectory() as scratch:
         pinned = registered_reward_checkpoint(storage.data_store(), Path(scratch)) is not None
-    if preferences.uri or pinned:
-        stage = REWARD_ASSETS if preferences.uri else PINNED_REWARD_ASSETS
-        models = _materialize(stage, resources, instance, None, log_level)
-        runs.append(models)
-        if models.success:
-            downloaded = [run.target for run in runs if run.success and run.target != POOL_WIDE]
-            scored = [_materialize(SHARD_SCORE_ASSETS, resources, instance, key, log_level) for key in downloaded]
-            runs += scored
-            healthy = [run.target for run in scored if run.success]
-            if compress and healthy:  # failed shards are quarantined: the cut proceeds over the healthy ones
-                threshold = _materialize(THRESHOLD_ASSETS, resources, instance, None, log_level)
-                runs.append(threshold)
-                if threshold.success:
-                    subsets = [_materialize(SHARD_SUBSET_ASSETS, resources, instance, k, log_level) for k in healthy]
-                    runs += subsets
-                    if evaluation.uri and all(run.success for run in subsets):
-                        runs += _train_and_evaluate(resources, instance, log_level)
-    analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
-    return LineageRun(storage, runs, quarantine.quarantined(storage.data_store()))
+    if not (preferences.uri or pinned):
+        return runs
+    models = _materialize(
+        REWARD_ASSETS if preferences.uri else PINNED_REWARD_ASSETS, resources, instance, None, log_level
+    )
+    runs.append(models)
+    if not models.success:
+        return runs
+    downloaded = [run.target for run in runs if run.success and run.target != POOL_WIDE]
+    scored = _per_shard(engine, "scores", downloaded, resources, instance, log_level, work="scorer")
+    runs += scored
+    healthy = [run.target for run in scored if run.success]
+    if not (compress and healthy):  # failed shards are quarantined: the cut proceeds over the healthy ones
+        return runs
+    threshold = _materialize(THRESHOLD_ASSETS, resources, instance, None, log_level)
+    runs.append(threshold)
+    if not threshold.success:
+        return runs
+    subsets = _per_shard(engine, "subsets", healthy, resources, instance, log_level)
+    runs += subsets
+    if evaluation.uri and all(run.success for run in subsets):
+        runs += _train_and_evaluate(resources, instance, log_level)
+    return runs
 
 
 def _train_and_evaluate(resources: dict[str, object], instance: DagsterInstance, log_level: str) -> list[StageRun]:
@@ -205,6 +300,7 @@ def report(run: LineageRun) -> str:
     )
     lines = [
         f"pool {run.storage.pool_uri} -> data {run.storage.data_uri}",
+        *_engine_lines(run),
         f"shards: {totals[0]}, rows: {totals[1]}, downloaded: {totals[2]}, not downloaded: {totals[1] - totals[2]}",
         *_already_done_line(run),
         "",
@@ -275,6 +371,13 @@ def _quarantine_lines(held: dict[str, list[QuarantinedShard]]) -> list[str]:
             rows = "unknown" if e.rows is None else e.rows
             lines.append(f"  {e.shard} ({rows} input rows) failed at {e.step}: {e.reason.splitlines()[0][:300]}")
     return lines
+
+
+def _engine_lines(run: LineageRun) -> list[str]:
+    """Where the shards ran: the engine, and how many per-shard runs each host / Ray node took."""
+    placements = Counter(r.placement for r in run.runs if r.placement and r.target != POOL_WIDE)
+    by_node = ", ".join(f"{where}: {n}" for where, n in sorted(placements.items()))
+    return [f"engine: {run.engine}", *([f"shard runs by node: {by_node}"] if by_node else [])]
 
 
 def _already_done_line(run: LineageRun) -> list[str]:

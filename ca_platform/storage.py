@@ -263,14 +263,28 @@ def open_store(uri: str, s3_client: Callable[[], Any] | None = None) -> DataStor
 
 
 FAULT_ENV = "CA_PLATFORM_FAULT"
+FAULT_ONCE_ENV = "CA_PLATFORM_FAULT_ONCE"
 
 
 def fault_point(name: str) -> None:
     """A named point where a write can be interrupted; the process kills itself there when the environment
     variable CA_PLATFORM_FAULT names it. The crash-point tests use it to prove that a run killed at any
     such point leaves no half-published output and loses nothing."""
-    if os.environ.get(FAULT_ENV) == name:
+    if os.environ.get(FAULT_ENV) == name and _first_fault():
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _first_fault() -> bool:
+    """With CA_PLATFORM_FAULT_ONCE naming a file, only the first process to get there dies (it creates the
+    file): how the retry tests kill a worker once and watch the engine's retry succeed."""
+    marker = os.environ.get(FAULT_ONCE_ENV)
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def publish(

@@ -39,8 +39,11 @@ __all__ = [
     "QualityConfig",
     "RewardModelConfig",
     "ScoringConfig",
+    "ResourceRecipe",
     "build_resources",
+    "recipe_of",
     "resources_from_env",
+    "resources_from_recipe",
     "s3_resource",
 ]
 
@@ -83,6 +86,25 @@ def build_resources(
         "evaluation": EvaluationConfig(uri=evaluation_uri),
         "model_training": model_training or ModelTrainingConfig(),
     }
+
+
+# A resource set as its classes and configuration values: what crosses to another process (a Ray worker), as
+# Dagster's resource objects themselves do not pickle.
+ResourceRecipe = dict[str, tuple[type[ConfigurableResource], dict[str, Any]]]
+
+
+def recipe_of(resources: Mapping[str, object]) -> ResourceRecipe:
+    """The recipe of resolved resources (EnvVar fields already read), for `resources_from_recipe` elsewhere."""
+    recipe: ResourceRecipe = {}
+    for key, resource in resources.items():
+        if not isinstance(resource, ConfigurableResource):
+            raise TypeError(f"resource {key!r} is a {type(resource).__name__}, not a ConfigurableResource")
+        recipe[key] = (type(resource), resource.model_dump())
+    return recipe
+
+
+def resources_from_recipe(recipe: ResourceRecipe) -> dict[str, ConfigurableResource]:
+    return {key: cls(**values) for key, (cls, values) in recipe.items()}
 
 
 def resources_from_env() -> dict[str, ConfigurableResource]:

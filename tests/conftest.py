@@ -24,6 +24,9 @@ from PIL import Image
 from ca_platform import layout, schemas
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Shards run inline, one after another in the test's process (and in the CLI processes tests start), unless a
+# test is about the Ray engine and says so: starting a local Ray costs seconds per process.
+os.environ["CA_ENGINE"] = "inline"
 
 
 def png_bytes(width: int, height: int, seed: int = 0) -> bytes:

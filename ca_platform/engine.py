@@ -1,0 +1,245 @@
+"""Where per-shard work runs: on Ray (an embedded local Ray by default, or a cluster by address), or inline.
+
+`ca-platform run` hands each shard's stage (one Dagster run of one partition) to the engine. On Ray a shard is
+a task with declared CPUs, placed by Ray on any node with room and retried by Ray when its worker dies;
+scoring goes to a pool of scorer actors (GPUs per actor configurable) that keep their models loaded across
+the many shards they take. Retrying is safe because every per-shard write is write-aside-then-publish under
+the shard's lock: a retried shard leaves exactly one result. The inline engine runs shards one after another
+in this process (for debugging and the tests that are not about scale-out).
+
+Ray is imported lazily: Dagster processes that only load definitions never pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+ENGINE_ENV = "CA_ENGINE"  # "ray" (default) or "inline"
+ADDRESS_ENVS = ("CA_RAY_ADDRESS", "RAY_ADDRESS")
+# Variables a shard's worker needs from the process that submits it: where the Dagster instance lives, the
+# platform's settings, and S3 credentials; a cluster's workers do not otherwise share the driver's environment.
+FORWARDED_ENV_PREFIXES = ("CA_", "DAGSTER_", "AWS_")
+
+T = TypeVar("T")
+Work = Literal["task", "scorer"]
+
+
+class WorkerLost(RuntimeError):
+    """A shard's worker (or scorer actor) died more often than the engine's retries allow."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    kind: Literal["ray", "inline"] = "ray"
+    address: str | None = None  # a Ray cluster's address; None starts an embedded local Ray
+    cpus_per_shard: float = 1.0  # CPUs a shard's task (and each scorer actor) reserves
+    scorer_actors: int | None = None  # None: one per CPU the cluster has for shards
+    gpus_per_scorer: float = 0.0  # 0 on CPU machines; e.g. 1 (or 0.5 to share a GPU) on GPU nodes
+    max_retries: int = 3  # Ray's retries of a shard whose worker died
+    local_cpus: int | None = None  # CPUs of the embedded local Ray (None: all of this machine's)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> EngineSettings:
+        """CA_ENGINE (ray | inline) and CA_RAY_ADDRESS / RAY_ADDRESS; explicit `overrides` (not None) win."""
+        address = next((os.environ[name] for name in ADDRESS_ENVS if os.environ.get(name)), None)
+        values: dict[str, Any] = {"kind": os.environ.get(ENGINE_ENV, "ray") or "ray", "address": address}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["kind"] not in ("ray", "inline"):
+            raise ValueError(f"{ENGINE_ENV}={values['kind']!r}: expected 'ray' or 'inline'")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a piece of work ran: the host, and the Ray node id when it ran on Ray."""
+
+    host: str
+    ray_node: str | None
+
+    def describe(self) -> str:
+        return f"{self.host} (Ray node {self.ray_node[:12]})" if self.ray_node else self.host
+
+    def as_metadata(self) -> dict[str, str]:
+        """For a per-shard asset's metadata: which machine and Ray node produced this partition."""
+        return {"host": self.host, "ray_node": self.ray_node or "(not on Ray)"}
+
+
+def current_placement() -> Placement:
+    """The host and Ray node of the calling process (no Ray node outside a Ray worker or driver)."""
+    node = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return Placement(socket.gethostname(), node)
+
+
+class Engine:
+    """Runs `fn(shard)` for many shards and yields (shard, result) as they finish."""
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def map_shards(self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task") -> Iterator[tuple[str, T]]:
+        raise NotImplementedError
+
+
+class InlineEngine(Engine):
+    def describe(self) -> str:
+        return f"inline, one shard at a time in this process on {socket.gethostname()}"
+
+    def map_shards(self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task") -> Iterator[tuple[str, T]]:
+        for shard in shards:
+            yield shard, fn(shard)
+
+
+class RayEngine(Engine):
+    """Shards as Ray tasks (or calls on scorer actors), at most a few per CPU in flight so that a pool of
+    10^5 shards does not put 10^5 pending tasks into Ray at once."""
+
+    IN_FLIGHT_PER_SLOT = 2
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.embedded = connect(settings)
+
+    def describe(self) -> str:
+        import ray
+
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        cpus = ray.cluster_resources().get("CPU", 0)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        address = ray.get_runtime_context().gcs_address
+        where = f"embedded local Ray at {address}" if self.embedded else f"Ray cluster at {address}"
+        return f"{where}: {len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
+
+    def slots(self) -> int:
+        """How many shards the cluster runs at once with its present CPUs."""
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", 1) // max(self.settings.cpus_per_shard, 0.01)))
+
+    def map_shards(self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task") -> Iterator[tuple[str, T]]:
+        if not shards:
+            return
+        if work == "scorer":
+            yield from self._on_scorers(fn, shards)
+        else:
+            yield from self._as_tasks(fn, shards)
+
+    def _options(self) -> dict[str, Any]:
+        return {"runtime_env": {"env_vars": forwarded_env()}}
+
+    def _as_tasks(self, fn: Callable[[str], T], shards: Sequence[str]) -> Iterator[tuple[str, T]]:
+        import ray
+
+        task = ray.remote(_call).options(
+            num_cpus=self.settings.cpus_per_shard, max_retries=self.settings.max_retries, **self._options()
+        )
+        pending = list(shards)
+        running: dict[Any, str] = {}
+        window = self.slots() * self.IN_FLIGHT_PER_SLOT
+        while pending or running:
+            while pending and len(running) < window:
+                shard = pending.pop(0)
+                running[task.remote(fn, shard)] = shard
+            done, _ = ray.wait(list(running), num_returns=1)
+            shard = running.pop(done[0])
+            yield shard, _result(done[0], shard)
+
+    def _on_scorers(self, fn: Callable[[str], T], shards: Sequence[str]) -> Iterator[tuple[str, T]]:
+        """Each actor takes the next shard as soon as it is free; the actors are gone when the stage is."""
+        import ray
+
+        actors = self._scorer_actors(min(len(shards), self.settings.scorer_actors or self.slots()))
+        try:
+            pending = list(shards)
+            running: dict[Any, tuple[str, ActorHandle]] = {}
+            for actor in actors:
+                if pending:
+                    shard = pending.pop(0)
+                    running[actor.call.remote(fn, shard)] = (shard, actor)
+            while running:
+                done, _ = ray.wait(list(running), num_returns=1)
+                shard, actor = running.pop(done[0])
+                if pending:
+                    following = pending.pop(0)
+                    running[actor.call.remote(fn, following)] = (following, actor)
+                yield shard, _result(done[0], shard)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+    def _scorer_actors(self, count: int) -> list[ActorHandle]:
+        import ray
+
+        actor_class = ray.remote(ShardWorker).options(
+            num_cpus=self.settings.cpus_per_shard,
+            num_gpus=self.settings.gpus_per_scorer,
+            max_restarts=self.settings.max_retries,
+            max_task_retries=self.settings.max_retries,
+            scheduling_strategy="SPREAD",
+            **self._options(),
+        )
+        return [actor_class.remote() for _ in range(max(count, 1))]
+
+
+class ShardWorker:
+    """A Ray actor's state: one process that takes shard after shard, so what it loads once (a scorer's model,
+    in ca_platform.scoring.registry's cache) serves all of them."""
+
+    def call(self, fn: Callable[[str], T], shard: str) -> T:
+        return fn(shard)
+
+
+def _call(fn: Callable[[str], T], shard: str) -> T:
+    return fn(shard)
+
+
+def _result(ref: Any, shard: str) -> Any:
+    import ray
+    from ray.exceptions import ActorDiedError, WorkerCrashedError
+
+    try:
+        return ray.get(ref)
+    except (WorkerCrashedError, ActorDiedError) as error:
+        raise WorkerLost(f"shard {shard}: its worker died and the retries were spent: {error}") from error
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+_started_here: list[bool] = []  # whether this process started the embedded Ray it is connected to
+
+
+def connect(settings: EngineSettings) -> bool:
+    """Connect this process to Ray once (reused afterwards: starting an embedded Ray costs seconds); returns
+    whether the Ray it uses is an embedded one this process started."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=settings.address or "local",  # "local": a new Ray of our own, never a cluster found on the machine
+            num_cpus=settings.local_cpus if settings.address is None else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": forwarded_env()},
+        )
+        _started_here[:] = [settings.address is None]
+    return bool(_started_here and _started_here[0])
+
+
+def open_engine(settings: EngineSettings) -> Engine:
+    return InlineEngine() if settings.kind == "inline" else RayEngine(settings)
