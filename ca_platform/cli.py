@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION
 from ca_platform.demo.shapes_pool import ShapesWorldConfig
-from ca_platform.instance import PG_URL_ENV, PG_URL_FORM, POSTGRES_MAX_CONCURRENT_RUNS, SQLITE_MAX_CONCURRENT_RUNS
+from ca_platform.instance import (
+    PG_URL_ENV,
+    PG_URL_FORM,
+    POSTGRES_MAX_CONCURRENT_RUNS,
+    RAY_JOBS_ADDRESS_ENV,
+    SQLITE_MAX_CONCURRENT_RUNS,
+)
 
 if TYPE_CHECKING:
     from ca_platform.engine import EngineSettings
@@ -173,13 +179,15 @@ def _cmd_instance(args: argparse.Namespace) -> int:
         print("error: give --dagster-home or set DAGSTER_HOME", file=sys.stderr)
         return 1
     pg_url = os.environ.get(PG_URL_ENV) or None
+    ray_jobs = os.environ.get(RAY_JOBS_ADDRESS_ENV) or None
     try:
-        path = write_instance_config(Path(home), pg_url, args.max_concurrent_runs)
+        path = write_instance_config(Path(home), pg_url, args.max_concurrent_runs, ray_jobs)
     except InstanceConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     storage = f"PostgreSQL storage, its URL read from ${PG_URL_ENV} by every Dagster process" if pg_url else "SQLite"
-    print(f"wrote {path}: {storage}")
+    launcher = f"; runs launched as Ray jobs on {ray_jobs}" if ray_jobs else ""
+    print(f"wrote {path}: {storage}{launcher}")
     return 0
 
 
@@ -313,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     instance.epilog = (
         f"Storage is PostgreSQL when {PG_URL_ENV}={PG_URL_FORM} is set (the file refers to the variable, so the "
-        "password is never written), SQLite under the folder otherwise."
+        f"password is never written), SQLite under the folder otherwise. With {RAY_JOBS_ADDRESS_ENV}=http://head:8265 "
+        "(a Ray cluster's job server; needs PostgreSQL) dagster-ray's RayRunLauncher runs every run as a Ray job."
     )
     instance.set_defaults(func=_cmd_instance)
 

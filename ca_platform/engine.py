@@ -47,13 +47,30 @@ class EngineSettings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> EngineSettings:
-        """CA_ENGINE (ray | inline) and CA_RAY_ADDRESS / RAY_ADDRESS; explicit `overrides` (not None) win."""
+        """CA_ENGINE (ray | inline), CA_RAY_ADDRESS / RAY_ADDRESS, and CA_RAY_<FIELD> for the numeric fields
+        (e.g. CA_RAY_GPUS_PER_SCORER=1); explicit `overrides` (not None) win."""
         address = next((os.environ[name] for name in ADDRESS_ENVS if os.environ.get(name)), None)
         values: dict[str, Any] = {"kind": os.environ.get(ENGINE_ENV, "ray") or "ray", "address": address}
+        for name, parse in _NUMERIC_FIELDS.items():
+            raw = os.environ.get(f"CA_RAY_{name.upper()}", "").strip()
+            if raw:
+                try:
+                    values[name] = parse(raw)
+                except ValueError:
+                    raise ValueError(f"CA_RAY_{name.upper()}={raw!r} is not a number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         if values["kind"] not in ("ray", "inline"):
             raise ValueError(f"{ENGINE_ENV}={values['kind']!r}: expected 'ray' or 'inline'")
         return cls(**values)
+
+
+_NUMERIC_FIELDS: dict[str, Callable[[str], Any]] = {
+    "cpus_per_shard": float,
+    "scorer_actors": int,
+    "gpus_per_scorer": float,
+    "max_retries": int,
+    "local_cpus": int,
+}
 
 
 @dataclass(frozen=True)
@@ -85,12 +102,15 @@ def current_placement() -> Placement:
 
 
 class Engine:
-    """Runs `fn(shard)` for many shards and yields (shard, result) as they finish."""
+    """Runs `fn(shard)` for many shards and yields (shard, result) as they finish; a shard whose worker was lost
+    for good yields a WorkerLost in place of its result, and the others go on."""
 
     def describe(self) -> str:
         raise NotImplementedError
 
-    def map_shards(self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task") -> Iterator[tuple[str, T]]:
+    def map_shards(
+        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task"
+    ) -> Iterator[tuple[str, T | WorkerLost]]:
         raise NotImplementedError
 
 
@@ -98,7 +118,9 @@ class InlineEngine(Engine):
     def describe(self) -> str:
         return f"inline, one shard at a time in this process on {socket.gethostname()}"
 
-    def map_shards(self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task") -> Iterator[tuple[str, T]]:
+    def map_shards(
+        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task"
+    ) -> Iterator[tuple[str, T | WorkerLost]]:
         for shard in shards:
             yield shard, fn(shard)
 
@@ -119,8 +141,10 @@ class RayEngine(Engine):
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cpus = ray.cluster_resources().get("CPU", 0)
         gpus = ray.cluster_resources().get("GPU", 0)
-        address = ray.get_runtime_context().gcs_address
-        where = f"embedded local Ray at {address}" if self.embedded else f"Ray cluster at {address}"
+        if self.embedded:
+            where = f"embedded local Ray at {ray.get_runtime_context().gcs_address}"
+        else:
+            where = f"Ray cluster at {self.settings.address or ray.get_runtime_context().gcs_address}"
         return f"{where}: {len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
 
     def slots(self) -> int:
@@ -129,7 +153,9 @@ class RayEngine(Engine):
 
         return max(1, int(ray.cluster_resources().get("CPU", 1) // max(self.settings.cpus_per_shard, 0.01)))
 
-    def map_shards(self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task") -> Iterator[tuple[str, T]]:
+    def map_shards(
+        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task"
+    ) -> Iterator[tuple[str, T | WorkerLost]]:
         if not shards:
             return
         if work == "scorer":
@@ -140,7 +166,7 @@ class RayEngine(Engine):
     def _options(self) -> dict[str, Any]:
         return {"runtime_env": {"env_vars": forwarded_env()}}
 
-    def _as_tasks(self, fn: Callable[[str], T], shards: Sequence[str]) -> Iterator[tuple[str, T]]:
+    def _as_tasks(self, fn: Callable[[str], T], shards: Sequence[str]) -> Iterator[tuple[str, T | WorkerLost]]:
         import ray
 
         task = ray.remote(_call).options(
@@ -157,11 +183,12 @@ class RayEngine(Engine):
             shard = running.pop(done[0])
             yield shard, _result(done[0], shard)
 
-    def _on_scorers(self, fn: Callable[[str], T], shards: Sequence[str]) -> Iterator[tuple[str, T]]:
-        """Each actor takes the next shard as soon as it is free; the actors are gone when the stage is."""
+    def _on_scorers(self, fn: Callable[[str], T], shards: Sequence[str]) -> Iterator[tuple[str, T | WorkerLost]]:
+        """Each actor takes the next shard as soon as it is free; an actor lost for good (its restarts spent) is
+        replaced; the actors are gone when the stage is."""
         import ray
 
-        actors = self._scorer_actors(min(len(shards), self.settings.scorer_actors or self.slots()))
+        actors = [self._scorer_actor() for _ in range(min(len(shards), self.settings.scorer_actors or self.slots()))]
         try:
             pending = list(shards)
             running: dict[Any, tuple[str, ActorHandle]] = {}
@@ -172,26 +199,34 @@ class RayEngine(Engine):
             while running:
                 done, _ = ray.wait(list(running), num_returns=1)
                 shard, actor = running.pop(done[0])
+                result = _result(done[0], shard)
+                if isinstance(result, WorkerLost):
+                    actors.remove(actor)
+                    actor = self._scorer_actor()
+                    actors.append(actor)
                 if pending:
                     following = pending.pop(0)
                     running[actor.call.remote(fn, following)] = (following, actor)
-                yield shard, _result(done[0], shard)
+                yield shard, result
         finally:
             for actor in actors:
                 ray.kill(actor)
 
-    def _scorer_actors(self, count: int) -> list[ActorHandle]:
+    def _scorer_actor(self) -> ActorHandle:
         import ray
 
-        actor_class = ray.remote(ShardWorker).options(
-            num_cpus=self.settings.cpus_per_shard,
-            num_gpus=self.settings.gpus_per_scorer,
-            max_restarts=self.settings.max_retries,
-            max_task_retries=self.settings.max_retries,
-            scheduling_strategy="SPREAD",
-            **self._options(),
+        return (
+            ray.remote(ShardWorker)
+            .options(
+                num_cpus=self.settings.cpus_per_shard,
+                num_gpus=self.settings.gpus_per_scorer,
+                max_restarts=self.settings.max_retries,
+                max_task_retries=self.settings.max_retries,
+                scheduling_strategy="SPREAD",
+                **self._options(),
+            )
+            .remote()
         )
-        return [actor_class.remote() for _ in range(max(count, 1))]
 
 
 class ShardWorker:
@@ -207,13 +242,16 @@ def _call(fn: Callable[[str], T], shard: str) -> T:
 
 
 def _result(ref: Any, shard: str) -> Any:
+    """The shard's result, or a WorkerLost when its worker died more often than the retries allow (an error
+    raised by the work itself is the work's to report, and propagates)."""
     import ray
-    from ray.exceptions import ActorDiedError, WorkerCrashedError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, WorkerCrashedError
 
     try:
         return ray.get(ref)
-    except (WorkerCrashedError, ActorDiedError) as error:
-        raise WorkerLost(f"shard {shard}: its worker died and the retries were spent: {error}") from error
+    except (WorkerCrashedError, ActorDiedError, ActorUnavailableError, NodeDiedError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return WorkerLost(f"its worker died and Ray's retries were spent ({type(error).__name__}: {first_line})")
 
 
 def forwarded_env() -> dict[str, str]:

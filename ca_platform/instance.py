@@ -2,8 +2,10 @@
 
 SQLite, Dagster's default, serialises writers: past a handful of runs at once (a backfill of many shards) runs
 fail on "database is locked". With `CA_DAGSTER_PG_URL` set the instance keeps its runs, event logs and
-schedules in PostgreSQL (dagster-postgres) instead, which takes many concurrent writers. Either way the run
-queue caps how many runs go at once, since every run is a process on the daemon's machine.
+schedules in PostgreSQL (dagster-postgres) instead, which takes many concurrent writers. The run queue caps how
+many runs go at once. By default every run is a process on the daemon's machine; with `CA_RAY_JOBS_ADDRESS`
+set (a Ray cluster's job server, http://head:8265) dagster-ray's RayRunLauncher submits each run as a Ray job,
+so a backfill's per-shard runs spread over the cluster.
 """
 
 from __future__ import annotations
@@ -15,12 +17,34 @@ import yaml
 
 PG_URL_ENV = "CA_DAGSTER_PG_URL"
 PG_URL_FORM = "postgresql+psycopg2://user:password@host:port/db"
+RAY_JOBS_ADDRESS_ENV = "CA_RAY_JOBS_ADDRESS"
+# What a run needs on a cluster node besides the instance: the platform's settings (resources_from_env) and
+# S3 credentials, passed from the daemon's environment to each Ray job.
+RUN_ENV_VARS = (
+    PG_URL_ENV,
+    "CA_POOL_URI",
+    "CA_DATA_URI",
+    "CA_ALLOW_HOSTS",
+    "CA_ANALYTICS_DIR",
+    "CA_PREFERENCES_URI",
+    "CA_PREFERENCE_IMAGE_ROOT",
+    "CA_KEEP_FRACTION",
+    "CA_EVAL_URI",
+    "CA_CLIP_DIR",
+    "CA_BLIP_DIR",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+)
 # Dagster's own default; SQLite gets far fewer, as more writers than that is where it starts to lock.
 POSTGRES_MAX_CONCURRENT_RUNS = 10
 SQLITE_MAX_CONCURRENT_RUNS = 4
 _HEADER = (
     "# Written by `ca-platform instance init` (make writes it before `demo` and `ui`): change it there, through\n"
-    f"# {PG_URL_ENV} and --max-concurrent-runs, or point DAGSTER_HOME at a folder of your own.\n"
+    f"# {PG_URL_ENV}, {RAY_JOBS_ADDRESS_ENV} and --max-concurrent-runs, or point DAGSTER_HOME at a folder\n"
+    "# of your own.\n"
 )
 
 
@@ -55,8 +79,11 @@ def check_pg_url(pg_url: str) -> None:
         raise InstanceConfigError(f"{PG_URL_ENV} must name a user, a host and a database: {PG_URL_FORM}")
 
 
-def instance_config(pg_url: str | None, max_concurrent_runs: int | None = None) -> dict[str, object]:
-    """The dagster.yaml content: PostgreSQL storage when `pg_url` is given, SQLite otherwise.
+def instance_config(
+    pg_url: str | None, max_concurrent_runs: int | None = None, ray_jobs_address: str | None = None
+) -> dict[str, object]:
+    """The dagster.yaml content: PostgreSQL storage when `pg_url` is given, SQLite otherwise; runs launched as Ray
+    jobs when `ray_jobs_address` is given (which needs PostgreSQL: a run on another node cannot reach SQLite).
 
     The URL itself is not written: `postgres_url: {env: CA_DAGSTER_PG_URL}` keeps the password out of the file,
     so every process that opens the instance (daemon, UI, runs, `ca-platform shards register`) needs the variable.
@@ -71,12 +98,24 @@ def instance_config(pg_url: str | None, max_concurrent_runs: int | None = None) 
         check_pg_url(pg_url)
         config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_ENV}}}
     config["run_queue"] = {"max_concurrent_runs": limit}
+    if ray_jobs_address:
+        if not pg_url:
+            raise InstanceConfigError(
+                f"{RAY_JOBS_ADDRESS_ENV}: runs on Ray cluster nodes need an instance they can reach: set {PG_URL_ENV}"
+            )
+        config["run_launcher"] = {
+            "module": "dagster_ray",
+            "class": "RayRunLauncher",
+            "config": {"ray": {"address": ray_jobs_address, "num_cpus": 1, "env_vars": list(RUN_ENV_VARS)}},
+        }
     return config
 
 
-def write_instance_config(dagster_home: Path, pg_url: str | None, max_concurrent_runs: int | None = None) -> Path:
+def write_instance_config(
+    dagster_home: Path, pg_url: str | None, max_concurrent_runs: int | None = None, ray_jobs_address: str | None = None
+) -> Path:
     """Write `dagster_home/dagster.yaml` (see `instance_config`) and return its path; the file is replaced whole."""
-    config = instance_config(pg_url, max_concurrent_runs)
+    config = instance_config(pg_url, max_concurrent_runs, ray_jobs_address)
     dagster_home.mkdir(parents=True, exist_ok=True)
     path = dagster_home / "dagster.yaml"
     staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")

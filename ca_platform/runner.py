@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from ca_platform.assets import (
     VARIANT_MODEL_ASSETS,
 )
 from ca_platform.assets.partitions import POOL_SHARDS
-from ca_platform.engine import Engine, EngineSettings, InlineEngine, Work, current_placement, open_engine
+from ca_platform.engine import Engine, EngineSettings, InlineEngine, Work, WorkerLost, current_placement, open_engine
 from ca_platform.evaluation.report import CurationRow, curation_text
 from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import PoolShard, discover_shards
@@ -56,11 +57,22 @@ from ca_platform.scoring.registry import registered_reward_checkpoint
 from ca_platform.storage import DataStore, read_json
 
 POOL_WIDE = "(pool)"  # the target of a run of unpartitioned assets
+
+
+@dataclass(frozen=True)
+class ShardStage:
+    assets: Sequence[AssetsDefinition]
+    work: Work  # a Ray task, or a call on a scorer actor that keeps its model loaded
+    # The step a shard is quarantined for when its worker is lost for good (no process was left to record it);
+    # that step's next success releases it.
+    step: str
+
+
 # The per-shard stages, by name, so that a worker in another process can be told which one to run.
-SHARD_STAGES: dict[str, Sequence[AssetsDefinition]] = {
-    "spine": SPINE_ASSETS,
-    "scores": SHARD_SCORE_ASSETS,
-    "subsets": SHARD_SUBSET_ASSETS,
+SHARD_STAGES = {
+    "spine": ShardStage(SPINE_ASSETS, "task", layout.DOWNLOAD_STEP),
+    "scores": ShardStage(SHARD_SCORE_ASSETS, "scorer", layout.scores_step(schemas.REWARD_MODEL)),
+    "subsets": ShardStage(SHARD_SUBSET_ASSETS, "task", layout.SUBSET_STEP),
 }
 
 
@@ -80,6 +92,7 @@ class LineageRun:
     runs: list[StageRun]
     quarantined: dict[str, list[QuarantinedShard]] = field(default_factory=dict)  # left in quarantine at the end
     engine: str = ""  # where the per-shard runs ran, in words
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage, in the order run
 
     @property
     def success(self) -> bool:
@@ -158,27 +171,7 @@ class ShardStageRun:
     def __call__(self, shard: str) -> StageRun:
         with DagsterInstance.from_ref(self.instance_ref) as instance:
             resources = resources_from_recipe(self.recipe)
-            return _materialize(SHARD_STAGES[self.stage], resources, instance, shard, self.log_level)
-
-
-def _per_shard(
-    engine: Engine,
-    stage: str,
-    shards: Sequence[str],
-    resources: dict[str, object],
-    instance: DagsterInstance,
-    log_level: str,
-    work: Work = "task",
-) -> list[StageRun]:
-    """One run per shard of `stage`, through the engine (concurrently on Ray); results in the shards' order."""
-    if isinstance(engine, InlineEngine):  # same process: the resources and instance as they are
-        run: Callable[[str], StageRun] = lambda key: _materialize(  # noqa: E731
-            SHARD_STAGES[stage], resources, instance, key, log_level
-        )
-    else:
-        run = ShardStageRun(stage, recipe_of(resources), instance.get_ref(), log_level)
-    finished = dict(engine.map_shards(run, shards, work))
-    return [finished[shard] for shard in shards]
+            return _materialize(SHARD_STAGES[self.stage].assets, resources, instance, shard, self.log_level)
 
 
 def run_lineage(
@@ -212,67 +205,98 @@ def run_lineage(
             validate_preference_file(Path(preferences.uri), policy, Path(fetched), image_root=preferences.image_root)
     settings = engine or EngineSettings.from_env()
     with lineage_instance(instance, settings) as dagster_instance:
-        shard_engine = open_engine(settings)
-        runs = _run_stages(shard_engine, resources, dagster_instance, log_level, compress, force)
+        driver = _StageDriver(open_engine(settings), resources, dagster_instance, log_level)
+        runs = driver.run(compress, force)
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
     quarantined = quarantine.quarantined(storage.data_store())
-    return LineageRun(storage, runs, quarantined, engine=shard_engine.describe())
+    return LineageRun(storage, runs, quarantined, driver.engine.describe(), driver.seconds)
 
 
-def _run_stages(
-    engine: Engine,
-    resources: dict[str, object],
-    instance: DagsterInstance,
-    log_level: str,
-    compress: bool,
-    force: bool,
-) -> list[StageRun]:
-    storage, preferences, evaluation = resources["storage"], resources["preferences"], resources["evaluation"]
-    assert isinstance(storage, PlatformStorage) and isinstance(preferences, PreferencesConfig)
-    assert isinstance(evaluation, EvaluationConfig)
-    shards = register_shards(storage.pool_store(), instance)
-    done = done_shards(storage.data_store())
-    to_run = [s.key for s in shards if force or not is_done(done, s.key, s.fingerprint)]
-    spine = {run.target: run for run in _per_shard(engine, "spine", to_run, resources, instance, log_level)}
-    runs = [spine.get(s.key) or StageRun(s.key, True, already_done=True) for s in shards]
-    with tempfile.TemporaryDirectory() as scratch:
-        pinned = registered_reward_checkpoint(storage.data_store(), Path(scratch)) is not None
-    if not (preferences.uri or pinned):
-        return runs
-    models = _materialize(
-        REWARD_ASSETS if preferences.uri else PINNED_REWARD_ASSETS, resources, instance, None, log_level
-    )
-    runs.append(models)
-    if not models.success:
-        return runs
-    downloaded = [run.target for run in runs if run.success and run.target != POOL_WIDE]
-    scored = _per_shard(engine, "scores", downloaded, resources, instance, log_level, work="scorer")
-    runs += scored
-    healthy = [run.target for run in scored if run.success]
-    if not (compress and healthy):  # failed shards are quarantined: the cut proceeds over the healthy ones
-        return runs
-    threshold = _materialize(THRESHOLD_ASSETS, resources, instance, None, log_level)
-    runs.append(threshold)
-    if not threshold.success:
-        return runs
-    subsets = _per_shard(engine, "subsets", healthy, resources, instance, log_level)
-    runs += subsets
-    if evaluation.uri and all(run.success for run in subsets):
-        runs += _train_and_evaluate(resources, instance, log_level)
-    return runs
+@dataclass
+class _StageDriver:
+    """Runs the lineage's stages in order on one instance: per-shard stages through the engine, pool-wide ones
+    here; records each stage's wall time."""
 
+    engine: Engine
+    resources: dict[str, object]
+    instance: DagsterInstance
+    log_level: str
+    seconds: dict[str, float] = field(default_factory=dict)
 
-def _train_and_evaluate(resources: dict[str, object], instance: DagsterInstance, log_level: str) -> list[StageRun]:
-    """The evaluation set, then per training variant its CLIP and BLIP and their evaluations, then the report."""
-    runs = [_materialize(EVALUATION_SET_ASSETS, resources, instance, None, log_level)]
-    if runs[0].success:
-        runs += [
-            _materialize(VARIANT_MODEL_ASSETS, resources, instance, variant, log_level)
-            for variant in schemas.TRAINING_VARIANTS
-        ]
-        if all(run.success for run in runs):
-            runs.append(_materialize(REPORT_ASSETS, resources, instance, None, log_level))
-    return runs
+    def per_shard(self, stage: str, shards: Sequence[str]) -> list[StageRun]:
+        """One run per shard of `stage`, through the engine (concurrently on Ray); results in the shards' order.
+        A shard whose worker was lost for good fails here and is quarantined; the others go on."""
+        spec = SHARD_STAGES[stage]
+        if isinstance(self.engine, InlineEngine):  # same process: the resources and instance as they are
+            run: Callable[[str], StageRun] = lambda key: _materialize(  # noqa: E731
+                spec.assets, self.resources, self.instance, key, self.log_level
+            )
+        else:
+            run = ShardStageRun(stage, recipe_of(self.resources), self.instance.get_ref(), self.log_level)
+        storage = self.resources["storage"]
+        assert isinstance(storage, PlatformStorage)
+        started = time.monotonic()
+        finished: dict[str, StageRun] = {}
+        for shard, result in self.engine.map_shards(run, shards, spec.work):
+            if isinstance(result, WorkerLost):
+                quarantine.record(storage.data_store(), shard, spec.step, str(result), run_id="(worker lost)")
+                result = StageRun(shard, False, error=f"{stage}: {result}")
+            finished[shard] = result
+        self._took(stage, started)
+        return [finished[shard] for shard in shards]
+
+    def pool_wide(
+        self, stage: str, selection: Sequence[AssetsDefinition | SourceAsset], key: str | None = None
+    ) -> StageRun:
+        started = time.monotonic()
+        run = _materialize(selection, self.resources, self.instance, key, self.log_level)
+        self._took(stage, started)
+        return run
+
+    def _took(self, stage: str, started: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.monotonic() - started
+
+    def run(self, compress: bool, force: bool) -> list[StageRun]:
+        storage, preferences = self.resources["storage"], self.resources["preferences"]
+        assert isinstance(storage, PlatformStorage) and isinstance(preferences, PreferencesConfig)
+        shards = register_shards(storage.pool_store(), self.instance)
+        done = done_shards(storage.data_store())
+        to_download = [s.key for s in shards if force or not is_done(done, s.key, s.fingerprint)]
+        spine = {run.target: run for run in self.per_shard("spine", to_download)}
+        runs = [spine.get(s.key) or StageRun(s.key, True, already_done=True) for s in shards]
+        with tempfile.TemporaryDirectory() as scratch:
+            pinned = registered_reward_checkpoint(storage.data_store(), Path(scratch)) is not None
+        if not (preferences.uri or pinned):
+            return runs
+        models = self.pool_wide("reward models", REWARD_ASSETS if preferences.uri else PINNED_REWARD_ASSETS)
+        runs.append(models)
+        if not models.success:
+            return runs
+        scored = self.per_shard("scores", [r.target for r in runs if r.success and r.target != POOL_WIDE])
+        runs += scored
+        healthy = [run.target for run in scored if run.success]
+        if not (compress and healthy):  # failed shards are quarantined: the cut proceeds over the healthy ones
+            return runs
+        threshold = self.pool_wide("threshold", THRESHOLD_ASSETS)
+        runs.append(threshold)
+        if not threshold.success:
+            return runs
+        subsets = self.per_shard("subsets", healthy)
+        runs += subsets
+        evaluation = self.resources["evaluation"]
+        assert isinstance(evaluation, EvaluationConfig)
+        if evaluation.uri and all(run.success for run in subsets):
+            runs += self._train_and_evaluate()
+        return runs
+
+    def _train_and_evaluate(self) -> list[StageRun]:
+        """The evaluation set, then per training variant its CLIP and BLIP and their evaluations, then the report."""
+        runs = [self.pool_wide("evaluation set", EVALUATION_SET_ASSETS)]
+        if runs[0].success:
+            runs += [self.pool_wide("models", VARIANT_MODEL_ASSETS, v) for v in schemas.TRAINING_VARIANTS]
+            if all(run.success for run in runs):
+                runs.append(self.pool_wide("report", REPORT_ASSETS))
+        return runs
 
 
 def observe_registrations(resources: dict[str, object], instance: DagsterInstance | None = None) -> StageRun:
@@ -377,7 +401,12 @@ def _engine_lines(run: LineageRun) -> list[str]:
     """Where the shards ran: the engine, and how many per-shard runs each host / Ray node took."""
     placements = Counter(r.placement for r in run.runs if r.placement and r.target != POOL_WIDE)
     by_node = ", ".join(f"{where}: {n}" for where, n in sorted(placements.items()))
-    return [f"engine: {run.engine}", *([f"shard runs by node: {by_node}"] if by_node else [])]
+    stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in run.stage_seconds.items())
+    return [
+        f"engine: {run.engine}",
+        *([f"shard runs by node: {by_node}"] if by_node else []),
+        *([f"stage wall times: {stages}"] if stages else []),
+    ]
 
 
 def _already_done_line(run: LineageRun) -> list[str]:

@@ -190,6 +190,24 @@ def test_shard_sensor_skips_shards_done_from_the_same_file(web_pool: Callable[..
     assert requested() == ["part-00000", "part-00001"]
 
 
+def test_shard_sensor_never_doubles_a_run_queued_or_under_way(tmp_path: Path) -> None:
+    """A backfill's queued runs (any job, started from the UI or the CLI) are not requested again by the sensor,
+    which would otherwise ask for every shard not yet done at each tick while the backfill works through them."""
+    from dagster import DagsterRunStatus
+    from dagster._core.test_utils import create_run_for_test
+
+    from ca_platform.assets.jobs import shard_spine_job
+
+    pool = write_pool(tmp_path / "pool", {f"s{i}": {"url": ["http://h/1.png"], "caption": ["c"]} for i in range(3)})
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(POOL_SHARDS, ["s0", "s1", "s2"])
+    for shard, status in (("s0", DagsterRunStatus.STARTED), ("s1", DagsterRunStatus.FAILURE)):
+        create_run_for_test(instance, job_name=shard_spine_job.name, status=status, tags={"dagster/partition": shard})
+    storage = PlatformStorage(pool_uri=str(pool), data_uri=str(tmp_path / DATA))
+    with build_sensor_context(instance=instance, resources={"storage": storage}) as context:
+        assert sorted(r.partition_key for r in pool_shard_sensor(context).run_requests) == ["s1", "s2"]
+
+
 def test_definitions_load_with_job_and_sensor() -> None:
     from ca_platform.definitions import defs
 

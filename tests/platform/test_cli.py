@@ -145,17 +145,22 @@ def test_dagster_cli_materializes_one_partition_through_the_workspace(
 
 
 @pytest.mark.slow
-def test_run_command_accounts_for_every_input_row(web_pool: Callable[..., Path], tmp_path: Path) -> None:
+def test_run_command_accounts_for_every_input_row_on_its_embedded_ray(
+    web_pool: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`ca-platform run` as a user runs it: no engine settings, so it starts its own local Ray and says so."""
     pool = web_pool(rows_per_shard=7)
     data = tmp_path / "data"
+    env = {k: v for k, v in _env(tmp_path).items() if k not in ("CA_ENGINE", "CA_RAY_ADDRESS", "RAY_ADDRESS")}
     done = subprocess.run(
         [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(data), "--allow-host", "127.0.0.1"],
-        env=_env(tmp_path),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "engine: embedded local Ray at" in done.stdout
     assert "shards: 2, rows: 14, downloaded: 10" in done.stdout
     input_rows = sum(pl.read_parquet(p).height for p in pool.glob("*.parquet"))
     db = data / layout.ANALYTICS_DB
@@ -234,29 +239,40 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
 
 
 @pytest.mark.slow
-def test_run_with_eval_runs_the_whole_lineage_and_writes_the_report(
+def test_run_with_eval_over_a_pool_with_a_dead_shard_reports_the_healthy_ones_and_exits_non_zero(
     web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
 ) -> None:
+    """`ca-platform run ... --keep 0.5 --eval ...` on a pool where one shard's host is gone: scores, subsets,
+    models and the curation report for the healthy shards, the dead one named, and a non-zero exit."""
     from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
-    from tests.conftest import write_evaluation_file
+    from tests.conftest import write_evaluation_file, write_pool
 
     evaluation, _ = write_evaluation_file(routes_server, tmp_path / "eval.parquet", images=4, seed=900)
-    preferences = write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=200))
+    preferences = write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=40))
+    pool = web_pool(rows_per_shard=8)
+    dead = [routes_server.url(f"/gone/{i}.png") for i in range(5)]
+    write_pool(pool, {"part-dead": {"url": dead, "caption": [f"lost {i}" for i in range(5)]}})
     data = tmp_path / "data"
     done = subprocess.run(
-        [BIN / "ca-platform", "run", "--pool", str(web_pool(rows_per_shard=8)), "--data", str(data)]
-        + ["--allow-host", "127.0.0.1", "--preferences", str(preferences), "--eval", str(evaluation)],
+        [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(data), "--allow-host", "127.0.0.1"]
+        + ["--preferences", str(preferences), "--keep", "0.5", "--eval", str(evaluation)],
         env=_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "part-dead (5 input rows) failed at downloads: " in done.stdout
     report = yaml.safe_load((data / layout.REPORTS_DIR / "curation_report.json").read_text())
     assert set(report) == {"full", "reward_topk", "clipscore_topk", "random_topk"}
     assert all({"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"} <= set(v) for v in report.values())
-    assert report["reward_topk"]["kept_fraction"] == pytest.approx(DEFAULT_KEEP_FRACTION, abs=0.05)  # --keep's default
+    assert report["reward_topk"]["kept_fraction"] == pytest.approx(0.5, abs=0.05)
     assert "curation report" in done.stdout and "kept" in done.stdout
+    db = data / layout.ANALYTICS_DB
+    assert analytics.query(db, "SELECT DISTINCT shard FROM scores ORDER BY shard").rows == [
+        ("part-00000",),
+        ("part-00001",),
+    ]
 
 
 def test_sql_command_answers_under_a_quoted_data_root_and_errors_in_one_line(

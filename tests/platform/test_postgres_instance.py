@@ -28,7 +28,13 @@ import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, serialize_value
 
 from ca_platform import cli, layout, schemas
-from ca_platform.instance import PG_URL_ENV, PG_URL_FORM, SQLITE_MAX_CONCURRENT_RUNS, write_instance_config
+from ca_platform.instance import (
+    PG_URL_ENV,
+    PG_URL_FORM,
+    SQLITE_MAX_CONCURRENT_RUNS,
+    InstanceConfigError,
+    write_instance_config,
+)
 from tests.conftest import RoutesServer, _free_port, png_bytes, write_pool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,6 +135,24 @@ def test_sqlite_stays_the_default_with_a_run_queue_and_no_telemetry(tmp_path: Pa
         assert type(instance.run_storage).__name__ == "SqliteRunStorage"
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == SQLITE_MAX_CONCURRENT_RUNS
         assert not instance.telemetry_enabled
+
+
+def test_a_ray_jobs_address_makes_dagster_ray_launch_every_run_on_the_cluster(tmp_path: Path) -> None:
+    """The written run launcher is one Dagster builds (its config validated by Dagster's own schema); without
+    PostgreSQL it is refused, as nodes of a cluster cannot reach a SQLite file."""
+    from dagster._config import process_config
+    from dagster_ray import RayRunLauncher
+
+    url = "postgresql+psycopg2://dagster:s3cret@db.internal:5433/dagster"
+    path = write_instance_config(tmp_path / "home", url, ray_jobs_address="http://ray-head:8265")
+    section = yaml.safe_load(path.read_text())["run_launcher"]
+    assert (section["module"], section["class"]) == ("dagster_ray", "RayRunLauncher")
+    processed = process_config(RayRunLauncher.config_type(), section["config"])
+    assert processed.success, processed.errors
+    launcher = RayRunLauncher.from_config_value(None, processed.value)
+    assert launcher.address == "http://ray-head:8265" and PG_URL_ENV in launcher.env_vars
+    with pytest.raises(InstanceConfigError, match=PG_URL_ENV):
+        write_instance_config(tmp_path / "other", None, ray_jobs_address="http://ray-head:8265")
 
 
 def test_init_refers_to_the_url_by_env_var_and_rewrites_the_file(
@@ -276,15 +300,17 @@ def test_daemon_backfill_in_parallel_and_the_shard_sensor_on_a_postgres_instance
     try:
         outputs = _finish(_run(env, BIN / "ca-platform", "shards", "register", "--pool", pool))
         _wait_for_code_server(env, server, port, timeout_s=180)
-        # The sensors would request these shards too: stopped, only the backfill runs them.
-        outputs += _finish(
-            *(
-                _run(env, BIN / "dagster", "sensor", "stop", name, *grpc)
-                for name in ("pool_shard_sensor", "automation_sensor")
-            )
-        )
+        outputs += _finish(_run(env, BIN / "dagster", "sensor", "stop", "automation_sensor", *grpc))
         backfill = ["job", "backfill", "-j", "shard_spine", "--partitions", ",".join(keys), "--noprompt", *grpc]
         outputs += _finish(_run(env, BIN / "dagster", *backfill))
+        assert {r.dagster_run.status for r in instance.get_run_records()} == {DagsterRunStatus.QUEUED}
+
+        # A shard added to the pool meanwhile: the shard sensor (on by default, evaluated by the daemon) requests
+        # it alone, not the backfill's shards, which are not done yet but queued.
+        late = "part-late"
+        urls = [routes_server.add(f"/late/{row}.png", png_bytes(24, 20, seed=900 + row)) for row in range(ROWS)]
+        shards[late] = {"url": urls, "caption": [f"a late picture {row}" for row in range(ROWS)]}
+        write_pool(pool, {late: shards[late]})
         with daemon_log.open("w") as log:
             daemon = subprocess.Popen(
                 [BIN / "dagster-daemon", "run", *grpc],
@@ -294,16 +320,6 @@ def test_daemon_backfill_in_parallel_and_the_shard_sensor_on_a_postgres_instance
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        records = _wait_for_runs(instance, daemon, daemon_log, SHARDS)
-        backfilled = [r.dagster_run.run_id for r in records]
-
-        # a shard added to the pool afterwards: the shard sensor, evaluated by the daemon, requests it alone
-        late = "part-late"
-        urls = [routes_server.add(f"/late/{row}.png", png_bytes(24, 20, seed=900 + row)) for row in range(ROWS)]
-        shards[late] = {"url": urls, "caption": [f"a late picture {row}" for row in range(ROWS)]}
-        write_pool(pool, {late: shards[late]})
-        routes_server.delay_s = 0.0
-        outputs += _finish(_run(env, BIN / "dagster", "sensor", "start", "pool_shard_sensor", *grpc))
         records = _wait_for_runs(instance, daemon, daemon_log, SHARDS + 1)
     finally:
         for process in (daemon, server):
@@ -312,10 +328,10 @@ def test_daemon_backfill_in_parallel_and_the_shard_sensor_on_a_postgres_instance
 
     runs = [r.dagster_run for r in records]
     assert sorted(run.tags["dagster/partition"] for run in runs) == [*keys, late]
-    assert len({run.tags["dagster/backfill"] for run in runs if run.run_id in backfilled}) == 1
-    (sensed,) = [run for run in runs if run.run_id not in backfilled]
+    backfilled = [run for run in runs if "dagster/backfill" in run.tags]
+    assert len(backfilled) == SHARDS and len({run.tags["dagster/backfill"] for run in backfilled}) == 1
+    (sensed,) = [run for run in runs if "dagster/backfill" not in run.tags]
     assert sensed.tags["dagster/partition"] == late and sensed.tags["dagster/sensor_name"] == "pool_shard_sensor"
-    records = [r for r in records if r.dagster_run.run_id in backfilled]
     failed = {run.tags["dagster/partition"]: run.status for run in runs if run.status != DagsterRunStatus.SUCCESS}
     assert not failed, failed
     assert _most_at_once([(r.start_time, r.end_time) for r in records]) == MAX_CONCURRENT_RUNS  # and no more

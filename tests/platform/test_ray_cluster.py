@@ -3,18 +3,20 @@ run on both nodes, a scorer killed mid-scoring is retried by Ray and leaves exac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
 from ca_platform import analytics, layout
-from ca_platform.engine import EngineSettings, connect
+from ca_platform.engine import EngineSettings, Work, WorkerLost, connect, open_engine
 from ca_platform.runner import build_resources, report, run_lineage
 from ca_platform.schemas import REWARD_MODEL
 from ca_platform.storage import FAULT_ENV, FAULT_ONCE_ENV
-from tests.conftest import RoutesServer, fast_reward_stage, write_pool
+from tests.conftest import fast_reward_stage
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +37,6 @@ def ray_cluster() -> Iterator[EngineSettings]:
     cluster.shutdown()
 
 
-def _pool(web_pool: Callable[..., Path], routes_server: RoutesServer) -> Path:
-    """Four shards: the two of `web_pool` and two more, so both nodes always have one to take."""
-    pool = web_pool(rows_per_shard=8)
-    for shard in (2, 3):
-        urls = [routes_server.url(f"/img/{shard % 2}-{row}.png") for row in range(2, 8)]
-        write_pool(pool, {f"part-{shard:05d}": {"url": urls, "caption": [f"copy {shard}-{r}" for r in range(6)]}})
-    return pool
-
-
 def _nodes_of(instance: DagsterInstance, asset: str, shards: list[str]) -> dict[str, str]:
     nodes = {}
     for shard in shards:
@@ -56,15 +49,11 @@ def _nodes_of(instance: DagsterInstance, asset: str, shards: list[str]) -> dict[
 
 
 def test_the_lineage_runs_on_both_nodes_and_a_scorer_killed_mid_scoring_leaves_exactly_one_result(
-    ray_cluster: EngineSettings,
-    web_pool: Callable[..., Path],
-    routes_server: RoutesServer,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    ray_cluster: EngineSettings, web_pool: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ray
 
-    pool = _pool(web_pool, routes_server)
+    pool = web_pool(rows_per_shard=8)  # two shards: one cluster of two one-CPU nodes runs them side by side
     data = tmp_path / "data"
     resources = build_resources(
         str(pool), str(data), ["127.0.0.1"], **fast_reward_stage(tmp_path / "prefs"), keep_fraction=0.5
@@ -77,7 +66,7 @@ def test_the_lineage_runs_on_both_nodes_and_a_scorer_killed_mid_scoring_leaves_e
     with DagsterInstance.local_temp(str(tmp_path)) as instance:
         run = run_lineage(resources, instance, compress=True, engine=ray_cluster)
         assert run.success, report(run)
-        shards = [f"part-{i:05d}" for i in range(4)]
+        shards = ["part-00000", "part-00001"]
         cluster_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         for asset in ("downloaded_shard", "reward_scores", "compressed_subset"):
             placed = _nodes_of(instance, asset, shards)
@@ -110,20 +99,17 @@ def per_shard_total(rows: list[tuple]) -> int:
     return sum(row[1] for row in rows)
 
 
-def test_the_embedded_default_needs_no_address(web_pool: Callable[..., Path], tmp_path: Path) -> None:
-    """`ca-platform run` with no engine settings starts its own local Ray and says so."""
-    import subprocess
+@pytest.mark.parametrize("work", ["task", "scorer"])
+def test_a_shard_whose_worker_dies_every_time_fails_alone(ray_cluster: EngineSettings, work: Work) -> None:
+    """Past Ray's retries the engine reports the lost shard and finishes the others (the runner then
+    quarantines it): one shard that kills every worker it lands on never stops a pool."""
 
-    from tests.platform.test_cli import BIN, _env
+    def die_on_b(shard: str) -> str:
+        if shard == "b":
+            os._exit(1)
+        return shard.upper()
 
-    pool = web_pool(rows_per_shard=5)
-    env = {k: v for k, v in _env(tmp_path).items() if k not in ("CA_ENGINE", "CA_RAY_ADDRESS", "RAY_ADDRESS")}
-    done = subprocess.run(
-        [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(tmp_path / "data"), "--allow-host=127.0.0.1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert "engine: embedded local Ray at" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "shards: 2, rows: 10, downloaded: 6" in done.stdout
+    engine = open_engine(replace(ray_cluster, max_retries=1))
+    results = dict(engine.map_shards(die_on_b, ["a", "b", "c", "d"], work))
+    assert {k: v for k, v in results.items() if k != "b"} == {"a": "A", "c": "C", "d": "D"}
+    assert isinstance(results["b"], WorkerLost) and "retries were spent" in str(results["b"])
