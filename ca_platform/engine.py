@@ -108,10 +108,18 @@ class Engine:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def start_scorers(self, shards: int, prepare: Callable[[str], object]) -> None:
+        """Start the scorer workers a scoring stage of `shards` shards will use, each running `prepare` (its
+        imports, seconds), so that their start-up overlaps what runs before scoring (the reward model's
+        training) instead of adding to it. Nothing to start where scoring runs in this process."""
+
     def map_shards(
         self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task"
     ) -> Iterator[tuple[str, T | WorkerLost]]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of whatever was started and not used (scorers of a stage that never came)."""
 
 
 class InlineEngine(Engine):
@@ -134,6 +142,7 @@ class RayEngine(Engine):
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
         self.embedded = connect(settings)
+        self._scorers: list[ActorHandle] = []  # started ahead of a scoring stage, which then uses them
 
     def describe(self) -> str:
         import ray
@@ -188,7 +197,8 @@ class RayEngine(Engine):
         replaced; the actors are gone when the stage is."""
         import ray
 
-        actors = [self._scorer_actor() for _ in range(min(len(shards), self.settings.scorer_actors or self.slots()))]
+        actors = self._scorers or [self._scorer_actor() for _ in range(self._scorer_count(len(shards)))]
+        self._scorers = []
         try:
             pending = list(shards)
             running: dict[Any, tuple[str, ActorHandle]] = {}
@@ -211,6 +221,22 @@ class RayEngine(Engine):
         finally:
             for actor in actors:
                 ray.kill(actor)
+
+    def start_scorers(self, shards: int, prepare: Callable[[str], object]) -> None:
+        if shards and not self._scorers:
+            self._scorers = [self._scorer_actor() for _ in range(self._scorer_count(shards))]
+            for actor in self._scorers:
+                actor.call.remote(prepare, "(start)")  # queued first: the stage's calls wait behind it
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self._scorers:
+            ray.kill(actor)
+        self._scorers = []
+
+    def _scorer_count(self, shards: int) -> int:
+        return max(1, min(shards, self.settings.scorer_actors or self.slots()))
 
     def _scorer_actor(self) -> ActorHandle:
         import ray

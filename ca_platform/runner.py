@@ -206,10 +206,22 @@ def run_lineage(
     settings = engine or EngineSettings.from_env()
     with lineage_instance(instance, settings) as dagster_instance:
         driver = _StageDriver(open_engine(settings), resources, dagster_instance, log_level)
-        runs = driver.run(compress, force)
+        try:
+            runs = driver.run(compress, force)
+        finally:
+            driver.engine.close()
     analytics.ensure_views(storage.analytics_db(), storage.analytics_root())
     quarantined = quarantine.quarantined(storage.data_store())
     return LineageRun(storage, runs, quarantined, driver.engine.describe(), driver.seconds)
+
+
+def _import_scoring(_: str) -> None:
+    """What a scorer's first shard would otherwise wait for: Dagster and the definitions, great_expectations,
+    torch and transformers (the model itself loads with the first shard, once the reward model exists)."""
+    import great_expectations  # noqa: F401
+    import transformers  # noqa: F401
+
+    import ca_platform.scoring.streaming  # noqa: F401
 
 
 @dataclass
@@ -268,6 +280,7 @@ class _StageDriver:
             pinned = registered_reward_checkpoint(storage.data_store(), Path(scratch)) is not None
         if not (preferences.uri or pinned):
             return runs
+        self.engine.start_scorers(sum(1 for r in runs if r.success), _import_scoring)
         models = self.pool_wide("reward models", REWARD_ASSETS if preferences.uri else PINNED_REWARD_ASSETS)
         runs.append(models)
         if not models.success:

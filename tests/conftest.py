@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import socketserver
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Shards run inline, one after another in the test's process (and in the CLI processes tests start), unless a
 # test is about the Ray engine and says so: starting a local Ray costs seconds per process.
 os.environ["CA_ENGINE"] = "inline"
+BIN = Path(sys.executable).parent  # the virtualenv's commands: ca-platform, dagster, dagster-daemon
+
+
+def cli_env(folder: Path, **extra: str) -> dict[str, str]:
+    """The environment of a command a test starts: this one, with a Dagster home of its own under `folder`."""
+    home = folder / "dagster_home"
+    home.mkdir(exist_ok=True)
+    (home / "dagster.yaml").touch()
+    return {**os.environ, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
@@ -113,26 +123,29 @@ def write_pool(pool_dir: Path, shards: dict[str, dict[str, list]]) -> Path:
     return pool_dir
 
 
+def build_web_pool(pool_dir: Path, server: RoutesServer, rows_per_shard: int = 10, failures: bool = True) -> Path:
+    """A two-shard pool on `server`: mostly good images, a 404 and a corrupt body per shard (with `failures`)."""
+    shards = {}
+    for shard in range(2):
+        urls, captions = [], []
+        for row in range(rows_per_shard):
+            path = f"/img/{shard}-{row}.png"
+            server.add(path, png_bytes(24 + row, 20 + shard, seed=shard * 100 + row), Content_Type="image/png")
+            urls.append(server.url(path))
+            captions.append(f"a picture {shard}-{row}")
+        if failures:
+            urls[0] = server.url(f"/missing-{shard}.png")
+            urls[1] = server.add(f"/corrupt-{shard}.png", b"<html>oops</html>", Content_Type="image/png")
+        shards[f"part-{shard:05d}"] = {"url": urls, "caption": captions}
+    return write_pool(pool_dir, shards)
+
+
 @pytest.fixture
 def web_pool(tmp_path: Path, routes_server: RoutesServer) -> Callable[..., Path]:
-    """A two-shard pool on `routes_server`: mostly good images, a 404 and a corrupt body per shard."""
+    """`build_web_pool` under this test's folder and server."""
 
     def build(rows_per_shard: int = 10, failures: bool = True) -> Path:
-        shards = {}
-        for shard in range(2):
-            urls, captions = [], []
-            for row in range(rows_per_shard):
-                path = f"/img/{shard}-{row}.png"
-                routes_server.add(
-                    path, png_bytes(24 + row, 20 + shard, seed=shard * 100 + row), Content_Type="image/png"
-                )
-                urls.append(routes_server.url(path))
-                captions.append(f"a picture {shard}-{row}")
-            if failures:
-                urls[0] = routes_server.url(f"/missing-{shard}.png")
-                urls[1] = routes_server.add(f"/corrupt-{shard}.png", b"<html>oops</html>", Content_Type="image/png")
-            shards[f"part-{shard:05d}"] = {"url": urls, "caption": captions}
-        return write_pool(tmp_path / "pool", shards)
+        return build_web_pool(tmp_path / "pool", routes_server, rows_per_shard, failures)
 
     return build
 

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
+
+
+def cpu_budget() -> int:
+    """The cores this process may keep busy: OMP_NUM_THREADS when set (Ray sets it to a task's or actor's CPUs, so
+    shards side by side on one machine do not oversubscribe it; a user may set it too), else every core the
+    process may run on."""
+    budget = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if budget.isdigit() and int(budget) > 0:
+        return int(budget)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pick_device(preferred: str | None = None) -> torch.device:

@@ -7,7 +7,6 @@ samples' bytes), the model in the main process, so a GPU is fed while the CPUs d
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ca_platform.ingest.webdataset_io import SampleError, decode_sample, iter_samples_strided
+from ca_platform.models.devices import cpu_budget
 from ca_platform.models.preprocessing import Prepared
 from ca_platform.scoring.scorer import PairScorer
 
@@ -81,9 +81,10 @@ class _CollateWithUids:
 
 @contextlib.contextmanager
 def _cores_left_to_workers(num_workers: int) -> Iterator[None]:
-    """On the CPU, give the model only the cores the decoding workers leave, so they do not fight over them."""
+    """On the CPU, give the model only the cores of its budget the decoding workers leave, so they do not fight
+    over them."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+    torch.set_num_threads(max(1, cpu_budget() - num_workers))
     try:
         yield
     finally:
@@ -119,6 +120,7 @@ def score_tars(tars: Sequence[Path], scorer: PairScorer, batch_size: int = 64, n
     """
     uids: list[str] = []
     scores: list[np.ndarray] = []
+    num_workers = min(num_workers, cpu_budget())  # a one-CPU Ray actor decodes in one worker, not two
     with _cores_left_to_workers(num_workers):
         for batch_uids, batch in prepared_batches(tars, scorer, batch_size, num_workers):
             uids.extend(batch_uids)

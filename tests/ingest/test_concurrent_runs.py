@@ -16,9 +16,9 @@ import pytest
 
 from ca_platform import analytics, layout
 from ca_platform.storage import FAULT_ENV
-from tests.conftest import RoutesServer, png_bytes, write_pool
+from tests.conftest import BIN, RoutesServer, png_bytes, write_pool
 
-CLI = Path(sys.executable).parent / "ca-platform"
+CLI = BIN / "ca-platform"
 ROWS = 12
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,17 +15,9 @@ import yaml
 
 from ca_platform import analytics, layout
 from ca_platform.resources import DEFAULT_KEEP_FRACTION
-from tests.conftest import RoutesServer
+from tests.conftest import BIN, RoutesServer, cli_env
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    home = tmp_path / "dagster_home"
-    home.mkdir(exist_ok=True)
-    (home / "dagster.yaml").touch()
-    return {**os.environ, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra}
 
 
 def _workspace_module() -> tuple[str, str]:
@@ -101,7 +92,7 @@ def test_dagster_cli_materializes_one_partition_through_the_workspace(
 ) -> None:
     pool = web_pool(rows_per_shard=5)
     data = tmp_path / "data"
-    env = _env(tmp_path, CA_POOL_URI=str(pool), CA_DATA_URI=str(data), CA_ALLOW_HOSTS="127.0.0.1")
+    env = cli_env(tmp_path, CA_POOL_URI=str(pool), CA_DATA_URI=str(data), CA_ALLOW_HOSTS="127.0.0.1")
 
     validated = subprocess.run(
         [BIN / "dagster", "definitions", "validate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
@@ -151,7 +142,7 @@ def test_run_command_accounts_for_every_input_row_on_its_embedded_ray(
     """`ca-platform run` as a user runs it: no engine settings, so it starts its own local Ray and says so."""
     pool = web_pool(rows_per_shard=7)
     data = tmp_path / "data"
-    env = {k: v for k, v in _env(tmp_path).items() if k not in ("CA_ENGINE", "CA_RAY_ADDRESS", "RAY_ADDRESS")}
+    env = {k: v for k, v in cli_env(tmp_path).items() if k not in ("CA_ENGINE", "CA_RAY_ADDRESS", "RAY_ADDRESS")}
     done = subprocess.run(
         [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(data), "--allow-host", "127.0.0.1"],
         env=env,
@@ -176,7 +167,7 @@ def test_run_command_accounts_for_every_input_row_on_its_embedded_ray(
             str(data),
             "SELECT status, count(*) AS n FROM downloads GROUP BY status ORDER BY status",
         ],
-        env=_env(tmp_path),
+        env=cli_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
@@ -196,7 +187,7 @@ def test_run_command_fails_loudly_on_a_malformed_shard(tmp_path: Path) -> None:
     pl.DataFrame({"link": ["http://x/1.png"], "caption": ["c"]}).write_parquet(pool / "broken.parquet")
     done = subprocess.run(
         [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(tmp_path / "data")],
-        env=_env(tmp_path),
+        env=cli_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
@@ -215,7 +206,7 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
 
     routes_server.delay_s = 0.5  # slow enough to be killed mid-download
     process = subprocess.Popen(
-        command, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        command, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + 120
     while not list((data / ".staging").glob("downloads-*/out/*.tar")) and time.monotonic() < deadline:
@@ -226,7 +217,7 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
     assert not (data / layout.download_rows_key("part-00000")).exists()  # nothing a reader would take as done
 
     routes_server.delay_s = 0.0
-    done = subprocess.run(command, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:]
     db = data / layout.ANALYTICS_DB
     assert analytics.query(db, "SELECT count(*), count(DISTINCT uid) FROM downloads").rows == [(160, 160)]
@@ -236,43 +227,6 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
         ledger = pl.read_parquet(data / layout.download_rows_key(shard))
         on_disk = {p.name for p in (data / layout.download_prefix(shard)).glob("*.tar")}
         assert on_disk == set(ledger["tar"].drop_nulls())
-
-
-@pytest.mark.slow
-def test_run_with_eval_over_a_pool_with_a_dead_shard_reports_the_healthy_ones_and_exits_non_zero(
-    web_pool: Callable[..., Path], routes_server: RoutesServer, tmp_path: Path
-) -> None:
-    """`ca-platform run ... --keep 0.5 --eval ...` on a pool where one shard's host is gone: scores, subsets,
-    models and the curation report for the healthy shards, the dead one named, and a non-zero exit."""
-    from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
-    from tests.conftest import write_evaluation_file, write_pool
-
-    evaluation, _ = write_evaluation_file(routes_server, tmp_path / "eval.parquet", images=4, seed=900)
-    preferences = write_shapes_preferences(tmp_path / "prefs", ShapesPreferenceConfig(images=40))
-    pool = web_pool(rows_per_shard=8)
-    dead = [routes_server.url(f"/gone/{i}.png") for i in range(5)]
-    write_pool(pool, {"part-dead": {"url": dead, "caption": [f"lost {i}" for i in range(5)]}})
-    data = tmp_path / "data"
-    done = subprocess.run(
-        [BIN / "ca-platform", "run", "--pool", str(pool), "--data", str(data), "--allow-host", "127.0.0.1"]
-        + ["--preferences", str(preferences), "--keep", "0.5", "--eval", str(evaluation)],
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "part-dead (5 input rows) failed at downloads: " in done.stdout
-    report = yaml.safe_load((data / layout.REPORTS_DIR / "curation_report.json").read_text())
-    assert set(report) == {"full", "reward_topk", "clipscore_topk", "random_topk"}
-    assert all({"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"} <= set(v) for v in report.values())
-    assert report["reward_topk"]["kept_fraction"] == pytest.approx(0.5, abs=0.05)
-    assert "curation report" in done.stdout and "kept" in done.stdout
-    db = data / layout.ANALYTICS_DB
-    assert analytics.query(db, "SELECT DISTINCT shard FROM scores ORDER BY shard").rows == [
-        ("part-00000",),
-        ("part-00001",),
-    ]
 
 
 def test_sql_command_answers_under_a_quoted_data_root_and_errors_in_one_line(

@@ -14,7 +14,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,10 +34,10 @@ from ca_platform.instance import (
     InstanceConfigError,
     write_instance_config,
 )
-from tests.conftest import RoutesServer, _free_port, png_bytes, write_pool
+from tests.conftest import BIN, RoutesServer, _free_port, png_bytes, write_pool
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+
 SHARDS = 8
 ROWS = 6
 MAX_CONCURRENT_RUNS = 4
