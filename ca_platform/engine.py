@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -181,13 +182,14 @@ class RayEngine(Engine):
         task = ray.remote(_call).options(
             num_cpus=self.settings.cpus_per_shard, max_retries=self.settings.max_retries, **self._options()
         )
-        pending = list(shards)
+        work = ray.put(fn)  # stored once, not pickled again with each of the shards
+        pending = deque(shards)
         running: dict[Any, str] = {}
         window = self.slots() * self.IN_FLIGHT_PER_SLOT
         while pending or running:
             while pending and len(running) < window:
-                shard = pending.pop(0)
-                running[task.remote(fn, shard)] = shard
+                shard = pending.popleft()
+                running[task.remote(work, shard)] = shard
             done, _ = ray.wait(list(running), num_returns=1)
             shard = running.pop(done[0])
             yield shard, _result(done[0], shard)
@@ -199,13 +201,14 @@ class RayEngine(Engine):
 
         actors = self._scorers or [self._scorer_actor() for _ in range(self._scorer_count(len(shards)))]
         self._scorers = []
+        work = ray.put(fn)
         try:
-            pending = list(shards)
+            pending = deque(shards)
             running: dict[Any, tuple[str, ActorHandle]] = {}
             for actor in actors:
                 if pending:
-                    shard = pending.pop(0)
-                    running[actor.call.remote(fn, shard)] = (shard, actor)
+                    shard = pending.popleft()
+                    running[actor.call.remote(work, shard)] = (shard, actor)
             while running:
                 done, _ = ray.wait(list(running), num_returns=1)
                 shard, actor = running.pop(done[0])
@@ -215,8 +218,8 @@ class RayEngine(Engine):
                     actor = self._scorer_actor()
                     actors.append(actor)
                 if pending:
-                    following = pending.pop(0)
-                    running[actor.call.remote(fn, following)] = (following, actor)
+                    following = pending.popleft()
+                    running[actor.call.remote(work, following)] = (following, actor)
                 yield shard, result
         finally:
             for actor in actors:

@@ -16,6 +16,7 @@ import pytest
 
 from ca_platform import analytics, layout
 from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
+from ca_platform.runner import build_resources, run_lineage
 from ca_platform.schemas import TRAINING_VARIANTS
 from ca_platform.training.captioner import train_blip_captioner_on_tars
 from ca_platform.training.clip import train_clip_on_tars
@@ -28,13 +29,9 @@ CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider
 
 @dataclass(frozen=True)
 class CliRun:
-    command: list[str]
-    env: dict[str, str]
+    resources: dict[str, object]  # what the command built from its arguments
     data: Path
     done: subprocess.CompletedProcess[str]
-
-    def again(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command, env=self.env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +51,16 @@ def dead_shard_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]
         command = [str(BIN / "ca-platform"), "run", "--pool", str(pool), "--data", str(data)]
         command += ["--allow-host", "127.0.0.1", "--preferences", str(preferences), "--keep", "0.5"]
         command += ["--eval", str(evaluation)]
-        env = cli_env(root)
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        yield CliRun(command, env, data, done)
+        done = subprocess.run(command, env=cli_env(root), capture_output=True, text=True, timeout=600)
+        resources = build_resources(
+            str(pool),
+            str(data),
+            ["127.0.0.1"],
+            preferences_uri=str(preferences),
+            keep_fraction=0.5,
+            evaluation_uri=str(evaluation),
+        )
+        yield CliRun(resources, data, done)
     finally:
         server.server.shutdown()
         server.server.server_close()
@@ -114,15 +118,16 @@ def test_tiny_models_learn_from_the_subset_tars(dead_shard_run: CliRun) -> None:
         assert losses[-5:].mean() < losses[:5].mean(), train.__name__
 
 
-def test_a_second_run_reuses_everything_and_still_names_the_dead_shard(dead_shard_run: CliRun) -> None:
-    """The evaluation set is not downloaded again and no model is trained again: data and settings are the same."""
+def test_a_second_run_reuses_everything_and_still_quarantines_the_dead_shard(dead_shard_run: CliRun) -> None:
+    """With the command's own settings, the evaluation set is not downloaded again and no model is trained
+    again: data and settings are the same."""
     data = dead_shard_run.data
     versions = {
         v: json.loads((data / layout.current_model_key(f"clip_checkpoint/{v}")).read_text()) for v in TRAINING_VARIANTS
     }
     evaluation_ledger = next((data / layout.EVALUATION_DIR).glob("*/rows.parquet")).stat().st_mtime_ns
-    again = dead_shard_run.again()
-    assert again.returncode == 1 and "part-dead (7 input rows) failed at downloads: " in again.stdout
+    again = run_lineage(dead_shard_run.resources, compress=True)  # in this process: the same resources
+    assert not again.success and list(again.quarantined) == ["part-dead"]
     assert next((data / layout.EVALUATION_DIR).glob("*/rows.parquet")).stat().st_mtime_ns == evaluation_ledger
     for variant, version in versions.items():
         assert json.loads((data / layout.current_model_key(f"clip_checkpoint/{variant}")).read_text()) == version

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ca_platform.storage import FAULT_ENV
 from tests.conftest import BIN, RoutesServer, png_bytes, write_pool
 
 CLI = BIN / "ca-platform"
+REPO = Path(__file__).resolve().parents[2]
 ROWS = 12
 
 pytestmark = pytest.mark.slow
@@ -89,35 +91,33 @@ def test_concurrent_runs_of_one_shard_and_of_prefix_named_shards(slow_images: Ro
     assert_consistent(data, {"2024-01": ROWS, "2024-01-02": ROWS}, settled=True)
 
 
-# One shard's spine as the assets run it (the shard's lock, a private staging folder, write-audit-publish), in a
-# process light enough to start many times: the crash cases kill it at a fault point, then run it again.
-SPINE_SCRIPT = """
-import sys, tempfile
-from pathlib import Path
-from ca_platform.ingest.download import DownloadSettings, download_audit_publish
-from ca_platform.ingest.download_guard import GuardPolicy
-from ca_platform.ingest.pool import PoolColumns, find_shard
-from ca_platform.ingest.quality import QualityThresholds
-from ca_platform.ingest.raw_shard import publish_raw_shard
-from ca_platform.locks import held_lock
-from ca_platform.storage import LocalStore
+def spine_once(pool_dir: str, data_dir: str, shard: str, run_id: str) -> None:
+    """One shard's spine as the assets run it (the shard's lock, a private staging folder, write-audit-publish),
+    light enough to start in a process many times: the crash cases kill such a process at a fault point, then
+    run the spine again here."""
+    from ca_platform.ingest.download import DownloadSettings, download_audit_publish
+    from ca_platform.ingest.download_guard import GuardPolicy
+    from ca_platform.ingest.pool import PoolColumns, find_shard
+    from ca_platform.ingest.quality import QualityThresholds
+    from ca_platform.ingest.raw_shard import publish_raw_shard
+    from ca_platform.locks import held_lock
+    from ca_platform.storage import LocalStore
 
-pool, data, shard, run_id = LocalStore(sys.argv[1]), LocalStore(sys.argv[2]), sys.argv[3], sys.argv[4]
-settings = DownloadSettings(thread_count=4, policy=GuardPolicy(allow_hosts=frozenset({"127.0.0.1"})))
-with held_lock(data, f"shards/{shard}", f"run {run_id}"):
-    with tempfile.TemporaryDirectory(dir=sys.argv[2]) as staging:
-        shard_file = find_shard(pool, shard)
-        publish_raw_shard(pool, data, shard_file, PoolColumns(), QualityThresholds(), run_id, Path(staging))
-        download_audit_publish(data, shard, settings, QualityThresholds(), run_id, Path(staging))
-"""
+    pool, data = LocalStore(pool_dir), LocalStore(data_dir)
+    settings = DownloadSettings(thread_count=4, policy=GuardPolicy(allow_hosts=frozenset({"127.0.0.1"})))
+    with held_lock(data, f"shards/{shard}", f"run {run_id}"):
+        with tempfile.TemporaryDirectory(dir=data_dir) as staging:
+            shard_file = find_shard(pool, shard)
+            publish_raw_shard(pool, data, shard_file, PoolColumns(), QualityThresholds(), run_id, Path(staging))
+            download_audit_publish(data, shard, settings, QualityThresholds(), run_id, Path(staging))
 
 
-def run_spine(pool: Path, data: Path, shard: str, run_id: str, fault: str | None = None) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    if fault:
-        env[FAULT_ENV] = fault
-    command = [sys.executable, "-c", SPINE_SCRIPT, str(pool), str(data), shard, run_id]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+def killed_spine(pool: Path, data: Path, shard: str, run_id: str, fault: str) -> tuple[int, str]:
+    """`spine_once` in a process of its own that kills itself at `fault`; its exit code and output."""
+    env = {**os.environ, FAULT_ENV: fault, "PYTHONPATH": str(REPO)}
+    script = "import sys; from tests.ingest.test_concurrent_runs import spine_once; spine_once(*sys.argv[1:])"
+    command = [sys.executable, "-c", script, str(pool), str(data), shard, run_id]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -126,8 +126,8 @@ def downloaded_once(slow_images: RoutesServer, tmp_path_factory: pytest.TempPath
     """A one-shard pool and its data root after one complete download; each crash case starts from a copy."""
     root = tmp_path_factory.mktemp("downloaded")
     pool = write_pool(root / "pool", {"s0": shard_columns(slow_images, "s0")})
-    code, output = run_spine(pool, root / "data", "s0", "first")
-    assert code == 0, output
+    (root / "data").mkdir()
+    spine_once(str(pool), str(root / "data"), "s0", "first")
     return pool, root / "data"
 
 
@@ -141,12 +141,11 @@ def test_a_run_killed_at_each_point_of_write_audit_publish(
     shutil.copytree(published, data)
     before = pl.read_parquet(data / layout.download_rows_key("s0"))
 
-    code, output = run_spine(pool, data, "s0", "killed", fault=point)
+    code, output = killed_spine(pool, data, "s0", "killed", fault=point)
     assert code == -9, output
     assert_consistent(data, {"s0": ROWS}, settled=False)
     # the index is published last: readers still see the previous download
     assert pl.read_parquet(data / layout.download_rows_key("s0")).equals(before)
 
-    code, output = run_spine(pool, data, "s0", "again")  # breaks the killed run's lock at once
-    assert code == 0, output
+    spine_once(str(pool), str(data), "s0", "again")  # breaks the killed run's lock at once: its process is gone
     assert_consistent(data, {"s0": ROWS}, settled=True, views=False)
