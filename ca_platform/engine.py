@@ -120,7 +120,8 @@ class Engine:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Let go of whatever was started and not used (scorers of a stage that never came)."""
+        """Let go of whatever was started and not used (scorers of a stage that never came); called once the
+        per-shard stages are over."""
 
 
 class InlineEngine(Engine):
@@ -141,21 +142,22 @@ class RayEngine(Engine):
     IN_FLIGHT_PER_SLOT = 2
 
     def __init__(self, settings: EngineSettings) -> None:
+        import ray
+
         self.settings = settings
         self.embedded = connect(settings)
         self._scorers: list[ActorHandle] = []  # started ahead of a scoring stage, which then uses them
-
-    def describe(self) -> str:
-        import ray
-
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cpus = ray.cluster_resources().get("CPU", 0)
         gpus = ray.cluster_resources().get("GPU", 0)
         if self.embedded:
             where = f"embedded local Ray at {ray.get_runtime_context().gcs_address}"
         else:
-            where = f"Ray cluster at {self.settings.address or ray.get_runtime_context().gcs_address}"
-        return f"{where}: {len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
+            where = f"Ray cluster at {settings.address or ray.get_runtime_context().gcs_address}"
+        self._description = f"{where}: {len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
+
+    def describe(self) -> str:
+        return self._description
 
     def slots(self) -> int:
         """How many shards the cluster runs at once with its present CPUs."""
@@ -232,11 +234,18 @@ class RayEngine(Engine):
                 actor.call.remote(prepare, "(start)")  # queued first: the stage's calls wait behind it
 
     def close(self) -> None:
+        """Also stops an embedded Ray: its idle workers hold memory and a share of the cores that what follows
+        in this process (training, evaluation) wants."""
         import ray
 
+        if not ray.is_initialized():
+            return
         for actor in self._scorers:
             ray.kill(actor)
         self._scorers = []
+        if self.embedded:
+            ray.shutdown()
+            _started_here.clear()
 
     def _scorer_count(self, shards: int) -> int:
         return max(1, min(shards, self.settings.scorer_actors or self.slots()))

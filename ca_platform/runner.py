@@ -298,6 +298,7 @@ class _StageDriver:
         runs += subsets
         evaluation = self.resources["evaluation"]
         assert isinstance(evaluation, EvaluationConfig)
+        self.engine.close()  # what follows runs in this process: the workers would only compete with it
         if evaluation.uri and all(run.success for run in subsets):
             runs += self._train_and_evaluate()
         return runs
