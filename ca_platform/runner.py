@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dagster import AssetsDefinition, DagsterInstance, SourceAsset, materialize
-from dagster._core.instance.ref import InstanceRef
 
 from ca_platform import analytics, layout, quarantine, schemas
 from ca_platform.assets import (
@@ -55,6 +54,9 @@ from ca_platform.resources import (
 from ca_platform.resources import build_resources as build_resources  # the one factory, for callers of the runner
 from ca_platform.scoring.registry import registered_reward_checkpoint
 from ca_platform.storage import DataStore, read_json
+
+if TYPE_CHECKING:
+    from dagster._core.instance.ref import InstanceRef
 
 POOL_WIDE = "(pool)"  # the target of a run of unpartitioned assets
 
