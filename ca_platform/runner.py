@@ -112,10 +112,8 @@ def lineage_instance(instance: DagsterInstance | None, engine: EngineSettings) -
                 "Dagster instance (DAGSTER_HOME), not an ephemeral one"
             )
         yield instance
-    elif os.environ.get("DAGSTER_HOME"):
-        yield DagsterInstance.get()
-    elif engine.kind == "inline":
-        yield DagsterInstance.ephemeral()
+    elif os.environ.get("DAGSTER_HOME") or engine.kind == "inline":
+        yield default_instance()
     else:
         with tempfile.TemporaryDirectory(prefix="ca-dagster-") as home, DagsterInstance.local_temp(home) as temp:
             yield temp

@@ -80,11 +80,11 @@ class _CollateWithUids:
 
 
 @contextlib.contextmanager
-def _cores_left_to_workers(num_workers: int) -> Iterator[None]:
+def _cores_left_to_workers(budget: int, num_workers: int) -> Iterator[None]:
     """On the CPU, give the model only the cores of its budget the decoding workers leave, so they do not fight
     over them."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, cpu_budget() - num_workers))
+    torch.set_num_threads(max(1, budget - num_workers))
     try:
         yield
     finally:
@@ -120,8 +120,9 @@ def score_tars(tars: Sequence[Path], scorer: PairScorer, batch_size: int = 64, n
     """
     uids: list[str] = []
     scores: list[np.ndarray] = []
-    num_workers = min(num_workers, cpu_budget())  # a one-CPU Ray actor decodes in one worker, not two
-    with _cores_left_to_workers(num_workers):
+    budget = cpu_budget()
+    num_workers = min(num_workers, budget)  # a one-CPU Ray actor decodes in one worker, not two
+    with _cores_left_to_workers(budget, num_workers):
         for batch_uids, batch in prepared_batches(tars, scorer, batch_size, num_workers):
             uids.extend(batch_uids)
             scores.append(scorer.score_batch(batch).float().numpy())

@@ -92,11 +92,7 @@ def test_the_lineage_runs_on_both_nodes_and_a_scorer_killed_mid_scoring_leaves_e
         assert len(versions) == 1, versions  # one published file per shard and version
     assert not any((data / layout.LOCKS_DIR / "shards").glob("*.json"))  # the dead worker's lock was broken
     kept = analytics.query(db, "SELECT count(*) FILTER (kept), count(*) FROM subsets WHERE variant = 'reward_topk'")
-    assert kept.rows[0][1] == per_shard_total(per_shard) and kept.rows[0][0] == round(0.5 * kept.rows[0][1])
-
-
-def per_shard_total(rows: list[tuple]) -> int:
-    return sum(row[1] for row in rows)
+    assert kept.rows[0][1] == sum(row[1] for row in per_shard) and kept.rows[0][0] == round(0.5 * kept.rows[0][1])
 
 
 @pytest.mark.parametrize("work", ["task", "scorer"])
