@@ -3,6 +3,8 @@
 The chain a new reward model sets off: `reward_model` materializes with a new DataVersion (its checkpoint's
 content hash) -> every shard's `reward_scores` is requested -> once no scoring run is left, `score_threshold`
 -> every shard's `compressed_subset`. Each step is requested by the sensor tick after the one before landed.
+A new captioner version (`captioner_model`) sets off the same chain from `synthetic_captions`, through
+`synthetic_caption_scores`, which a new reward model also re-requests.
 
 Scores follow *data versions*, not materializations: re-running `reward_model` with an unchanged recipe, or
 re-observing the same registered checkpoint, changes no data version and so requests nothing; one model
@@ -14,6 +16,8 @@ from dagster import AssetKey, AssetSelection, AutomationCondition
 
 REGISTERED_REWARD_CHECKPOINT = AssetKey("registered_reward_checkpoint")
 SCORE_THRESHOLD = AssetKey("score_threshold")
+SYNTHETIC_CAPTIONS = AssetKey("synthetic_captions")
+SYNTHETIC_CAPTION_SCORES = AssetKey("synthetic_caption_scores")
 
 # Any dependency has a data version the previous evaluation had not seen (a new model, a new download).
 _DEPS_NEW_VERSION = AutomationCondition.any_deps_match(AutomationCondition.data_version_changed()).with_label(
@@ -30,15 +34,27 @@ ON_NEW_REGISTERED_CHECKPOINT = (
     & ~AutomationCondition.in_progress()
 ).with_label("new_registered_checkpoint")
 
+# Recaptioning is optional: a pool never captioned has no synthetic captions, which must not hold back what
+# the raw pairs alone decide (the cut of the raw variants, their subsets).
+_DEPS_MISSING_BUT_CAPTIONS = (
+    AutomationCondition.any_deps_missing()
+    .ignore(AssetSelection.assets(SYNTHETIC_CAPTIONS, SYNTHETIC_CAPTION_SCORES))
+    .with_label("any_deps_missing_but_captions")
+)
+
 # The threshold: once the scores it reads are updated and no scoring of them is still running.
-ON_SCORES_UPDATE = AutomationCondition.eager()
+ON_SCORES_UPDATE = AutomationCondition.eager().replace("any_deps_missing", _DEPS_MISSING_BUT_CAPTIONS)
 
 # Subsets: after the threshold, never on the scores alone (the cut they apply would be the previous one).
-ON_THRESHOLD_UPDATE = AutomationCondition.eager().replace(
-    "any_deps_updated",
-    AutomationCondition.any_deps_updated()
-    .allow(AssetSelection.assets(SCORE_THRESHOLD))
-    .with_label("threshold_updated"),
+ON_THRESHOLD_UPDATE = (
+    AutomationCondition.eager()
+    .replace(
+        "any_deps_updated",
+        AutomationCondition.any_deps_updated()
+        .allow(AssetSelection.assets(SCORE_THRESHOLD))
+        .with_label("threshold_updated"),
+    )
+    .replace("any_deps_missing", _DEPS_MISSING_BUT_CAPTIONS)
 )
 
 # How often the registered checkpoint's pointer is looked at.

@@ -8,33 +8,55 @@ from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, 
 from ca_platform import layout
 from ca_platform.analytics.plots import markdown_image, markdown_table
 from ca_platform.assets.automation import ON_SCORES_UPDATE, ON_THRESHOLD_UPDATE
+from ca_platform.assets.captions import synthetic_caption_scores, synthetic_captions
 from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
 from ca_platform.assets.scores import clip_scores, reward_scores
+from ca_platform.captioning.shards import current_captioner
 from ca_platform.compression.subsets import compress_shard
 from ca_platform.compression.threshold import cut_variants
 from ca_platform.engine import current_placement
 from ca_platform.ingest.quality import SUBSET_CHECKS
-from ca_platform.resources import CompressionConfig, PlatformStorage
+from ca_platform.resources import CaptioningConfig, CompressionConfig, PlatformStorage
 from ca_platform.schemas import REWARD_TOPK
 
 GROUP = "compression"
 
 
-@asset(deps=[reward_scores, clip_scores], automation_condition=ON_SCORES_UPDATE, group_name=GROUP, kinds={"duckdb"})
-def score_threshold(storage: PlatformStorage, compression: CompressionConfig) -> MaterializeResult:
+@asset(
+    deps=[reward_scores, clip_scores, synthetic_caption_scores],
+    automation_condition=ON_SCORES_UPDATE,
+    group_name=GROUP,
+    kinds={"duckdb"},
+)
+def score_threshold(
+    storage: PlatformStorage, compression: CompressionConfig, captioning: CaptioningConfig
+) -> MaterializeResult:
     """The cut of every subset variant at keep fraction k, computed in DuckDB over the healthy shards' files:
-    exactly round(k*N) pairs kept, ties broken by (score, uid, shard). Quarantined shards are left out and
-    listed. Written to reports/score_threshold.json."""
+    exactly round(k*N) pairs kept, ties broken by (score, uid, shard); with recaptioning on, the caption
+    variants too (over the current captioner's scored candidates). Quarantined shards are left out and listed.
+    Written to reports/score_threshold.json."""
     data = storage.data_store()
     with storage.staging_dir("threshold") as staging:
-        cuts = cut_variants(data, storage.analytics_root(), compression.keep_fraction, compression.random_seed, staging)
+        captioner = current_captioner(data, captioning.settings(), staging).version if captioning.enabled else None
+        cuts = cut_variants(
+            data,
+            storage.analytics_root(),
+            compression.keep_fraction,
+            compression.random_seed,
+            staging,
+            captioner,
+            compression.recap_mix_probability,
+        )
         image = markdown_image(cuts.plot, "reward score histogram")
     reward = cuts.thresholds[REWARD_TOPK]
     table = markdown_table(
-        ["variant", "ranked by", "pairs", "kept", "dropped", "threshold score"],
-        [[t.variant, t.model_version, t.total, t.kept, t.total - t.kept, t.score] for t in cuts.thresholds.values()],
+        ["variant", "ranked by", "captions by", "pairs", "kept", "dropped", "threshold score"],
+        [
+            [t.variant, t.model_version, t.captioner_version or "", t.total, t.kept, t.total - t.kept, t.score]
+            for t in cuts.thresholds.values()
+        ],
     )
     return MaterializeResult(
         metadata={
@@ -58,7 +80,7 @@ def score_threshold(storage: PlatformStorage, compression: CompressionConfig) ->
 
 @asset(
     partitions_def=pool_shards,
-    deps=[score_threshold, downloaded_shard, reward_scores, clip_scores],
+    deps=[score_threshold, downloaded_shard, reward_scores, clip_scores, synthetic_captions, synthetic_caption_scores],
     check_specs=blocking_check_specs("compressed_subset", SUBSET_CHECKS),
     automation_condition=ON_THRESHOLD_UPDATE,
     group_name=GROUP,

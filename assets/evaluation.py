@@ -13,8 +13,8 @@ from ca_platform.assets.reward import preference_accuracy
 from ca_platform.assets.training import blip_checkpoint, clip_checkpoint
 from ca_platform.evaluation.evaluation_set import stage_evaluation_set
 from ca_platform.evaluation.report import write_curation_report
-from ca_platform.evaluation.variants import evaluate_captioning, evaluate_retrieval
-from ca_platform.resources import DownloadConfig, EvaluationConfig, PlatformStorage
+from ca_platform.evaluation.variants import RETRIEVAL_METRICS, evaluate_captioning, evaluate_retrieval
+from ca_platform.resources import DownloadConfig, EvaluationConfig, ModelTrainingConfig, PlatformStorage
 
 GROUP = "evaluation"
 
@@ -49,26 +49,36 @@ def evaluation_set(
     kinds={"pytorch", "json"},
 )
 def retrieval_eval(
-    context: AssetExecutionContext, storage: PlatformStorage, evaluation: EvaluationConfig
+    context: AssetExecutionContext,
+    storage: PlatformStorage,
+    evaluation: EvaluationConfig,
+    model_training: ModelTrainingConfig,
 ) -> MaterializeResult:
-    """Image->text and text->image Recall@1/5/10 of the variant's CLIP on the evaluation set (cosine of the
-    normalised embeddings; an image counts as found by any of its references)."""
+    """Image->text and text->image Recall@1/5/10 of the variant's CLIP (each seed's) on the evaluation set
+    (cosine of the normalised embeddings; an image counts as found by any of its references): the mean over
+    seeds with its spread."""
     variant = context.partition_key
+    seeds = model_training.settings().training_seeds()
     with storage.staging_dir(f"retrieval-{variant}") as staging:
         result = evaluate_retrieval(
-            storage.data_store(), variant, evaluation.batch_size, evaluation.device, storage.cache_dir(), staging
+            storage.data_store(), variant, seeds, evaluation.batch_size, evaluation.device, storage.cache_dir(), staging
         )
-    recall = result.recall
+    document, spread = result.document, result.document["spread"]
+
+    def cell(name: str) -> str:
+        return f"{document[name]:.3f} ± {spread[name]:.3f}" if len(seeds) > 1 else f"{document[name]:.3f}"
+
     return MaterializeResult(
         metadata={
-            **recall.as_json(),
-            "model_version": result.model_version,
+            **{name: document[name] for name in RETRIEVAL_METRICS},
+            "seeds": len(seeds),
+            "model_versions": MetadataValue.json(document["model_versions"]),
             "table": MetadataValue.md(
                 markdown_table(
                     ["direction", "R@1", "R@5", "R@10"],
                     [
-                        ["image -> text", recall.i2t_r1, recall.i2t_r5, recall.i2t_r10],
-                        ["text -> image", recall.t2i_r1, recall.t2i_r5, recall.t2i_r10],
+                        ["image -> text", cell("i2t_r1"), cell("i2t_r5"), cell("i2t_r10")],
+                        ["text -> image", cell("t2i_r1"), cell("t2i_r5"), cell("t2i_r10")],
                     ],
                 )
             ),
@@ -83,15 +93,19 @@ def retrieval_eval(
     kinds={"pytorch", "json"},
 )
 def captioning_eval(
-    context: AssetExecutionContext, storage: PlatformStorage, evaluation: EvaluationConfig
+    context: AssetExecutionContext,
+    storage: PlatformStorage,
+    evaluation: EvaluationConfig,
+    model_training: ModelTrainingConfig,
 ) -> MaterializeResult:
-    """CIDEr-D and BLEU-4 (coco-caption's definitions, in Python) of the variant's BLIP captions, greedy
-    decoding, against every reference of each evaluation image."""
+    """CIDEr-D and BLEU-4 (coco-caption's definitions, in Python) of the variant's BLIP captions (each seed's),
+    greedy decoding, against every reference of each evaluation image: the mean over seeds with its spread."""
     variant = context.partition_key
     with storage.staging_dir(f"captioning-{variant}") as staging:
         result = evaluate_captioning(
             storage.data_store(),
             variant,
+            model_training.settings().training_seeds(),
             evaluation.batch_size,
             evaluation.max_new_tokens,
             evaluation.device,
@@ -102,7 +116,8 @@ def captioning_eval(
         metadata={
             "cider": result.cider,
             "bleu4": result.bleu4,
-            "model_version": result.model_version,
+            "spread": MetadataValue.json(result.document["spread"]),
+            "model_versions": MetadataValue.json(result.document["model_versions"]),
             "examples": MetadataValue.md(markdown_table(["a reference", "generated"], result.examples)),
         }
     )

@@ -88,7 +88,7 @@ def write_scores(root: Path, rows: int, shards: int, seed: int = 0) -> None:
     shutil.rmtree(root / layout.SCORES_DIR, ignore_errors=True)
     shutil.rmtree(root / layout.DOWNLOADS_DIR, ignore_errors=True)
     rng = np.random.default_rng(seed)
-    arrow_types = {pl.String: pa.string(), pl.Float64: pa.float64()}
+    arrow_types = {pl.String: pa.string(), pl.Float64: pa.float64(), pl.Int32: pa.int32()}
     arrow_schema = pa.schema([(name, arrow_types[type(dtype)]) for name, dtype in schemas.SCORES.items()])
     ledger_schema = pa.schema([("uid", pa.string()), ("shard", pa.string()), ("status", pa.string())])
     for index in range(shards):
@@ -116,6 +116,9 @@ def write_scores(root: Path, rows: int, shards: int, seed: int = 0) -> None:
                     "model_version": pa.array([VERSION] * n, pa.string()),
                     "score": pa.array(score),
                     "score_norm": pa.array(score),
+                    "caption_source": pa.array([schemas.RAW_CAPTION] * n, pa.string()),
+                    schemas.CAPTIONER_VERSION: pa.nulls(n, pa.string()),
+                    schemas.CAPTION_RANK: pa.nulls(n, pa.int32()),
                 }
                 writer.write_table(pa.table(columns, schema=arrow_schema))
                 status = np.where(rng.random(n) < FAILED_SHARE, Status.FAILED_TO_DOWNLOAD, Status.SUCCESS)

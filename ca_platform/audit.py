@@ -83,3 +83,15 @@ def reject(store: DataStore, staged: StagedOutput, outcomes: Sequence[CheckOutco
         audit.write_text(json.dumps(document, indent=2, default=str))
         store.put_file(audit, f"{prefix}/audit.json", consume=True)
     return prefix
+
+
+def failed_shards_error(what: str, failures: Mapping[str, Exception], check_name: str) -> Exception:
+    """One error naming every failed shard of a multi-shard step with its reason; an AuditFailed (carrying one
+    merged outcome of `check_name`, for the run's asset check) when some failed their audit."""
+    message = f"{what}: {len(failures)} shards failed: " + "; ".join(f"{s}: {e}" for s, e in failures.items())
+    audits = {shard: error for shard, error in failures.items() if isinstance(error, AuditFailed)}
+    if not audits:
+        return RuntimeError(message)
+    per_shard = {shard: error.outcomes[0].metadata for shard, error in audits.items()}
+    merged = CheckOutcome(check_name, False, {"reason": f"failed for shards {', '.join(audits)}", **per_shard})
+    return AuditFailed(message, [merged], ", ".join(error.rejected_uri for error in audits.values()))

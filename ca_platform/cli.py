@@ -21,6 +21,7 @@ from ca_platform.instance import (
 
 if TYPE_CHECKING:
     from ca_platform.engine import EngineSettings
+    from ca_platform.resources import CaptioningConfig
 
 DEMO_HOST = "127.0.0.1"
 
@@ -56,7 +57,7 @@ def _engine(args: argparse.Namespace) -> EngineSettings:
 def _cmd_run(args: argparse.Namespace) -> int:
     from ca_platform import runner
     from ca_platform.preferences.files import PreferenceFormatError
-    from ca_platform.resources import build_resources
+    from ca_platform.resources import ModelTrainingConfig, build_resources
 
     resources = build_resources(
         args.pool,
@@ -67,16 +68,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
         preference_image_root=args.preference_image_root,
         keep_fraction=args.keep,
         evaluation_uri=args.eval,
+        model_training=ModelTrainingConfig(seeds=args.seeds),
+        captioning=_captioning(args),
     )
     try:
         run = runner.run_lineage(
-            resources, compress=args.keep is not None or args.eval is not None, force=args.force, engine=_engine(args)
+            resources,
+            compress=args.keep is not None or args.eval is not None or args.recaption,
+            force=args.force,
+            engine=_engine(args),
         )
     except PreferenceFormatError as err:  # raised before anything ran: the list of problems is the whole story
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(runner.report(run))
     return 0 if run.success else 1
+
+
+def _add_recaption(parser: argparse.ArgumentParser, default: bool) -> None:
+    parser.add_argument(
+        "--recaption",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help="write synthetic captions for every downloaded image (--captioner, else the platform's own BLIP "
+        "captioner trained on the pool), score them, and add the caption variants recap_all, raw_topk_plus_recap, "
+        "recap_mix_p and reward_best_caption to the cut and the curation report",
+    )
+    parser.add_argument(
+        "--captioner", metavar="DIR", help="a local pretrained image-to-text folder (BLIP, BLIP-2, LLaVA-style)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N models per variant (seeds 0..N-1): the curation report gives each figure's mean and spread",
+    )
+
+
+def _captioning(args: argparse.Namespace) -> CaptioningConfig:
+    from ca_platform.resources import CaptioningConfig
+
+    return CaptioningConfig(enabled=args.recaption, pretrained_dir=args.captioner)
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
@@ -117,7 +150,8 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     if args.list or args.query is None:
         from ca_platform.analytics.queries import describe_macros
 
-        print("views: downloads, scores, subsets; ready-made queries (SELECT * FROM <macro>(...)):")
+        views = ", ".join([*analytics.database.VIEW_SCHEMAS, *analytics.database.DERIVED_VIEWS])
+        print(f"views: {views}; ready-made queries (SELECT * FROM <macro>(...)):")
         for _, signature, description in describe_macros():
             print(f"\n  {signature}\n    {description}")
         return 0
@@ -226,7 +260,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             preferences_uri=str(preferences),
             keep_fraction=args.keep,
             evaluation_uri=str(evaluation),
-            model_training=ModelTrainingConfig(full_epochs=args.full_epochs),
+            model_training=ModelTrainingConfig(full_epochs=args.full_epochs, seeds=args.seeds),
+            captioning=_captioning(args),
         )
         run = runner.run_lineage(resources, compress=True, engine=_engine(args))
     print(runner.report(run))
@@ -280,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_KEEP_FRACTION}), train CLIP and BLIP on every variant, evaluate them and write "
         "reports/curation_report.json",
     )
+    _add_recaption(run, default=False)
     _add_s3(run)
     _add_engine(run)
     run.set_defaults(func=_cmd_run)
@@ -342,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")
+    _add_recaption(demo, default=True)
     _add_engine(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -14,6 +14,8 @@ SCORE_THRESHOLD_PLOT_KEY = f"{REPORTS_DIR}/score_threshold.png"
 CURATION_REPORT_KEY = f"{REPORTS_DIR}/curation_report.json"  # curation_report: the figures per variant
 CURATION_TABLE_KEY = f"{REPORTS_DIR}/curation_report.md"
 CURATION_PLOT_KEY = f"{REPORTS_DIR}/curation_report.png"
+CAPTION_ANALYTICS_KEY = f"{REPORTS_DIR}/caption_analytics.json"  # caption_analytics: per caption source
+CAPTION_ANALYTICS_PLOT_KEY = f"{REPORTS_DIR}/caption_analytics.png"
 
 
 def raw_shard_key(shard: str) -> str:
@@ -55,8 +57,16 @@ DOWNLOAD_STEP = "downloads"
 SUBSET_STEP = "subsets"
 
 
+CAPTION_STEP = "captions"
+
+
 def scores_step(scorer: str) -> str:
     return f"scores-{scorer}"
+
+
+def synthetic_scores_step(scorer: str) -> str:
+    """Scoring a shard's synthetic captions with one scorer."""
+    return f"synthetic-scores-{scorer}"
 
 
 QUARANTINE_DIR = "quarantine"
@@ -123,6 +133,23 @@ def scores_key(scorer: str, version: str, shard: str) -> str:
     return f"{SCORES_DIR}/{scorer}/{version}/{shard}.parquet"
 
 
+SYNTHETIC_DIR = "synthetic"
+
+
+def synthetic_scores_key(scorer: str, version: str, captioner_version: str, shard: str) -> str:
+    """One shard's synthetic captions of one captioner version, scored by one model version."""
+    return f"{SCORES_DIR}/{scorer}/{version}/{SYNTHETIC_DIR}/{captioner_version}/{shard}.parquet"
+
+
+CAPTIONS_DIR = "captions"
+CAPTIONER = "captioner"  # the model kind (models/captioner/) that writes synthetic captions
+
+
+def synthetic_captions_key(captioner_version: str, shard: str) -> str:
+    """One shard's candidate captions by one captioner version (schemas.SYNTHETIC_CAPTIONS)."""
+    return f"{CAPTIONS_DIR}/{captioner_version}/{shard}.parquet"
+
+
 SUBSETS_DIR = "subsets"
 SUBSET_MEMBERSHIP_FILE = "membership.parquet"
 SUBSET_UIDS_FILE = "uids.txt"
@@ -163,9 +190,10 @@ CLIP_CHECKPOINT = "clip_checkpoint"
 BLIP_CHECKPOINT = "blip_checkpoint"
 
 
-def trained_model_kind(model: str, variant: str) -> str:
-    """Checkpoints of one model (CLIP_CHECKPOINT, BLIP_CHECKPOINT) trained on one training-set variant."""
-    return f"{model}/{variant}"
+def trained_model_kind(model: str, variant: str, seed: int) -> str:
+    """Checkpoints of one model (CLIP_CHECKPOINT, BLIP_CHECKPOINT) trained on one training-set variant with one
+    training seed (a report over several seeds trains one model per seed)."""
+    return f"{model}/{variant}/seed-{seed}"
 
 
 # Each variant's evaluations: retrieval_eval (of its CLIP) and captioning_eval (of its BLIP).
@@ -181,6 +209,8 @@ def variant_report_key(report: str, variant: str) -> str:
 # DuckDB view name -> glob of the parquet files it reads, relative to the data root (or its local mirror).
 VIEW_GLOBS: dict[str, str] = {
     "downloads": f"{DOWNLOADS_DIR}/*/{ROWS_FILE}",
-    "scores": f"{SCORES_DIR}/*/*/*.parquet",
+    "scores": f"{SCORES_DIR}/*/*/*.parquet",  # the pool's own pairs (raw captions)
     "subsets": f"{SUBSETS_DIR}/*/*/{SUBSET_MEMBERSHIP_FILE}",
+    "synthetic_captions": f"{CAPTIONS_DIR}/*/*.parquet",
+    "synthetic_scores": f"{SCORES_DIR}/*/*/{SYNTHETIC_DIR}/*/*.parquet",
 }

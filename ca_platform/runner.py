@@ -24,10 +24,13 @@ from dagster import AssetsDefinition, DagsterInstance, SourceAsset, materialize
 from ca_platform import analytics, layout, quarantine, schemas
 from ca_platform.assets import (
     ALL_ASSETS,
+    CAPTION_ANALYTICS_ASSETS,
+    CAPTIONER_ASSETS,
     EVALUATION_SET_ASSETS,
     PINNED_REWARD_ASSETS,
     REPORT_ASSETS,
     REWARD_ASSETS,
+    SHARD_CAPTION_ASSETS,
     SHARD_SCORE_ASSETS,
     SHARD_SUBSET_ASSETS,
     SOURCE_ASSETS,
@@ -43,6 +46,7 @@ from ca_platform.ingest.pool import PoolShard, discover_shards
 from ca_platform.preferences.files import validate_preference_file
 from ca_platform.quarantine import QuarantinedShard
 from ca_platform.resources import (
+    CaptioningConfig,
     DownloadConfig,
     EvaluationConfig,
     PlatformStorage,
@@ -74,6 +78,7 @@ class ShardStage:
 SHARD_STAGES = {
     "spine": ShardStage(SPINE_ASSETS, "task", layout.DOWNLOAD_STEP),
     "scores": ShardStage(SHARD_SCORE_ASSETS, "scorer", layout.scores_step(schemas.REWARD_MODEL)),
+    "captions": ShardStage(SHARD_CAPTION_ASSETS, "scorer", layout.CAPTION_STEP),
     "subsets": ShardStage(SHARD_SUBSET_ASSETS, "task", layout.SUBSET_STEP),
 }
 
@@ -186,7 +191,9 @@ def run_lineage(
     the reward model and its baselines once, every downloaded shard's reward and CLIP scores, and (with
     `compress`) the global cut of every subset variant and each shard's compressed subsets, and (with an
     evaluation set as well) per training variant a CLIP and a BLIP, their evaluations and the curation
-    report; one run per shard, variant and stage. Per-shard runs go to the engine (`engine`, default from the
+    report; one run per shard, variant and stage. With recaptioning on (the `captioning` resource), the
+    captioner and every healthy shard's synthetic captions and their scores come before the cut, which then
+    covers the caption variants too. Per-shard runs go to the engine (`engine`, default from the
     environment: an embedded local Ray), concurrently as far as its CPUs allow. A shard whose spine is already
     published from the same pool file is not downloaded again unless `force`. A shard that fails is
     quarantined and the pool-wide stages proceed over the healthy ones; the run's `success` stays False while
@@ -290,6 +297,19 @@ class _StageDriver:
         healthy = [run.target for run in scored if run.success]
         if not (compress and healthy):  # failed shards are quarantined: the cut proceeds over the healthy ones
             return runs
+        captioning = self.resources["captioning"]
+        assert isinstance(captioning, CaptioningConfig)
+        if captioning.enabled:
+            captioner = self.pool_wide("captioner", CAPTIONER_ASSETS)
+            runs.append(captioner)
+            if not captioner.success:
+                return runs
+            captioned = self.per_shard("captions", healthy)
+            runs += captioned
+            healthy = [run.target for run in captioned if run.success]
+            if not healthy:
+                return runs
+            runs.append(self.pool_wide("caption analytics", CAPTION_ANALYTICS_ASSETS))
         threshold = self.pool_wide("threshold", THRESHOLD_ASSETS)
         runs.append(threshold)
         if not threshold.success:
@@ -304,10 +324,15 @@ class _StageDriver:
         return runs
 
     def _train_and_evaluate(self) -> list[StageRun]:
-        """The evaluation set, then per training variant its CLIP and BLIP and their evaluations, then the report."""
+        """The evaluation set, then per training variant (full and every variant cut) its CLIP and BLIP and their
+        evaluations, then the report."""
         runs = [self.pool_wide("evaluation set", EVALUATION_SET_ASSETS)]
+        storage = self.resources["storage"]
+        assert isinstance(storage, PlatformStorage)
+        cut = _read_report(storage, layout.SCORE_THRESHOLD_REPORT_KEY) or {}
+        variants = [v for v in schemas.TRAINING_VARIANTS if v == schemas.FULL or v in cut]
         if runs[0].success:
-            runs += [self.pool_wide("models", VARIANT_MODEL_ASSETS, v) for v in schemas.TRAINING_VARIANTS]
+            runs += [self.pool_wide("models", VARIANT_MODEL_ASSETS, v) for v in variants]
             if all(run.success for run in runs):
                 runs.append(self.pool_wide("report", REPORT_ASSETS))
         return runs
@@ -363,14 +388,16 @@ def report(run: LineageRun) -> str:
                 f"  {variant:15s} keep {threshold['keep_fraction']}: kept {kept} of {total} pairs, dropped "
                 f"{total - kept} ({ratio:.1f}x smaller), ranked by {threshold['model_version']}"
             )
+        cut = [v for v in schemas.SUBSET_VARIANTS if v in thresholds]
         per_shard = analytics.query(
             db,
             "SELECT shard, count(*) FILTER (variant = ?) AS pairs, "
-            + ", ".join(f"count(*) FILTER (variant = '{v}' AND kept) AS {v}" for v in schemas.SUBSET_VARIANTS)
+            + ", ".join(f"count(*) FILTER (variant = '{v}' AND kept) AS {v}" for v in cut)
             + " FROM subsets GROUP BY shard ORDER BY shard",
             [schemas.REWARD_TOPK],
         )
         lines += [per_shard.as_text()]
+    lines += _caption_lines(run.storage)
     accuracy = _read_report(run.storage, layout.PREFERENCE_ACCURACY_REPORT_KEY)
     if accuracy:
         lines += ["", f"held-out preference accuracy ({accuracy['pairs']} human-ordered pairs, ties excluded):"]
@@ -397,6 +424,35 @@ def report(run: LineageRun) -> str:
             curation_text(rows),
         ]
     return "\n".join(lines)
+
+
+def _caption_lines(storage: PlatformStorage) -> list[str]:
+    """Raw against synthetic captions (caption_analytics), when the pool was recaptioned."""
+    figures = _read_report(storage, layout.CAPTION_ANALYTICS_KEY)
+    if not figures:
+        return []
+    lines = ["", f"captions (DuckDB view `captions`; synthetic ones by captioner {figures['captioner_version']}):"]
+    header = ("source", "captions", "words/caption", "vocabulary", "distinct 3-grams", "mean reward", "mean CLIP")
+    rows = [
+        [
+            s["source"],
+            s["captions"],
+            f"{s['mean_words']:.1f}",
+            s["vocabulary"],
+            f"{s['distinct_trigram_ratio']:.3f}",
+            "n/a" if s["reward_mean"] is None else f"{s['reward_mean']:.3f}",
+            "n/a" if s["clip_mean"] is None else f"{s['clip_mean']:.3f}",
+        ]
+        for s in figures["sources"]
+    ]
+    lines.append(analytics.QueryResult(list(header), [tuple(row) for row in rows]).as_text())
+    share = figures["raw_preferred_share"]
+    if share is not None:
+        lines.append(
+            f"the reward model prefers the raw caption for {share:.1%} of {figures['images_compared']} images "
+            "(reward_best_caption keeps the caption it prefers)"
+        )
+    return lines
 
 
 def _quarantine_lines(held: dict[str, list[QuarantinedShard]]) -> list[str]:

@@ -50,7 +50,26 @@ DOWNLOAD_ROWS: Mapping[str, pl.DataType] = {
     "sha256": pl.String(),
 }
 
-# One row per downloaded pair per scoring model version.
+# Where a pair's caption came from: the pool's own alt-text, or a captioner (ca_platform.captioning).
+RAW_CAPTION = "raw"
+SYNTHETIC_CAPTION = "synthetic"
+MIXED_CAPTION = "mixed"  # a recap_mix_p pair: both captions travel, training draws one
+CAPTIONER_VERSION = "captioner_version"
+RANK = "rank"  # a synthetic caption's place among its image's candidates, 0 = the captioner's best
+CAPTION_RANK = "caption_rank"  # the same in score and subset rows; null for the raw caption
+# The json member's key under which a recap_mix_p sample carries its synthetic caption beside its raw one.
+SYNTHETIC_CAPTION_META = "synthetic_caption"
+
+# One row per candidate caption a captioner version wrote for a downloaded image.
+SYNTHETIC_CAPTIONS: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    SHARD: pl.String(),
+    CAPTIONER_VERSION: pl.String(),
+    CAPTION: pl.String(),
+    RANK: pl.Int32(),
+}
+
+# One row per scored pair (a downloaded image with one of its captions) per scoring model version.
 SCORES: Mapping[str, pl.DataType] = {
     UID: pl.String(),
     SHARD: pl.String(),
@@ -58,6 +77,9 @@ SCORES: Mapping[str, pl.DataType] = {
     "model_version": pl.String(),
     "score": pl.Float64(),
     "score_norm": pl.Float64(),  # (score - mean) / std with the model's own normalisation statistics
+    "caption_source": pl.String(),  # RAW_CAPTION or SYNTHETIC_CAPTION
+    CAPTIONER_VERSION: pl.String(),  # null for the raw caption
+    CAPTION_RANK: pl.Int32(),  # null for the raw caption
 }
 
 
@@ -73,13 +95,30 @@ POOL_BLIP_BACKBONE = f"{BLIP_SCORE}_model"
 REWARD_TOPK = "reward_topk"  # the reward model's top k (the method)
 CLIPSCORE_TOPK = "clipscore_topk"  # CLIP score's top k (DataComp's baseline)
 RANDOM_TOPK = "random_topk"  # a seeded uniform sample of k
-SUBSET_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK)
+# With recaptioning (ca_platform.captioning), variants that change captions rather than only drop pairs:
+RECAP_ALL = "recap_all"  # every image with its best synthetic caption (by CLIP score), nothing dropped
+RAW_TOPK_PLUS_RECAP = "raw_topk_plus_recap"  # Nguyen et al.: CLIP top k keep the raw caption, the rest a
+# synthetic one, itself kept only above the same CLIP-score threshold
+RECAP_MIX = "recap_mix_p"  # Recap-DataComp: every image with both captions, training draws the synthetic one
+# with probability p
+REWARD_BEST_CAPTION = "reward_best_caption"  # ours: per image the caption the reward model prefers among the raw
+# one and the candidates, then the top k by that reward
+RECAPTION_VARIANTS = (RECAP_ALL, RAW_TOPK_PLUS_RECAP, RECAP_MIX, REWARD_BEST_CAPTION)
+SUBSET_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK, *RECAPTION_VARIANTS)
 FULL = "full"  # every downloaded pair: what compression is measured against
 TRAINING_VARIANTS = (FULL, *SUBSET_VARIANTS)
 # The scorer whose ranking each scored variant keeps the top of (random_topk ranks by a seeded key).
-VARIANT_SCORERS: Mapping[str, str] = {REWARD_TOPK: REWARD_MODEL, CLIPSCORE_TOPK: CLIP_SCORE}
+VARIANT_SCORERS: Mapping[str, str] = {
+    REWARD_TOPK: REWARD_MODEL,
+    CLIPSCORE_TOPK: CLIP_SCORE,
+    RECAP_ALL: CLIP_SCORE,
+    RAW_TOPK_PLUS_RECAP: CLIP_SCORE,
+    RECAP_MIX: CLIP_SCORE,
+    REWARD_BEST_CAPTION: REWARD_MODEL,
+}
 
-# One row per downloaded pair per subset variant: kept or dropped, with the score that decided it.
+# One row per downloaded pair per subset variant: kept or dropped, with the score that decided it and the
+# caption the kept pair carries.
 SUBSETS: Mapping[str, pl.DataType] = {
     UID: pl.String(),
     SHARD: pl.String(),
@@ -88,6 +127,9 @@ SUBSETS: Mapping[str, pl.DataType] = {
     "keep_fraction": pl.Float64(),
     "score": pl.Float64(),  # the reward / CLIP score, or the uniform random key in [0, 1)
     "kept": pl.Boolean(),
+    "caption_source": pl.String(),  # RAW_CAPTION, SYNTHETIC_CAPTION or MIXED_CAPTION
+    CAPTIONER_VERSION: pl.String(),  # null when the raw caption is used
+    CAPTION_RANK: pl.Int32(),  # the synthetic candidate used; null for the raw caption
 }
 
 

@@ -16,6 +16,7 @@ from dagster import ConfigurableResource, EnvVar
 from ca_platform.resources.settings import (
     DEFAULT_KEEP_FRACTION,
     BaselineConfig,
+    CaptioningConfig,
     CompressionConfig,
     DownloadConfig,
     EvaluationConfig,
@@ -30,6 +31,7 @@ from ca_platform.resources.storage import PlatformStorage, s3_resource
 __all__ = [
     "DEFAULT_KEEP_FRACTION",
     "BaselineConfig",
+    "CaptioningConfig",
     "CompressionConfig",
     "DownloadConfig",
     "EvaluationConfig",
@@ -64,12 +66,16 @@ def build_resources(
     keep_fraction: float | None = None,
     evaluation_uri: str | None = None,
     model_training: ModelTrainingConfig | None = None,
+    captioning: CaptioningConfig | None = None,
+    compression: CompressionConfig | None = None,
 ) -> dict[str, ConfigurableResource]:
     """Every resource the assets ask for, by key; what is not given takes the resource's defaults.
 
     `pool_uri` and `data_uri` may be `EnvVar`s (read when Dagster runs); `download_options` are DownloadConfig
-    fields; `keep_fraction` None means DEFAULT_KEEP_FRACTION.
+    fields; `keep_fraction` None means DEFAULT_KEEP_FRACTION (`compression`, when given, sets the other compression
+    settings; `keep_fraction` still wins).
     """
+    compression = compression or CompressionConfig()
     return {
         "storage": PlatformStorage(
             pool_uri=pool_uri, data_uri=data_uri, s3=s3_resource(s3_endpoint_url), analytics_dir=analytics_dir
@@ -81,10 +87,14 @@ def build_resources(
         "baselines": baselines or BaselineConfig(),
         "scoring": scoring or ScoringConfig(),
         "compression": CompressionConfig(
-            keep_fraction=DEFAULT_KEEP_FRACTION if keep_fraction is None else keep_fraction
+            **{
+                **compression.model_dump(),
+                "keep_fraction": DEFAULT_KEEP_FRACTION if keep_fraction is None else keep_fraction,
+            }
         ),
         "evaluation": EvaluationConfig(uri=evaluation_uri),
         "model_training": model_training or ModelTrainingConfig(),
+        "captioning": captioning or CaptioningConfig(),
     }
 
 
@@ -111,7 +121,8 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
     """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI, the rest optional.
 
     CA_ALLOW_HOSTS (comma-separated), CA_ANALYTICS_DIR, CA_PREFERENCES_URI, CA_PREFERENCE_IMAGE_ROOT,
-    CA_KEEP_FRACTION, CA_EVAL_URI, CA_CLIP_DIR and CA_BLIP_DIR; unset or empty means the default. S3 credentials,
+    CA_KEEP_FRACTION, CA_EVAL_URI, CA_CLIP_DIR, CA_BLIP_DIR, CA_RECAPTION (1: recaptioning on) and CA_CAPTIONER_DIR
+    (a local pretrained captioner); unset or empty means the default. S3 credentials,
     region and endpoint come from boto3's usual environment (AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL, ...).
     """
     return build_resources(
@@ -126,6 +137,10 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
         ),
         keep_fraction=_keep_fraction_from_env(),
         evaluation_uri=os.environ.get("CA_EVAL_URI"),
+        captioning=CaptioningConfig(
+            enabled=os.environ.get("CA_RECAPTION", "").strip().lower() in ("1", "true", "yes"),
+            pretrained_dir=os.environ.get("CA_CAPTIONER_DIR") or None,
+        ),
     )
 
 

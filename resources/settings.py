@@ -20,9 +20,11 @@ from ca_platform.ingest.quality import QualityThresholds
 from ca_platform.schemas import POOL_BLIP_BACKBONE
 
 if TYPE_CHECKING:
+    from ca_platform.captioning.shards import CaptionerSettings
     from ca_platform.ingest.download import DownloadSettings
     from ca_platform.scoring.reward.model import RewardModelSpec
     from ca_platform.scoring.reward.train import TrainConfig
+    from ca_platform.training.training_set import TrainingSettings
 
 
 def shared_fields(resource: ConfigurableResource, target: type, **overrides: Any) -> dict[str, Any]:
@@ -148,6 +150,49 @@ class CompressionConfig(ConfigurableResource):
 
     keep_fraction: float = Field(default=DEFAULT_KEEP_FRACTION, ge=0.0, le=1.0)
     random_seed: int = Field(default=0, description="Seed of the random_topk baseline's uniform sample.")
+    recap_mix_probability: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description="recap_mix_p: the chance that training draws an image's synthetic caption over its raw one.",
+    )
+
+
+class CaptioningConfig(ConfigurableResource):
+    """Recaptioning: which captioner writes synthetic captions for every downloaded image and how it decodes.
+
+    Off unless `enabled`: the captioner, the synthetic captions and their scores, and the four caption variants
+    (recap_all, raw_topk_plus_recap, recap_mix_p, reward_best_caption) then join the lineage.
+    """
+
+    enabled: bool = Field(default=False, description="Caption every shard and cut the caption variants too.")
+    pretrained_dir: str | None = Field(
+        default=None,
+        description="A local pretrained image-to-text folder (BLIP, BLIP-2, LLaVA-style); default: the platform's "
+        "own BLIP captioner trained on the pool (CapFilt).",
+    )
+    prompt: str | None = Field(default=None, description="Text prompt, for models that caption after one (LLaVA).")
+    strategy: str = Field(default="beam", description='"greedy", "beam", "nucleus" or "top_k".')
+    candidates: int = Field(default=3, description="Captions per image (greedy: 1; beam: at most num_beams).")
+    max_new_tokens: int = 20
+    num_beams: int = 3
+    top_p: float = 0.9
+    top_k: int = 50
+    temperature: float = 1.0
+    decoding_seed: int = 0
+    source: str = Field(default="tiny", description='The platform captioner\'s start: "tiny" or a local BLIP folder.')
+    image_size: int = 64
+    pool_epochs: float = Field(default=8.0, description="Passes of the platform captioner over the pool's pairs.")
+    batch_size: int = Field(default=32, description="Images per training step and per generation batch.")
+    learning_rate: float = 5e-3
+    seed: int = 0
+    num_workers: int = Field(default=2, description="DataLoader workers decoding images while the model generates.")
+    device: str | None = None
+
+    def settings(self) -> CaptionerSettings:
+        from ca_platform.captioning.shards import CaptionerSettings
+
+        return CaptionerSettings(**shared_fields(self, CaptionerSettings))
 
 
 class EvaluationConfig(ConfigurableResource):
@@ -178,4 +223,14 @@ class ModelTrainingConfig(ConfigurableResource):
     clip_learning_rate: float = 2e-3
     blip_learning_rate: float = 5e-3  # a tiny captioner barely moves at 5e-4
     seed: int = 0
+    seeds: int = Field(
+        default=1,
+        ge=1,
+        description="Models per variant, seeded seed, seed + 1, ...: the report gives their mean and spread.",
+    )
     device: str | None = None
+
+    def settings(self) -> TrainingSettings:
+        from ca_platform.training.training_set import TrainingSettings
+
+        return TrainingSettings(**shared_fields(self, TrainingSettings))

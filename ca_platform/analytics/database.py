@@ -4,6 +4,9 @@ Views, not tables: a run only ever writes parquet files, so queries work while r
 shard shows up in a view without anyone touching the database. The database file is written only to
 create or fix a view definition, briefly, with retries against a concurrent writer.
 
+Glob views (`layout.VIEW_GLOBS`) read the files; derived views (`DERIVED_VIEWS`) are SQL over the glob views,
+such as `captions`, which puts every raw and synthetic caption beside its scores.
+
 For a data root on S3 the parquet files the views read are mirrored into a local folder first (DuckDB's
 S3 support is an extension it would download from the internet, which this platform never does).
 """
@@ -11,6 +14,7 @@ S3 support is an extension it would download from the internet, which this platf
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import time
 from collections.abc import Mapping
@@ -30,7 +34,74 @@ VIEW_SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "downloads": schemas.DOWNLOAD_ROWS,
     "scores": schemas.SCORES,
     "subsets": schemas.SUBSETS,
+    "synthetic_captions": schemas.SYNTHETIC_CAPTIONS,
+    "synthetic_scores": schemas.SCORES,
 }
+
+
+_RAW, _SYNTHETIC = sql_string_literal(schemas.RAW_CAPTION), sql_string_literal(schemas.SYNTHETIC_CAPTION)
+
+# The `captions` view: every caption of the pool side by side, one row per caption: the raw caption of each
+# downloaded image (caption_source 'raw', captioner_version and caption_rank null) and every synthetic candidate
+# of every captioner version, each with its reward model and CLIP scores. The scores are LEFT JOINed on uid,
+# shard, caption source, captioner version and rank, so an unscored caption keeps its row with null scores. When
+# several reward model or CLIP versions scored a caption, it has one row per (reward_model_version,
+# clip_model_version) combination: filter on the versions wanted, or aggregate per caption with FILTER as
+# ca_platform.analytics.captions does. Raw score files of older platform versions lack caption_source,
+# captioner_version and caption_rank: the union with a typed empty relation gives them those columns (null), and
+# a null caption_source counts as raw. The output columns are cast, so their types never depend on the files.
+CAPTIONS_VIEW_SQL = f"""
+WITH raw_captions AS (
+    SELECT uid, shard, {_RAW} AS caption_source, CAST(NULL AS VARCHAR) AS captioner_version,
+        CAST(NULL AS INTEGER) AS caption_rank, caption
+    FROM downloads
+    WHERE status = {sql_string_literal(schemas.Status.SUCCESS)}
+),
+all_captions AS (
+    SELECT * FROM raw_captions
+    UNION ALL
+    SELECT uid, shard, {_SYNTHETIC}, captioner_version, rank, caption FROM synthetic_captions
+),
+raw_scores AS (
+    SELECT uid, shard, scorer, model_version, score, caption_source
+    FROM (SELECT {schemas.duckdb_columns(schemas.SCORES)} WHERE false UNION ALL BY NAME SELECT * FROM scores)
+),
+all_scores AS (
+    SELECT uid, shard, scorer, model_version, score, {_RAW} AS caption_source,
+        CAST(NULL AS VARCHAR) AS captioner_version, CAST(NULL AS INTEGER) AS caption_rank
+    FROM raw_scores
+    WHERE coalesce(caption_source, {_RAW}) = {_RAW}
+    UNION ALL
+    SELECT uid, shard, scorer, model_version, score, caption_source, captioner_version, caption_rank
+    FROM synthetic_scores
+    WHERE caption_source = {_SYNTHETIC}
+),
+reward AS (SELECT * FROM all_scores WHERE scorer = {sql_string_literal(schemas.REWARD_MODEL)}),
+clip AS (SELECT * FROM all_scores WHERE scorer = {sql_string_literal(schemas.CLIP_SCORE)})
+SELECT
+    CAST(c.uid AS VARCHAR) AS uid,
+    CAST(c.shard AS VARCHAR) AS shard,
+    CAST(c.caption_source AS VARCHAR) AS caption_source,
+    CAST(c.captioner_version AS VARCHAR) AS captioner_version,
+    CAST(c.caption_rank AS INTEGER) AS caption_rank,
+    CAST(c.caption AS VARCHAR) AS caption,
+    CAST(reward.model_version AS VARCHAR) AS reward_model_version,
+    CAST(reward.score AS DOUBLE) AS reward_score,
+    CAST(clip.model_version AS VARCHAR) AS clip_model_version,
+    CAST(clip.score AS DOUBLE) AS clip_score
+FROM all_captions AS c
+LEFT JOIN reward
+    ON reward.uid = c.uid AND reward.shard = c.shard AND reward.caption_source = c.caption_source
+    AND reward.captioner_version IS NOT DISTINCT FROM c.captioner_version
+    AND reward.caption_rank IS NOT DISTINCT FROM c.caption_rank
+LEFT JOIN clip
+    ON clip.uid = c.uid AND clip.shard = c.shard AND clip.caption_source = c.caption_source
+    AND clip.captioner_version IS NOT DISTINCT FROM c.captioner_version
+    AND clip.caption_rank IS NOT DISTINCT FROM c.caption_rank
+""".strip()
+
+# Derived view name -> its SQL over the glob views, created after them (in this order).
+DERIVED_VIEWS: Mapping[str, str] = {"captions": CAPTIONS_VIEW_SQL}
 
 
 @dataclass(frozen=True)
@@ -71,9 +142,9 @@ def _view_sql(name: str, files_root: Path) -> str:
 
 
 def ensure_views(db_path: Path, files_root: Path) -> None:
-    """Create or update every view and the ready-made query macros (`score_queries.sql`); writes the database
-    only when a definition changes."""
-    wanted = {name: _view_sql(name, files_root) for name in VIEW_SCHEMAS}
+    """Create or update every view (the glob views, then the derived views over them) and the ready-made query
+    macros (`score_queries.sql`); writes the database only when a definition changes."""
+    wanted = {name: _view_sql(name, files_root) for name in VIEW_SCHEMAS} | dict(DERIVED_VIEWS)
     current: dict[str, str] = {}
     macros_stale = True
     if db_path.exists():
@@ -93,8 +164,11 @@ def ensure_views(db_path: Path, files_root: Path) -> None:
 
 
 def _fingerprint(sql: str) -> str:
-    """What a view's comment holds, so `ensure_views` can tell whether its definition changed."""
-    return sql[:2000]
+    """What a view's comment holds, so `ensure_views` can tell whether its definition changed: the SQL itself,
+    or for a long one its start and a digest of the whole."""
+    if len(sql) <= 2000:
+        return sql
+    return f"{sql[:1900]} [sql {hashlib.sha256(sql.encode()).hexdigest()}]"
 
 
 def query(db_path: Path, sql: str, params: list[Any] | None = None) -> QueryResult:

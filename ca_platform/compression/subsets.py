@@ -24,6 +24,7 @@ import polars as pl
 from ca_platform import layout, schemas
 from ca_platform.analytics.plots import histogram_png
 from ca_platform.audit import AuditFailed, StagedOutput, audit_and_publish, reject
+from ca_platform.captioning.shards import read_synthetic_captions
 from ca_platform.compression.threshold import mirror_if_remote, published_thresholds, shard_membership
 from ca_platform.ingest.download import downloaded_rows, fetch_downloaded_tars, read_download_ledger
 from ca_platform.ingest.quality import CheckOutcome, check_subsets
@@ -42,17 +43,30 @@ class WrittenSubsets:
     written: dict[str, list[str]]  # variant -> the uids written to its tar, in order
 
 
+def _kept_captions(membership: pl.DataFrame) -> dict[str, tuple[str, int | None]]:
+    """uid -> (caption source, candidate rank) of the variant's kept pairs."""
+    kept = membership.filter(pl.col("kept")).select(schemas.UID, "caption_source", schemas.CAPTION_RANK)
+    return {uid: (source, rank) for uid, source, rank in kept.iter_rows()}
+
+
 def write_shard_subsets(
-    memberships: Mapping[str, pl.DataFrame], download_tars: Sequence[Path], out_root: Path, shard: str, token: str = ""
+    memberships: Mapping[str, pl.DataFrame],
+    download_tars: Sequence[Path],
+    out_root: Path,
+    shard: str,
+    token: str = "",
+    synthetic: Mapping[tuple[str, int], str] | None = None,
 ) -> WrittenSubsets:
     """Write each variant's tar, uid list, manifest and membership of one shard into `out_root/<variant>`, in
     one pass over the download tars. `token` goes into the tar's name (see layout.subset_tar_name).
 
-    The samples are copied byte for byte (image, caption, json), in download order.
+    The samples are copied byte for byte (image, json) in canonical order, each with the caption its membership
+    names: its own, the synthetic candidate of `synthetic` ((uid, rank) -> caption), or (recap_mix_p) its own
+    with the synthetic one beside it in the json member, for training to draw from.
     """
     import webdataset as wds
 
-    kept_uids = {v: set(m.filter(pl.col("kept"))[schemas.UID].to_list()) for v, m in memberships.items()}
+    kept = {variant: _kept_captions(membership) for variant, membership in memberships.items()}
     written: dict[str, list[str]] = {variant: [] for variant in memberships}
     sizes = dict.fromkeys(memberships, 0)
     seen: set[str] = set()
@@ -64,20 +78,22 @@ def write_shard_subsets(
             writers[variant] = stack.enter_context(wds.TarWriter(str(tar)))
         for sample in iter_samples(download_tars):
             uid = str(sample.meta.get(schemas.UID))
-            keeping = [variant for variant, uids in kept_uids.items() if uid in uids]
+            keeping = [variant for variant, captions in kept.items() if uid in captions]
             if not keeping:
                 continue
             if uid in seen:
                 raise SubsetError(f"shard {shard}: uid {uid} appears twice in its download tars")
             seen.add(uid)
-            record = {
-                "__key__": sample.key,
-                sample.image_format: sample.image,
-                "txt": sample.caption.encode("utf-8"),
-                "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
-            }
             for variant in keeping:
-                writers[variant].write(record)
+                caption, meta = _caption_and_meta(sample.caption, sample.meta, *kept[variant][uid], synthetic, shard)
+                writers[variant].write(
+                    {
+                        "__key__": sample.key,
+                        sample.image_format: sample.image,
+                        "txt": caption.encode("utf-8"),
+                        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                    }
+                )
                 written[variant].append(uid)
                 sizes[variant] += len(sample.image)
     manifests = {
@@ -85,6 +101,26 @@ def write_shard_subsets(
         for variant, membership in memberships.items()
     }
     return WrittenSubsets(manifests, written)
+
+
+def _caption_and_meta(
+    raw: str,
+    meta: dict[str, Any],
+    source: str,
+    rank: int | None,
+    synthetic: Mapping[tuple[str, int], str] | None,
+    shard: str,
+) -> tuple[str, dict[str, Any]]:
+    """The caption a kept sample carries and its json member: the raw caption's sample unchanged; a synthetic
+    caption in `txt` with the raw one kept as `raw_caption`; a mixed sample with both."""
+    if source == schemas.RAW_CAPTION:
+        return raw, meta
+    uid = str(meta.get(schemas.UID))
+    if rank is None or synthetic is None or (uid, rank) not in synthetic:
+        raise SubsetError(f"shard {shard}: uid {uid} should carry synthetic caption {rank}, which is not there")
+    if source == schemas.MIXED_CAPTION:
+        return raw, {**meta, schemas.SYNTHETIC_CAPTION_META: synthetic[uid, rank]}
+    return synthetic[uid, rank], {**meta, "raw_caption": raw, schemas.CAPTION_RANK: rank}
 
 
 def _write_beside_tar(
@@ -141,14 +177,29 @@ def compress_shard(
         )
     ledger = read_download_ledger(store, shard, scratch / "ledger")
     tars = fetch_downloaded_tars(store, shard, ledger, scratch / "in")
-    scored = [
-        layout.scores_key(VARIANT_SCORERS[t.variant], t.model_version, shard)
-        for t in thresholds
-        if t.variant in VARIANT_SCORERS
-    ]
+    scored = sorted(
+        {
+            layout.scores_key(VARIANT_SCORERS[t.variant], t.model_version, shard)
+            for t in thresholds
+            if t.variant in VARIANT_SCORERS
+        }
+        | {
+            layout.synthetic_scores_key(VARIANT_SCORERS[t.variant], t.model_version, t.captioner_version, shard)
+            for t in thresholds
+            if t.captioner_version
+        }
+    )
     mirror_if_remote(store, files_root, [layout.download_rows_key(shard), *scored])
     memberships = {t.variant: shard_membership(files_root, t, shard) for t in thresholds}
-    written = write_shard_subsets(memberships, tars, scratch / "subsets", shard, token=run_id[:8])
+    captioners = {t.captioner_version for t in thresholds if t.captioner_version}
+    synthetic = {
+        (uid, rank): caption
+        for version in captioners
+        for uid, rank, caption in read_synthetic_captions(store, version, shard, scratch / "captions")
+        .select(schemas.UID, schemas.RANK, schemas.CAPTION)
+        .iter_rows()
+    }
+    written = write_shard_subsets(memberships, tars, scratch / "subsets", shard, run_id[:8], synthetic)
     outcomes = [check_subsets(memberships, written.written, downloaded_rows(ledger)[schemas.UID])]
     staged = {
         variant: _staged_variant(scratch / "subsets" / variant, variant, shard, run_id) for variant in memberships

@@ -8,6 +8,7 @@ the same scores always give the same cut whatever order the files are read in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +21,22 @@ import polars as pl
 from ca_platform import analytics, layout, quarantine, schemas
 from ca_platform.analytics.plots import histogram_png
 from ca_platform.ingest.download import downloaded_shards
-from ca_platform.schemas import RANDOM_TOPK, REWARD_TOPK, VARIANT_SCORERS, Status
+from ca_platform.schemas import (
+    CLIP_SCORE,
+    CLIPSCORE_TOPK,
+    MIXED_CAPTION,
+    RANDOM_TOPK,
+    RAW_CAPTION,
+    RAW_TOPK_PLUS_RECAP,
+    RECAP_ALL,
+    RECAP_MIX,
+    RECAPTION_VARIANTS,
+    REWARD_BEST_CAPTION,
+    REWARD_TOPK,
+    SYNTHETIC_CAPTION,
+    VARIANT_SCORERS,
+    Status,
+)
 from ca_platform.scoring.registry import NoModelError, current_model
 from ca_platform.storage import DataStore, read_json, write_json
 
@@ -41,6 +57,8 @@ class ScoreThreshold:
     uid: str | None
     shard: str | None
     excluded: tuple[str, ...] = ()  # quarantined shards the cut left out (ca_platform.quarantine)
+    captioner_version: str | None = None  # the synthetic captions a caption variant chose among
+    synthetic_caption_probability: float | None = None  # recap_mix_p: how often training draws the synthetic one
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "excluded": list(self.excluded)}
@@ -61,15 +79,62 @@ def random_version(seed: int) -> str:
     return f"{RANDOM_VERSION_PREFIX}{seed}"
 
 
-def ranked_pairs(
-    files_root: Path, variant: str, model_version: str, shard: str = "*", excluded: Sequence[str] = ()
-) -> tuple[str, list[Any]]:
-    """SQL (with parameters) of `uid, shard, score` for every pair `variant` ranks: all shards but the
-    `excluded` ones, or one shard.
+def _scores_glob(files_root: Path, scorer: str, version: str, shard: str, captioner: str | None = None) -> str:
+    key = (
+        layout.synthetic_scores_key(scorer, version, captioner, shard)
+        if captioner
+        else layout.scores_key(scorer, version, shard)
+    )
+    return (files_root / key).as_posix()
 
-    Scored variants read the scorer's files of `model_version`; random_topk reads the download ledgers'
-    successes, so all three rank the same downloaded pairs. The file glob is a parameter too, so a data root,
-    version or shard holding a quote cannot change the SQL.
+
+# Each image's best caption among scored ones (ties: the raw caption, then the lower candidate rank).
+_BEST_PER_IMAGE = (
+    "QUALIFY row_number() OVER (PARTITION BY uid, shard ORDER BY score DESC, caption_rank NULLS FIRST) = 1"
+)
+
+
+def _best_synthetic(files_root: Path, scorer: str, version: str, captioner: str, shard: str) -> tuple[str, list[Any]]:
+    """`uid, shard, score, caption_rank` of each image's synthetic caption that `scorer` scores highest."""
+    return (
+        f"SELECT uid, shard, score, caption_rank FROM read_parquet(?) {_BEST_PER_IMAGE}",
+        [_scores_glob(files_root, scorer, version, shard, captioner)],
+    )
+
+
+def _best_of_raw_and_synthetic(
+    files_root: Path, scorer: str, version: str, captioner: str, shard: str
+) -> tuple[str, list[Any]]:
+    """`uid, shard, score, caption_rank` of each image's caption, raw or synthetic, that `scorer` scores highest
+    (caption_rank null when the raw caption wins)."""
+    return (
+        "SELECT uid, shard, score, caption_rank FROM ("
+        "SELECT uid, shard, score, CAST(NULL AS INTEGER) AS caption_rank FROM read_parquet(?) "
+        f"UNION ALL SELECT uid, shard, score, caption_rank FROM read_parquet(?)) {_BEST_PER_IMAGE}",
+        [
+            _scores_glob(files_root, scorer, version, shard),
+            _scores_glob(files_root, scorer, version, shard, captioner),
+        ],
+    )
+
+
+def ranked_pairs(
+    files_root: Path,
+    variant: str,
+    model_version: str,
+    shard: str = "*",
+    excluded: Sequence[str] = (),
+    captioner_version: str | None = None,
+) -> tuple[str, list[Any]]:
+    """SQL (with parameters) of `uid, shard, score, caption_rank` for every image `variant` ranks: all shards
+    but the `excluded` ones, or one shard.
+
+    Raw-caption variants read the scorer's files of `model_version` (caption_rank null); random_topk reads the
+    download ledgers' successes, so all rank the same downloaded images. Caption variants rank each image by one
+    chosen caption of `captioner_version`'s candidates: recap_all and recap_mix_p by its best synthetic caption
+    by CLIP score, reward_best_caption by its best caption, raw or synthetic, by reward; raw_topk_plus_recap
+    ranks by the raw CLIP score (its cut is clipscore_topk's; `raw_plus_recap_pairs` adds the recaptions). The
+    file globs are parameters too, so a data root, version or shard holding a quote cannot change the SQL.
     """
     # only when there are shards to leave out: the filter reads the shard column, which the score-only passes
     # of the cut and the histogram otherwise never decode
@@ -80,17 +145,53 @@ def ranked_pairs(
         seed = model_version.removeprefix(RANDOM_VERSION_PREFIX)
         ledgers = (files_root / layout.download_rows_key(shard)).as_posix()
         return (
-            f"SELECT uid, shard, {RANDOM_KEY_SQL} AS score FROM read_parquet(?) WHERE status = ? AND {leave_out}",
+            f"SELECT uid, shard, {RANDOM_KEY_SQL} AS score, CAST(NULL AS INTEGER) AS caption_rank FROM read_parquet(?) "
+            f"WHERE status = ? AND {leave_out}",
             [seed, ledgers, Status.SUCCESS, *leave_out_params],
         )
     if variant not in VARIANT_SCORERS:
         raise ValueError(f"unknown subset variant {variant!r}; expected one of {schemas.SUBSET_VARIANTS}")
-    scores = (files_root / layout.scores_key(VARIANT_SCORERS[variant], model_version, shard)).as_posix()
-    return f"SELECT uid, shard, score FROM read_parquet(?) WHERE {leave_out}", [scores, *leave_out_params]
+    scorer = VARIANT_SCORERS[variant]
+    if variant in (RECAP_ALL, RECAP_MIX, REWARD_BEST_CAPTION):
+        if captioner_version is None:
+            raise ValueError(f"{variant} ranks synthetic captions: give the captioner version")
+        chosen = _best_synthetic if variant != REWARD_BEST_CAPTION else _best_of_raw_and_synthetic
+        relation, params = chosen(files_root, scorer, model_version, captioner_version, shard)
+        return f"SELECT * FROM ({relation}) WHERE {leave_out}", [*params, *leave_out_params]
+    return (
+        f"SELECT uid, shard, score, CAST(NULL AS INTEGER) AS caption_rank FROM read_parquet(?) WHERE {leave_out}",
+        [_scores_glob(files_root, scorer, model_version, shard), *leave_out_params],
+    )
+
+
+def raw_plus_recap_pairs(
+    files_root: Path, clip_cut: ScoreThreshold, captioner_version: str, shard: str = "*"
+) -> tuple[str, list[Any]]:
+    """SQL of `uid, shard, score, caption_rank, kept` for raw_topk_plus_recap (Nguyen et al.): the pairs CLIP
+    score's cut `clip_cut` keeps keep their raw caption; every other image takes its best synthetic caption by
+    CLIP score, kept when that caption scores at least the cut's threshold. Shards the cut left out are left out."""
+    relation, params = ranked_pairs(files_root, CLIPSCORE_TOPK, clip_cut.model_version, shard, clip_cut.excluded)
+    condition, condition_params = kept_condition(clip_cut)
+    synthetic, synthetic_params = _best_synthetic(
+        files_root, CLIP_SCORE, clip_cut.model_version, captioner_version, shard
+    )
+    return (
+        "SELECT uid, shard, CASE WHEN raw_kept THEN raw.score ELSE synthetic.score END AS score, "
+        "CASE WHEN raw_kept THEN NULL ELSE synthetic.caption_rank END AS caption_rank, "
+        "raw_kept OR coalesce(synthetic.score >= ?, false) AS kept "
+        f"FROM (SELECT uid, shard, score, {condition} AS raw_kept FROM ({relation})) AS raw "
+        f"LEFT JOIN ({synthetic}) AS synthetic USING (uid, shard)",
+        [clip_cut.score, *condition_params, *params, *synthetic_params],
+    )
 
 
 def score_threshold(
-    files_root: Path, variant: str, model_version: str, keep_fraction: float, excluded: Sequence[str] = ()
+    files_root: Path,
+    variant: str,
+    model_version: str,
+    keep_fraction: float,
+    excluded: Sequence[str] = (),
+    captioner_version: str | None = None,
 ) -> ScoreThreshold:
     """The cut of `variant` over all shards under `files_root` (a local data root or its mirror) but the
     `excluded` (quarantined) ones.
@@ -100,7 +201,9 @@ def score_threshold(
     rows whose uid and shard are read. random_topk computes its key from every uid at each pass, so its cut is
     looked for in one pass first, among the few pairs whose uniform keys lie near where the cut must fall.
     """
-    relation, params = ranked_pairs(files_root, variant, model_version, excluded=excluded)
+    relation, params = ranked_pairs(
+        files_root, variant, model_version, excluded=excluded, captioner_version=captioner_version
+    )
     with duckdb.connect() as con:
         total = con.execute(f"SELECT count(*) FROM ({relation})", params).fetchone()[0]
         kept = keep_count(keep_fraction, total)
@@ -110,7 +213,18 @@ def score_threshold(
         if kept and last is None:
             last = _cut_by_selection(con, relation, params, total, kept)
     score, uid, shard = last if last else (None, None, None)
-    return ScoreThreshold(variant, model_version, keep_fraction, total, kept, score, uid, shard, tuple(excluded))
+    return ScoreThreshold(
+        variant, model_version, keep_fraction, total, kept, score, uid, shard, tuple(excluded), captioner_version
+    )
+
+
+def raw_plus_recap_threshold(files_root: Path, clip_cut: ScoreThreshold, captioner_version: str) -> ScoreThreshold:
+    """raw_topk_plus_recap's cut: clipscore_topk's, with the count of images it keeps once the recaptions that
+    clear the same threshold join the raw top k."""
+    relation, params = raw_plus_recap_pairs(files_root, clip_cut, captioner_version)
+    with duckdb.connect() as con:
+        kept = con.execute(f"SELECT count(*) FILTER (kept) FROM ({relation})", params).fetchone()[0]
+    return dataclasses.replace(clip_cut, variant=RAW_TOPK_PLUS_RECAP, kept=kept, captioner_version=captioner_version)
 
 
 def _selection_fraction(values: int, kept: int) -> float:
@@ -178,7 +292,7 @@ def _cut_near_uniform_rank(
 
 def kept_condition(threshold: ScoreThreshold) -> tuple[str, list[Any]]:
     """A SQL condition (with parameters) over columns score, uid, shard that holds exactly for kept pairs."""
-    if threshold.kept == 0:
+    if threshold.kept == 0 or threshold.score is None:
         return "false", []
     return (
         "(score > ? OR (score = ? AND (uid < ? OR (uid = ? AND shard <= ?))))",
@@ -186,19 +300,41 @@ def kept_condition(threshold: ScoreThreshold) -> tuple[str, list[Any]]:
     )
 
 
+# The caption a variant's kept pairs carry: the raw one, the synthetic one, both (training draws), or whichever
+# won (raw when no candidate rank was chosen).
+_CAPTION_SOURCE_SQL = {
+    RECAP_ALL: f"'{SYNTHETIC_CAPTION}'",
+    RECAP_MIX: f"'{MIXED_CAPTION}'",
+    REWARD_BEST_CAPTION: f"CASE WHEN caption_rank IS NULL THEN '{RAW_CAPTION}' ELSE '{SYNTHETIC_CAPTION}' END",
+    RAW_TOPK_PLUS_RECAP: f"CASE WHEN caption_rank IS NULL THEN '{RAW_CAPTION}' ELSE '{SYNTHETIC_CAPTION}' END",
+}
+
+
 def shard_membership(files_root: Path, threshold: ScoreThreshold, shard: str) -> pl.DataFrame:
-    """Every ranked pair of one shard with its score and whether the variant's cut keeps it (SUBSETS schema)."""
-    relation, params = ranked_pairs(files_root, threshold.variant, threshold.model_version, shard)
-    condition, condition_params = kept_condition(threshold)
+    """Every ranked image of one shard with its score, whether the variant's cut keeps it, and the caption it
+    carries (SUBSETS schema)."""
+    if threshold.variant == RAW_TOPK_PLUS_RECAP:
+        assert threshold.captioner_version is not None
+        relation, params = raw_plus_recap_pairs(files_root, threshold, threshold.captioner_version, shard)
+        condition, condition_params = "kept", []
+    else:
+        relation, params = ranked_pairs(
+            files_root, threshold.variant, threshold.model_version, shard, captioner_version=threshold.captioner_version
+        )
+        condition, condition_params = kept_condition(threshold)
+    source = _CAPTION_SOURCE_SQL.get(threshold.variant, f"'{RAW_CAPTION}'")
     with duckdb.connect() as con:
         frame = con.sql(
-            f"SELECT uid, shard, score, {condition} AS kept FROM ({relation}) ORDER BY uid",
+            f"SELECT uid, shard, score, {condition} AS kept, caption_rank, {source} AS caption_source "
+            f"FROM ({relation}) ORDER BY uid",
             params=[*condition_params, *params],
         ).pl()
+    synthetic = pl.col("caption_source") != RAW_CAPTION
     frame = frame.with_columns(
         pl.lit(threshold.variant).alias("variant"),
         pl.lit(threshold.model_version).alias("model_version"),
         pl.lit(threshold.keep_fraction).alias("keep_fraction"),
+        pl.when(synthetic).then(pl.lit(threshold.captioner_version)).alias(schemas.CAPTIONER_VERSION),
     )
     return schemas.conform(frame, schemas.SUBSETS)
 
@@ -259,10 +395,13 @@ def mirror_if_remote(store: DataStore, files_root: Path, keys: list[str] | None 
         analytics.mirror(store, files_root, keys)
 
 
-def variant_rankings(store: DataStore, random_seed: int, scratch: Path) -> dict[str, str]:
-    """Each subset variant's ranking: the current versions of the scorers, and random_topk's seed."""
+def variant_rankings(store: DataStore, random_seed: int, scratch: Path, recaptioned: bool) -> dict[str, str]:
+    """Each subset variant's ranking: the current versions of the scorers, and random_topk's seed; the caption
+    variants only when the pool is `recaptioned`."""
     versions = {}
     for variant, scorer in VARIANT_SCORERS.items():
+        if variant in RECAPTION_VARIANTS and not recaptioned:
+            continue
         try:
             versions[variant] = current_model(store, scorer, scratch)["version"]
         except NoModelError as error:
@@ -271,20 +410,28 @@ def variant_rankings(store: DataStore, random_seed: int, scratch: Path) -> dict[
     return versions
 
 
-def require_scored(store: DataStore, versions: dict[str, str], excluded: Collection[str]) -> None:
+def require_scored(
+    store: DataStore, versions: dict[str, str], excluded: Collection[str], captioner_version: str | None
+) -> None:
     """Fail, naming them, when some downloaded shards that are not `excluded` (quarantined) lack scores of the
-    current versions: a cut over part of the healthy pool would keep the wrong pairs."""
-    missing = [
-        f"{scorer} {versions[variant]} of shard {shard}"
-        for shard in downloaded_shards(store)
-        if shard not in excluded
-        for variant, scorer in VARIANT_SCORERS.items()
-        if not store.exists(layout.scores_key(scorer, versions[variant], shard))
-    ]
+    current versions (of their raw captions, and of `captioner_version`'s synthetic ones when given): a cut over
+    part of the healthy pool would keep the wrong pairs."""
+    wanted = {(scorer, versions[variant]) for variant, scorer in VARIANT_SCORERS.items() if variant in versions}
+    missing = []
+    for shard in downloaded_shards(store):
+        if shard in excluded:
+            continue
+        for scorer, version in sorted(wanted):
+            if not store.exists(layout.scores_key(scorer, version, shard)):
+                missing.append(f"{scorer} {version} of shard {shard}")
+            if captioner_version and not store.exists(
+                layout.synthetic_scores_key(scorer, version, captioner_version, shard)
+            ):
+                missing.append(f"{scorer} {version} of shard {shard}'s captions by {captioner_version}")
     if missing:
         raise NotScoredError(
             f"{len(missing)} shard scores are missing, e.g. {missing[:3]}: materialize reward_scores and "
-            "clip_scores for every shard first"
+            "clip_scores (and, recaptioning, synthetic_caption_scores) for every shard first"
         )
 
 
@@ -295,18 +442,53 @@ class VariantCuts:
     held: dict[str, list[quarantine.QuarantinedShard]]  # the quarantined shards the cut left out, with why
 
 
+# Caption variants that keep every image (they change captions, not the count).
+KEEP_EVERY_IMAGE = (RECAP_ALL, RECAP_MIX)
+
+
 def cut_variants(
-    store: DataStore, files_root: Path, keep_fraction: float, random_seed: int, scratch: Path
+    store: DataStore,
+    files_root: Path,
+    keep_fraction: float,
+    random_seed: int,
+    scratch: Path,
+    captioner_version: str | None = None,
+    mix_probability: float = 0.8,
 ) -> VariantCuts:
     """The cut of every subset variant at `keep_fraction` over the healthy shards' score files (read by DuckDB
     under `files_root`, the data root or its local mirror), published as the score-threshold report and plot.
-    Shards quarantined before the cut (ca_platform.quarantine) are left out and listed in each cut."""
-    versions = variant_rankings(store, random_seed, scratch)
+    With `captioner_version` (the pool recaptioned), the caption variants too: recap_all and recap_mix_p keep
+    every image, raw_topk_plus_recap adds to clipscore_topk the recaptions above its threshold, and
+    reward_best_caption cuts at `keep_fraction` by each image's best reward; recap_mix_p's cut records
+    `mix_probability`, the chance that training draws an image's synthetic caption. Shards quarantined before the cut
+    (ca_platform.quarantine) are left out and listed in each cut."""
+    versions = variant_rankings(store, random_seed, scratch, recaptioned=captioner_version is not None)
     held = quarantine.held_from_cut(store)
     excluded = sorted(held)
-    require_scored(store, versions, excluded)
+    require_scored(store, versions, excluded, captioner_version)
     mirror_if_remote(store, files_root)
-    thresholds = {v: score_threshold(files_root, v, versions[v], keep_fraction, excluded) for v in versions}
+    thresholds = {
+        v: score_threshold(
+            files_root,
+            v,
+            versions[v],
+            1.0 if v in KEEP_EVERY_IMAGE else keep_fraction,
+            excluded,
+            captioner_version if v in RECAPTION_VARIANTS else None,
+        )
+        for v in versions
+        if v != RAW_TOPK_PLUS_RECAP
+    }
+    if RAW_TOPK_PLUS_RECAP in versions:
+        assert captioner_version is not None
+        thresholds[RAW_TOPK_PLUS_RECAP] = raw_plus_recap_threshold(
+            files_root, thresholds[CLIPSCORE_TOPK], captioner_version
+        )
+    if RECAP_MIX in thresholds:
+        thresholds[RECAP_MIX] = dataclasses.replace(
+            thresholds[RECAP_MIX], synthetic_caption_probability=mix_probability
+        )
+    thresholds = {v: thresholds[v] for v in schemas.SUBSET_VARIANTS if v in thresholds}  # in the variants' order
     write_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, {v: t.as_json() for v, t in thresholds.items()}, scratch)
     reward = thresholds[REWARD_TOPK]
     histogram = score_histogram(files_root, reward)

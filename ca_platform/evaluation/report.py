@@ -8,7 +8,7 @@ holds on a given pool is for the table to say.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,26 @@ import numpy as np
 
 from ca_platform import layout
 from ca_platform.analytics.plots import markdown_table, pyplot
-from ca_platform.schemas import FULL, TRAINING_VARIANTS, VARIANT_SCORERS
+from ca_platform.schemas import (
+    FULL,
+    RAW_TOPK_PLUS_RECAP,
+    RECAP_ALL,
+    RECAP_MIX,
+    REWARD_BEST_CAPTION,
+    TRAINING_VARIANTS,
+    VARIANT_SCORERS,
+)
 from ca_platform.storage import DataStore, read_json, write_json
+
+METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider", "bleu4")  # the table's figures, in its column order
+
+# Which captions each variant trains on.
+CAPTIONS = {
+    RECAP_ALL: "synthetic",
+    RAW_TOPK_PLUS_RECAP: "raw top k + synthetic",
+    RECAP_MIX: "raw/synthetic mix",
+    REWARD_BEST_CAPTION: "reward's best",
+}
 
 
 @dataclass(frozen=True)
@@ -25,12 +43,14 @@ class CurationRow:
     variant: str
     kept_fraction: float
     scorer_preference_accuracy: float | None  # held-out human preference accuracy of the ranking scorer
-    i2t_r1: float
+    i2t_r1: float  # each metric: the mean over the seeds' models
     t2i_r1: float
     i2t_r5: float
     t2i_r5: float
     cider: float
     bleu4: float
+    seeds: int = 1
+    spread: dict[str, float] = field(default_factory=dict)  # metric -> sample standard deviation over seeds
 
     def as_json(self) -> dict[str, Any]:
         document = asdict(self)
@@ -40,6 +60,7 @@ class CurationRow:
 
 COLUMNS = (
     "variant",
+    "captions",
     "kept fraction",
     "scorer pref. acc.",
     "I->T R@1",
@@ -53,11 +74,17 @@ COLUMNS = (
 
 def _row_cells(row: CurationRow) -> list[Any]:
     accuracy = "n/a" if row.scorer_preference_accuracy is None else f"{row.scorer_preference_accuracy:.3f}"
+
+    def figure(metric: str) -> str:
+        value = f"{getattr(row, metric):.3f}"
+        return f"{value} ± {row.spread.get(metric, 0.0):.3f}" if row.seeds > 1 else value
+
     return [
         row.variant,
+        CAPTIONS.get(row.variant, "raw"),
         f"{row.kept_fraction:.3f}",
         accuracy,
-        *(f"{v:.3f}" for v in (row.i2t_r1, row.t2i_r1, row.i2t_r5, row.t2i_r5, row.cider, row.bleu4)),
+        *(figure(metric) for metric in METRICS),
     ]
 
 
@@ -66,11 +93,13 @@ def curation_markdown(rows: Sequence[CurationRow]) -> str:
 
 
 def curation_text(rows: Sequence[CurationRow]) -> str:
-    """The same table for a terminal."""
+    """The same table for a terminal, with a note on the spread when models of several seeds were trained."""
     cells = [list(COLUMNS)] + [[str(c) for c in _row_cells(row)] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+    seeds = max((row.seeds for row in rows), default=1)
+    note = [f"(mean ± sample standard deviation over {seeds} training seeds)"] if seeds > 1 else []
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *note])
 
 
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
@@ -115,7 +144,7 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
     thresholds = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch) or {}
     accuracy = read_json(store, layout.PREFERENCE_ACCURACY_REPORT_KEY, scratch) or {}
     rows = []
-    for variant in TRAINING_VARIANTS:
+    for variant in (v for v in TRAINING_VARIANTS if v == FULL or v in thresholds):
         retrieval = read_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, variant), scratch)
         captioning = read_json(store, layout.variant_report_key(layout.CAPTIONING_REPORT, variant), scratch)
         if retrieval is None or captioning is None:
@@ -125,10 +154,8 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
             )
         if variant == FULL:
             kept_fraction = 1.0
-        elif variant in thresholds:
-            kept_fraction = thresholds[variant]["kept"] / thresholds[variant]["total"]
         else:
-            raise NotEvaluatedError(f"no score threshold for {variant}: materialize score_threshold first")
+            kept_fraction = thresholds[variant]["kept"] / thresholds[variant]["total"]
         scorer = VARIANT_SCORERS.get(variant)
         rows.append(
             CurationRow(
@@ -141,6 +168,8 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
                 t2i_r5=retrieval["t2i_r5"],
                 cider=captioning["cider"],
                 bleu4=captioning["bleu4"],
+                seeds=len(retrieval.get("per_seed", {})) or 1,
+                spread={**retrieval.get("spread", {}), **captioning.get("spread", {})},
             )
         )
     return rows

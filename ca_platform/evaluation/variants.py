@@ -7,9 +7,12 @@ process loads the definitions, and most evaluate nothing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ca_platform import layout
 from ca_platform.evaluation.captions import bleu4, cider_d
@@ -21,87 +24,130 @@ if TYPE_CHECKING:
     from ca_platform.evaluation.retrieval import RetrievalRecall
 
 
-def _checkpoint_folder(store: DataStore, model: str, variant: str, cache: Path, scratch: Path) -> tuple[str, Path]:
-    """The current version of `model` trained on `variant`, and its local folder."""
-    kind = layout.trained_model_kind(model, variant)
+def _checkpoint_folder(
+    store: DataStore, model: str, variant: str, seed: int, cache: Path, scratch: Path
+) -> tuple[str, Path]:
+    """The current version of `model` trained on `variant` with `seed`, and its local folder."""
+    kind = layout.trained_model_kind(model, variant, seed)
     version = current_model(store, kind, scratch)["version"]
     return version, fetch_folder(store, layout.model_prefix(kind, version), cache)
 
 
+def across_seeds(per_seed: Mapping[int, Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each metric's mean over the seeds' models and its spread (sample standard deviation; 0 for one seed), so a
+    report can tell a difference between variants from the noise of training."""
+    names = next(iter(per_seed.values())).keys()
+    values = {name: np.array([float(metrics[name]) for metrics in per_seed.values()]) for name in names}
+    mean = {name: float(v.mean()) for name, v in values.items()}
+    spread = {name: float(v.std(ddof=1)) if v.size > 1 else 0.0 for name, v in values.items()}
+    return mean, spread
+
+
 @dataclass(frozen=True)
 class RetrievalEvaluation:
-    model_version: str
-    recall: RetrievalRecall
-    document: dict[str, Any]  # as written to the variant's retrieval report
+    model_versions: dict[int, str]  # seed -> the CLIP evaluated
+    recall: RetrievalRecall  # of the first seed's model
+    document: dict[str, Any]  # as written to the variant's retrieval report: means over seeds, spreads, per seed
+
+
+RETRIEVAL_METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
 def evaluate_retrieval(
-    store: DataStore, variant: str, batch_size: int, device: str | None, cache: Path, scratch: Path
+    store: DataStore,
+    variant: str,
+    seeds: Sequence[int],
+    batch_size: int,
+    device: str | None,
+    cache: Path,
+    scratch: Path,
 ) -> RetrievalEvaluation:
-    """Image->text and text->image Recall@1/5/10 of the variant's CLIP on the current evaluation set (cosine of
-    the normalised embeddings; an image counts as found by any of its references), written to its report."""
+    """Image->text and text->image Recall@1/5/10 of the variant's CLIP of each seed on the current evaluation set
+    (cosine of the normalised embeddings; an image counts as found by any of its references), written to its
+    report as the mean over seeds with each metric's spread and every seed's figures."""
     from ca_platform.evaluation.retrieval import cosine_similarity_matrix, retrieval_recall
     from ca_platform.models.clip import embed_pairs
     from ca_platform.training.clip import load_trained_clip
 
     evaluation_version, dataset = current_evaluation_set(store, cache, scratch)
-    version, folder = _checkpoint_folder(store, layout.CLIP_CHECKPOINT, variant, cache, scratch)
-    model, preprocessor = load_trained_clip(folder, device=device)
     captions, owner = dataset.captions
-    images, texts = embed_pairs(model, preprocessor, dataset.images, captions, batch_size=batch_size, device=device)
-    recall = retrieval_recall(cosine_similarity_matrix(images, texts), owner)
+    versions, recalls = {}, {}
+    for seed in seeds:
+        versions[seed], folder = _checkpoint_folder(store, layout.CLIP_CHECKPOINT, variant, seed, cache, scratch)
+        model, preprocessor = load_trained_clip(folder, device=device)
+        images, texts = embed_pairs(model, preprocessor, dataset.images, captions, batch_size=batch_size, device=device)
+        recalls[seed] = retrieval_recall(cosine_similarity_matrix(images, texts), owner)
+    per_seed = {seed: {name: getattr(r, name) for name in RETRIEVAL_METRICS} for seed, r in recalls.items()}
+    mean, spread = across_seeds(per_seed)
+    first = recalls[seeds[0]]
     document = {
         "variant": variant,
-        "model_version": version,
+        "model_version": versions[seeds[0]],
+        "model_versions": {str(seed): version for seed, version in versions.items()},
         "evaluation_version": evaluation_version,
         "images_not_downloaded": dataset.not_downloaded,
-        **recall.as_json(),
+        "num_images": first.num_images,
+        "num_captions": first.num_captions,
+        **mean,
+        "spread": spread,
+        "per_seed": {str(seed): metrics for seed, metrics in per_seed.items()},
     }
     write_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, variant), document, scratch)
-    return RetrievalEvaluation(version, recall, document)
+    return RetrievalEvaluation(versions, first, document)
 
 
 @dataclass(frozen=True)
 class CaptioningEvaluation:
-    model_version: str
-    cider: float
+    model_versions: dict[int, str]  # seed -> the BLIP evaluated
+    cider: float  # mean over seeds
     bleu4: float
-    examples: list[tuple[str, str]]  # (a reference, the generated caption) of the first few images
+    examples: list[tuple[str, str]]  # (a reference, the first seed's caption) of the first few images
     document: dict[str, Any]  # as written to the variant's captioning report
 
 
 def evaluate_captioning(
     store: DataStore,
     variant: str,
+    seeds: Sequence[int],
     batch_size: int,
     max_new_tokens: int,
     device: str | None,
     cache: Path,
     scratch: Path,
 ) -> CaptioningEvaluation:
-    """CIDEr-D and BLEU-4 (coco-caption's definitions, in Python) of the variant's BLIP captions, greedy
-    decoding, against every reference of each evaluation image; written to its report."""
+    """CIDEr-D and BLEU-4 (coco-caption's definitions, in Python) of the variant's BLIP of each seed, greedy
+    decoding, against every reference of each evaluation image; written to its report as the mean over seeds
+    with the spread, every seed's scores and the first seed's captions."""
     from ca_platform.models.blip import generate_captions
     from ca_platform.training.captioner import load_trained_captioner
 
     evaluation_version, dataset = current_evaluation_set(store, cache, scratch)
-    version, folder = _checkpoint_folder(store, layout.BLIP_CHECKPOINT, variant, cache, scratch)
-    model, preprocessor = load_trained_captioner(folder, device=device)
-    generated = generate_captions(
-        model, preprocessor, dataset.images, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
-    )
-    candidates = dict(zip(dataset.uids, generated))
     references = dict(zip(dataset.uids, dataset.references))
-    cider, bleu = cider_d(candidates, references), bleu4(candidates, references)
+    versions, per_seed, captions = {}, {}, {}
+    for seed in seeds:
+        versions[seed], folder = _checkpoint_folder(store, layout.BLIP_CHECKPOINT, variant, seed, cache, scratch)
+        model, preprocessor = load_trained_captioner(folder, device=device)
+        generated = generate_captions(
+            model, preprocessor, dataset.images, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
+        )
+        captions[seed] = dict(zip(dataset.uids, generated))
+        per_seed[seed] = {
+            "cider": cider_d(captions[seed], references).score,
+            "bleu4": bleu4(captions[seed], references).score,
+        }
+    mean, spread = across_seeds(per_seed)
+    first = captions[seeds[0]]
     document = {
         "variant": variant,
-        "model_version": version,
+        "model_version": versions[seeds[0]],
+        "model_versions": {str(seed): version for seed, version in versions.items()},
         "evaluation_version": evaluation_version,
         "images_not_downloaded": dataset.not_downloaded,
-        "cider": cider.score,
-        "bleu4": bleu.score,
-        "captions": candidates,
+        **mean,
+        "spread": spread,
+        "per_seed": {str(seed): metrics for seed, metrics in per_seed.items()},
+        "captions": first,
     }
     write_json(store, layout.variant_report_key(layout.CAPTIONING_REPORT, variant), document, scratch)
-    examples = [(r[0], g) for r, g in zip(dataset.references[:5], generated[:5])]
-    return CaptioningEvaluation(version, cider.score, bleu.score, examples, document)
+    examples = [(refs[0], first[uid]) for uid, refs in list(references.items())[:5]]
+    return CaptioningEvaluation(versions, mean["cider"], mean["bleu4"], examples, document)

@@ -64,6 +64,15 @@ SUBSET_CHECKS = (
 SCORE_CHECKS = (
     CheckSpec("uid_coverage", "the scored uids are exactly the shard's successfully downloaded uids, once each"),
 )
+CAPTION_CHECKS = (
+    CheckSpec(
+        "captions_cover_images",
+        "every successfully downloaded image has each of its candidate captions (ranks 0..n-1) once, none null",
+    ),
+)
+SYNTHETIC_SCORE_CHECKS = (
+    CheckSpec("candidates_scored", "every synthetic candidate caption of the shard is scored once, with a score"),
+)
 
 
 @functools.cache
@@ -266,3 +275,55 @@ def check_subsets(
     if problems:
         metadata["reason"] = "; ".join(problems) + " (rescore the shard or download it again)"
     return CheckOutcome(SUBSET_CHECKS[0].name, not problems, metadata)
+
+
+def _missing_and_unexpected(found: pl.DataFrame, expected: pl.DataFrame, keys: list[str]) -> dict[str, Any]:
+    """The first few expected key rows that `found` lacks and found rows that were not expected, with counts."""
+    missing = expected.select(keys).join(found.select(keys), on=keys, how="anti", nulls_equal=True)
+    unexpected = found.select(keys).join(expected.select(keys), on=keys, how="anti", nulls_equal=True)
+    return {
+        "missing_count": missing.height,
+        "missing": missing.head(10).to_dicts(),
+        "unexpected_count": unexpected.height,
+        "unexpected": unexpected.head(10).to_dicts(),
+    }
+
+
+def check_synthetic_captions(captions: pl.DataFrame, ledger: pl.DataFrame, candidates: int) -> list[CheckOutcome]:
+    """Each downloaded image has exactly `candidates` captions, ranked 0..candidates-1, none null, and no caption
+    belongs to an image that was not downloaded."""
+    import great_expectations.expectations as gxe
+
+    downloaded = ledger.filter(pl.col(STATUS) == Status.SUCCESS).select(UID)
+    expected = downloaded.join(pl.DataFrame({schemas.RANK: pl.Series(range(candidates), dtype=pl.Int32)}), how="cross")
+    outcome = _run(
+        CAPTION_CHECKS[0].name,
+        captions.select(UID, schemas.RANK, CAPTION),
+        [
+            gxe.ExpectTableRowCountToEqual(value=expected.height),
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=[UID, schemas.RANK]),
+            gxe.ExpectColumnValuesToNotBeNull(column=CAPTION),
+        ],
+    )
+    coverage = _missing_and_unexpected(captions, expected, [UID, schemas.RANK])
+    passed = outcome.passed and coverage["missing_count"] == 0 and coverage["unexpected_count"] == 0
+    return [CheckOutcome(outcome.name, passed, {**outcome.metadata, **coverage})]
+
+
+def check_synthetic_scores(scores: pl.DataFrame, captions: pl.DataFrame) -> list[CheckOutcome]:
+    """Every candidate caption of the captions table is scored exactly once, with a non-null score."""
+    import great_expectations.expectations as gxe
+
+    expected = captions.select(UID, pl.col(schemas.RANK).alias(schemas.CAPTION_RANK))
+    outcome = _run(
+        SYNTHETIC_SCORE_CHECKS[0].name,
+        scores.select(UID, schemas.CAPTION_RANK, "score"),
+        [
+            gxe.ExpectTableRowCountToEqual(value=expected.height),
+            gxe.ExpectCompoundColumnsToBeUnique(column_list=[UID, schemas.CAPTION_RANK]),
+            gxe.ExpectColumnValuesToNotBeNull(column="score"),
+        ],
+    )
+    coverage = _missing_and_unexpected(scores, expected, [UID, schemas.CAPTION_RANK])
+    passed = outcome.passed and coverage["missing_count"] == 0 and coverage["unexpected_count"] == 0
+    return [CheckOutcome(outcome.name, passed, {**outcome.metadata, **coverage})]

@@ -1,12 +1,9 @@
-"""Reading the platform's webdataset tars safely.
+"""Reading the platform's webdataset tars safely, in a canonical order.
 
 webdataset's default decoders unpickle `.pyd`/`.pickle` members and `torch.load` `.pth` ones, so a tar
-from anywhere could run code. The platform never uses them: `WDS_SECURE=1` is set for the versions that
-honour it, `.pth` loads are limited to weights, and samples are handed out as raw bytes of an allow-list
-of extensions that the caller decodes itself.
-
-webdataset (which imports torch) is imported where tars are read, not with the module: every Dagster process
-loads the definitions, few read tars.
+from anywhere could run code. The platform reads tars with its own header walk instead, and hands samples out
+as raw bytes of an allow-list of extensions that the caller decodes itself. `WDS_SECURE=1` is still set (with
+weights-only `.pth` loads) for the webdataset the platform writes tars with, in case a caller reads through it.
 """
 
 from __future__ import annotations
@@ -40,23 +37,19 @@ class TarSample:
 
 
 def iter_samples(tars: Iterable[Path | str]) -> Iterator[TarSample]:
-    """Samples of the tars in order; members other than an image, `.txt` and `.json` are ignored undecoded.
+    """Samples of the tars, tar by tar, each tar's in canonical order (by sample key); members other than an
+    image, `.txt` and `.json` are ignored undecoded.
 
-    Every sample of every tar, wherever it runs: webdataset's own splitting by DataLoader worker and by
-    distributed node is off, so callers that parallelise split the stream themselves and lose nothing.
+    Canonical, not file order: img2dataset writes a shard's samples as their downloads complete, so the same
+    pool gives differently ordered tars from run to run; its keys number the pool rows, so key order is the
+    pool's order, and everything read from tars (training batches, subsets, scores) repeats exactly. Every
+    sample of every tar wherever it runs: callers that parallelise split the stream themselves.
     """
-    import webdataset as wds
-
-    dataset = wds.WebDataset(
-        [str(t) for t in tars], shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
-    )
-    for raw in dataset:
-        image_format = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        if image_format is None:
-            raise ValueError(f"{raw.get('__url__')}: sample {raw.get('__key__')!r} has no image member")
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
-        yield TarSample(raw["__key__"], raw[image_format], image_format, caption, meta)
+    for tar in tars:
+        path = Path(tar)
+        with open(path, "rb") as data:
+            for key, members in _samples_in_key_order(path):
+                yield _sample_from(path, key, members, data)
 
 
 @dataclass(frozen=True)
@@ -110,17 +103,17 @@ def _pax_records(block: bytes) -> dict[str, str]:
 
 
 def iter_samples_strided(tars: Iterable[Path | str], part: int, parts: int) -> Iterator[tuple[Path, TarSample]]:
-    """(tar, sample) of the samples whose running index over all the tars is `part` mod `parts`.
+    """(tar, sample) of the samples whose running index over all the tars (in `iter_samples` order) is `part`
+    mod `parts`.
 
-    For DataLoader workers: each walks the headers and reads only its own samples' bytes, where going through
-    `iter_samples` every worker would read and parse every sample to drop (parts - 1) / parts of them. Same
-    samples, keys and members as `iter_samples` (consecutive members sharing a key form a sample).
+    For DataLoader workers: each walks the headers and reads only its own samples' bytes. Same samples, keys and
+    members as `iter_samples` (consecutive members sharing a key form a sample).
     """
     index = 0
     for tar in tars:
         path = Path(tar)
         with open(path, "rb") as data:
-            for key, members in _samples_of(path):
+            for key, members in _samples_in_key_order(path):
                 if index % parts == part:
                     yield path, _sample_from(path, key, members, data)
                 index += 1
@@ -139,6 +132,16 @@ def _samples_of(tar_path: Path) -> Iterator[tuple[str, dict[str, TarMember]]]:
         members[match[2].lower()] = member  # webdataset lower-cases extensions too
     if members:
         yield key, members
+
+
+def _samples_in_key_order(tar_path: Path) -> list[tuple[str, dict[str, TarMember]]]:
+    """The tar's samples sorted by key (from its headers alone); a key on two separate runs of members is an error,
+    as webdataset would silently make two samples of it."""
+    samples = sorted(_samples_of(tar_path), key=lambda sample: sample[0])
+    for (key, _), (following, _) in zip(samples, samples[1:]):
+        if key == following:
+            raise ValueError(f"{tar_path}: sample key {key!r} appears twice")
+    return samples
 
 
 def _sample_from(tar_path: Path, key: str, members: dict[str, TarMember], data: Any) -> TarSample:

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from ca_platform import layout, schemas
-from ca_platform.audit import AuditFailed, StagedOutput, audit_and_publish
+from ca_platform.audit import StagedOutput, audit_and_publish, failed_shards_error
+from ca_platform.captioning.shards import read_synthetic_captions
 from ca_platform.ingest.download import downloaded_rows, fetch_downloaded_tars, read_download_ledger
-from ca_platform.ingest.quality import SCORE_CHECKS, CheckOutcome, check_scores
+from ca_platform.ingest.quality import SCORE_CHECKS, CheckOutcome, check_scores, check_synthetic_scores
 from ca_platform.scoring.registry import current_model, load_scorer
 from ca_platform.storage import DataStore, fetch_to_local
 
@@ -35,6 +36,7 @@ class ShardScores:
     scores: pl.DataFrame  # schemas.SCORES
     coverage: CheckOutcome  # the scored uids against the shard's ledger
     reused: bool  # an existing file of this version covered the shard's downloads
+    key: str  # the score file
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,45 @@ def score_normalisation(scorer: PairScorer) -> pl.Expr:
     return pl.lit(None, dtype=pl.Float64)
 
 
+@dataclass(frozen=True)
+class _ShardPairs:
+    """What scoring one shard covers: its images with their own captions, or with a captioner's candidates."""
+
+    key: str  # the score file
+    step: str  # the step name its staging, lock and quarantine entries carry
+    expected: pl.DataFrame  # uid and caption_rank of every pair to score
+    candidates: dict[str, list[tuple[int, str]]] | None  # uid -> (rank, caption), for synthetic captions
+    captioner_version: str | None
+    audit: Callable[[pl.DataFrame], list[CheckOutcome]]
+
+
+def _shard_pairs(
+    store: DataStore, kind: str, version: str, shard: str, ledger: pl.DataFrame, captioner: str | None, scratch: Path
+) -> _ShardPairs:
+    if captioner is None:
+        expected = downloaded_rows(ledger).select(schemas.UID, pl.lit(None, pl.Int32).alias(schemas.CAPTION_RANK))
+        return _ShardPairs(
+            layout.scores_key(kind, version, shard),
+            layout.scores_step(kind),
+            expected,
+            None,
+            None,
+            lambda frame: check_scores(frame, ledger),
+        )
+    captions = read_synthetic_captions(store, captioner, shard, scratch)
+    candidates: dict[str, list[tuple[int, str]]] = {}
+    for uid, rank, caption in captions.select(schemas.UID, schemas.RANK, schemas.CAPTION).iter_rows():
+        candidates.setdefault(uid, []).append((rank, caption))
+    return _ShardPairs(
+        layout.synthetic_scores_key(kind, version, captioner, shard),
+        layout.synthetic_scores_step(kind),
+        captions.select(schemas.UID, pl.col(schemas.RANK).alias(schemas.CAPTION_RANK)),
+        candidates,
+        captioner,
+        lambda frame: check_synthetic_scores(frame, captions),
+    )
+
+
 def score_shard(
     store: DataStore,
     scorer: PairScorer,
@@ -70,46 +111,37 @@ def score_shard(
     scratch: Path,
     batch_size: int,
     num_workers: int,
+    captioner_version: str | None = None,
 ) -> ShardScores:
-    """Score one shard's downloaded pairs, audit them against its ledger and publish its scores parquet if
-    they pass (AuditFailed otherwise, the attempt kept under rejected/); a file of this version that already
-    covers exactly the shard's downloaded uids is reused instead."""
+    """Score one shard's downloaded pairs (with `captioner_version`: its images with each synthetic caption of
+    that captioner instead), audit them against the ledger (the captions table) and publish the scores parquet
+    if they pass (AuditFailed otherwise, the attempt kept under rejected/); a file of this version that already
+    covers exactly the same pairs is reused instead."""
     from ca_platform.scoring.streaming import score_tars
 
-    key = layout.scores_key(kind, scorer.version, shard)
     ledger = read_download_ledger(store, shard, scratch / "ledger")
-    if store.exists(key):
-        existing = pl.read_parquet(fetch_to_local(store, key, scratch / "existing"))
-        if existing[schemas.UID].sort().equals(downloaded_rows(ledger)[schemas.UID].sort()):
-            return ShardScores(shard, existing, check_scores(existing, ledger)[0], reused=True)
+    pairs = _shard_pairs(store, kind, scorer.version, shard, ledger, captioner_version, scratch / "captions")
+    pair_key = [schemas.UID, schemas.CAPTION_RANK]
+    if store.exists(pairs.key):
+        existing = pl.read_parquet(fetch_to_local(store, pairs.key, scratch / "existing"))
+        if existing.select(pair_key).sort(pair_key).equals(pairs.expected.select(pair_key).sort(pair_key)):
+            return ShardScores(shard, existing, pairs.audit(existing)[0], reused=True, key=pairs.key)
     tars = fetch_downloaded_tars(store, shard, ledger, scratch / "in")
-    scored = score_tars(tars, scorer, batch_size=batch_size, num_workers=num_workers)
+    scored = score_tars(tars, scorer, batch_size=batch_size, num_workers=num_workers, candidates=pairs.candidates)
     frame = scored.with_columns(
         pl.lit(shard).alias(schemas.SHARD),
         pl.lit(kind).alias("scorer"),
         pl.lit(scorer.version).alias("model_version"),
         score_normalisation(scorer).alias("score_norm"),
+        pl.lit(schemas.SYNTHETIC_CAPTION if captioner_version else schemas.RAW_CAPTION).alias("caption_source"),
+        pl.lit(captioner_version, dtype=pl.String).alias(schemas.CAPTIONER_VERSION),
     )
     frame = schemas.conform(frame, schemas.SCORES)
     local = scratch / "scores.parquet"
     frame.write_parquet(local)
-    outcomes = check_scores(frame, ledger)
-    audit_and_publish(store, StagedOutput(layout.scores_step(kind), shard, run_id, {}, key, local), outcomes)
-    return ShardScores(shard, frame, outcomes[0], reused=False)
-
-
-def _failed_shards(kind: str, version: str, failures: dict[str, Exception]) -> Exception:
-    """One error naming every failed shard with its reason; an AuditFailed (carrying one merged uid-coverage
-    outcome for the run's check) when some failed their audit."""
-    what = f"{kind} {version}: {len(failures)} shards failed: " + "; ".join(f"{s}: {e}" for s, e in failures.items())
-    audits = {shard: error for shard, error in failures.items() if isinstance(error, AuditFailed)}
-    if not audits:
-        return RuntimeError(what)
-    per_shard = {shard: error.outcomes[0].metadata for shard, error in audits.items()}
-    merged = CheckOutcome(
-        SCORE_CHECKS[0].name, False, {"reason": f"failed for shards {', '.join(audits)}", **per_shard}
-    )
-    return AuditFailed(what, [merged], ", ".join(error.rejected_uri for error in audits.values()))
+    outcomes = pairs.audit(frame)
+    audit_and_publish(store, StagedOutput(pairs.step, shard, run_id, {}, pairs.key, local), outcomes)
+    return ShardScores(shard, frame, outcomes[0], reused=False, key=pairs.key)
 
 
 def score_shards(
@@ -124,8 +156,10 @@ def score_shards(
     cache: Path,
     attempt: Callable[[str, str], AbstractContextManager[Path]],
     refresh: Callable[[list[str]], None],
+    captioner_version: str | None = None,
 ) -> ScoringRun:
-    """Score `shards` with the current version of `kind`, the model loaded once for all of them.
+    """Score `shards` with the current version of `kind`, the model loaded once for all of them; with
+    `captioner_version`, the shards' synthetic captions of that captioner rather than their own captions.
 
     `attempt(step, shard)` holds the shard's lock and gives a private staging folder; `refresh(keys)` makes
     newly written score files visible to the DuckDB views. A shard that fails (its audit, or an error) does not
@@ -137,16 +171,19 @@ def score_shards(
     scorer = load_scorer(store, kind, document, cache, device)
     results: list[ShardScores] = []
     failures: dict[str, Exception] = {}
+    step = layout.synthetic_scores_step(kind) if captioner_version else layout.scores_step(kind)
     for shard in shards:
         try:
-            with attempt(layout.scores_step(kind), shard) as scratch:
-                result = score_shard(store, scorer, kind, shard, run_id, scratch, batch_size, num_workers)
+            with attempt(step, shard) as scratch:
+                result = score_shard(
+                    store, scorer, kind, shard, run_id, scratch, batch_size, num_workers, captioner_version
+                )
         except Exception as error:  # one bad shard never stops the others; `attempt` quarantined it
             failures[shard] = error
             continue
         if not result.reused:
-            refresh([layout.scores_key(kind, scorer.version, shard)])
+            refresh([result.key])
         results.append(result)
     if failures:
-        raise _failed_shards(kind, scorer.version, failures)
+        raise failed_shards_error(f"{kind} {scorer.version}", failures, SCORE_CHECKS[0].name)
     return ScoringRun(kind, scorer.version, results)

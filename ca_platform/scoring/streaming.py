@@ -7,7 +7,7 @@ samples' bytes), the model in the main process, so a GPU is fed while the CPUs d
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ca_platform import schemas
 from ca_platform.ingest.webdataset_io import SampleError, decode_sample, iter_samples_strided
 from ca_platform.models.devices import cpu_budget
 from ca_platform.models.preprocessing import Prepared
@@ -35,19 +36,31 @@ class _Unscorable:
     message: str
 
 
-class _PreparedTarPairs(IterableDataset):
-    """(uid, prepared) per sample; worker k of n takes the samples whose running index is k mod n.
+# Candidate captions to score instead of the tars' own: uid -> (caption rank, caption) of each candidate.
+Candidates = Mapping[str, Sequence[tuple[int, str]]]
+PairId = tuple[str, int | None]  # (uid, caption rank); the rank is None for the tar's own caption
 
-    Striding by sample rather than by tar keeps workers evenly loaded whatever the tar count; each worker walks
-    every tar's headers but reads only its own samples' bytes. A sample that does not decode ends the worker's
-    stream with an `_Unscorable`.
+
+class _PreparedTarPairs(IterableDataset):
+    """(pair id, prepared) per pair; worker k of n takes the samples whose running index is k mod n.
+
+    A pair is a sample's image with its own caption, or, given `candidates`, with each of its candidate
+    captions (the image decoded once for all of them). Striding by sample rather than by tar keeps workers
+    evenly loaded whatever the tar count; each worker walks every tar's headers but reads only its own
+    samples' bytes. A sample that does not decode ends the worker's stream with an `_Unscorable`.
     """
 
-    def __init__(self, tars: Sequence[Path], prepare: Callable[[Image.Image, str], Prepared]) -> None:
+    def __init__(
+        self,
+        tars: Sequence[Path],
+        prepare: Callable[[Image.Image, str], Prepared],
+        candidates: Candidates | None = None,
+    ) -> None:
         self.tars = list(tars)
         self.prepare = prepare
+        self.candidates = candidates
 
-    def __iter__(self) -> Iterator[tuple[str, Prepared] | _Unscorable]:
+    def __iter__(self) -> Iterator[tuple[PairId, Prepared] | _Unscorable]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for tar, sample in iter_samples_strided(self.tars, worker, workers):
@@ -56,7 +69,11 @@ class _PreparedTarPairs(IterableDataset):
             except SampleError as error:
                 yield _Unscorable(str(error))
                 return
-            yield uid, self.prepare(image, caption)
+            if self.candidates is None:
+                yield (uid, None), self.prepare(image, caption)
+                continue
+            for rank, candidate in self.candidates.get(uid, ()):
+                yield (uid, rank), self.prepare(image, candidate)
 
 
 def _one_thread_per_worker(worker_id: int) -> None:
@@ -71,12 +88,12 @@ class _CollateWithUids:
     collate: Callable[[list[Prepared]], dict[str, Any]]
 
     def __call__(
-        self, items: list[tuple[str, Prepared] | _Unscorable]
-    ) -> tuple[list[str], dict[str, Any]] | _Unscorable:
+        self, items: list[tuple[PairId, Prepared] | _Unscorable]
+    ) -> tuple[list[PairId], dict[str, Any]] | _Unscorable:
         failed = [item for item in items if isinstance(item, _Unscorable)]
         if failed:
             return failed[0]
-        return [uid for uid, _ in items], self.collate([prepared for _, prepared in items])
+        return [pair for pair, _ in items], self.collate([prepared for _, prepared in items])
 
 
 @contextlib.contextmanager
@@ -92,14 +109,19 @@ def _cores_left_to_workers(budget: int, num_workers: int) -> Iterator[None]:
 
 
 def prepared_batches(
-    tars: Sequence[Path], scorer: PairScorer, batch_size: int = 64, num_workers: int = 2
-) -> Iterator[tuple[list[str], dict[str, Any]]]:
-    """(uids, collated batch) of every sample of the tars, decoded and prepared in DataLoader workers.
+    tars: Sequence[Path],
+    scorer: PairScorer,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    candidates: Candidates | None = None,
+) -> Iterator[tuple[list[PairId], dict[str, Any]]]:
+    """(pair ids, collated batch) of every pair of the tars (see `_PreparedTarPairs`), decoded and prepared in
+    DataLoader workers.
 
     A sample whose image does not decode raises SampleError naming the tar and key.
     """
     loader = DataLoader(
-        _PreparedTarPairs([Path(t) for t in tars], scorer.prepare),
+        _PreparedTarPairs([Path(t) for t in tars], scorer.prepare, candidates),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_CollateWithUids(scorer.collate),
@@ -112,22 +134,36 @@ def prepared_batches(
         yield item
 
 
-def score_tars(tars: Sequence[Path], scorer: PairScorer, batch_size: int = 64, num_workers: int = 2) -> pl.DataFrame:
-    """Score every sample of the tars: one row per sample, columns `uid` (str) and `score` (float64).
+def score_tars(
+    tars: Sequence[Path],
+    scorer: PairScorer,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    candidates: Candidates | None = None,
+) -> pl.DataFrame:
+    """Score every pair of the tars: each sample with its own caption, or with each of its `candidates`; one
+    row per pair, columns `uid` (str), `caption_rank` (int32, null for the sample's own caption) and `score`
+    (float64).
 
     A sample whose image does not decode raises SampleError naming the tar and key, so no sample drops out
     unnoticed; the caller decides what a failed shard means.
     """
-    uids: list[str] = []
+    pairs: list[PairId] = []
     scores: list[np.ndarray] = []
     budget = cpu_budget()
     num_workers = min(num_workers, budget)  # a one-CPU Ray actor decodes in one worker, not two
     with _cores_left_to_workers(budget, num_workers):
-        for batch_uids, batch in prepared_batches(tars, scorer, batch_size, num_workers):
-            uids.extend(batch_uids)
+        for batch_pairs, batch in prepared_batches(tars, scorer, batch_size, num_workers, candidates):
+            pairs.extend(batch_pairs)
             scores.append(scorer.score_batch(batch).float().numpy())
     values = np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
-    return pl.DataFrame({"uid": pl.Series(uids, dtype=pl.String), "score": pl.Series(values, dtype=pl.Float64)})
+    return pl.DataFrame(
+        {
+            schemas.UID: pl.Series([uid for uid, _ in pairs], dtype=pl.String),
+            schemas.CAPTION_RANK: pl.Series([rank for _, rank in pairs], dtype=pl.Int32),
+            "score": pl.Series(values, dtype=pl.Float64),
+        }
+    )
 
 
 def score_pairs(

@@ -33,8 +33,10 @@ def train_blip_captioner_on_tars(
     learning_rate: float = 5e-4,
     seed: int = 0,
     device: str | None = None,
+    synthetic_caption_probability: float | None = None,
 ) -> TrainedModel:
-    """A BLIP captioner trained on the pairs of the tars (`pairs` of them, if known) until the budget is spent."""
+    """A BLIP captioner trained on the pairs of the tars (`pairs` of them, if known) until the budget is spent;
+    recap_mix_p's `synthetic_caption_probability` as `train_on_tars` says."""
     return train_built_model(
         build_blip_captioner,
         captioning_loss,
@@ -48,6 +50,7 @@ def train_blip_captioner_on_tars(
         learning_rate=learning_rate,
         seed=seed,
         device=device,
+        synthetic_caption_probability=synthetic_caption_probability,
     )
 
 

@@ -26,6 +26,7 @@ from ca_platform.models.checkpoints import content_version
 from ca_platform.models.devices import pick_device
 from ca_platform.models.preprocessing import PairPreprocessor, Prepared
 from ca_platform.models.training import TrainedModel, adamw, collated_loss, train_on_batches
+from ca_platform.schemas import SYNTHETIC_CAPTION_META
 
 SHUFFLE_BUFFER = 1000
 WARMUP_FRACTION = 0.05
@@ -80,9 +81,29 @@ def _shuffled_epoch(tars: Sequence[Path], rng: random.Random, buffer_size: int) 
     yield from buffer
 
 
-def _prepared(tar: Path, sample: TarSample, prepare: Callable[[Image.Image, str], Prepared]) -> Prepared:
+# Which caption of a sample training uses (its own, unless a variant mixes in synthetic ones).
+CaptionChoice = Callable[[Path, TarSample], str]
+
+
+def mixed_captions(probability: float, seed: int) -> CaptionChoice:
+    """recap_mix_p's draw (Recap-DataComp): a sample's synthetic caption, carried in its json member, with
+    `probability`, else its own. Seeded apart from the shuffle, so the same batches draw the same captions."""
+    rng = random.Random(f"recap-mix:{seed}")
+
+    def caption_of(tar: Path, sample: TarSample) -> str:
+        synthetic = sample.meta.get(SYNTHETIC_CAPTION_META)
+        if synthetic is None:
+            raise ValueError(f"{tar}: sample {sample.key!r} carries no synthetic caption to mix in")
+        return str(synthetic) if rng.random() < probability else sample.caption
+
+    return caption_of
+
+
+def _prepared(
+    tar: Path, sample: TarSample, prepare: Callable[[Image.Image, str], Prepared], caption_of: CaptionChoice | None
+) -> Prepared:
     _, image, caption = decode_sample(tar, sample)
-    return prepare(image, caption)
+    return prepare(image, caption_of(tar, sample) if caption_of else caption)
 
 
 def epoch_batch_sizes(samples: int, batch_size: int) -> list[int]:
@@ -105,11 +126,14 @@ def training_batches(
     batch_size: int,
     seed: int,
     shuffle_buffer: int = SHUFFLE_BUFFER,
+    caption_of: CaptionChoice | None = None,
 ) -> Iterator[list[Prepared]]:
-    """Shuffled batches of prepared samples, epoch after epoch, until exactly `total_samples` are handed out.
+    """Shuffled batches of prepared samples, epoch after epoch, until exactly `total_samples` are handed out;
+    each sample with its own caption, or the one `caption_of` chooses.
 
     A batch never spans two epochs, so no batch holds a sample twice (in-batch negatives stay distinct), and
-    the last epoch stops where the budget does. The same seed and tars give the same batches.
+    the last epoch stops where the budget does. The same seed and tars give the same batches (tars are read in
+    canonical order, whatever order their samples were written in).
     """
     if pairs_per_epoch < 2:
         raise ValueError(
@@ -122,7 +146,7 @@ def training_batches(
     while remaining >= 2:
         samples = _shuffled_epoch(tars, rng, shuffle_buffer)
         for size in epoch_batch_sizes(min(pairs_per_epoch, remaining), batch_size):
-            batch = [_prepared(tar, sample, prepare) for tar, sample in itertools.islice(samples, size)]
+            batch = [_prepared(tar, sample, prepare, caption_of) for tar, sample in itertools.islice(samples, size)]
             if len(batch) < size:
                 raise ValueError(f"{[str(t) for t in tars]}: fewer than the {pairs_per_epoch} pairs counted before")
             yield batch
@@ -152,17 +176,25 @@ def train_on_tars(
     seed: int,
     device: torch.device,
     shuffle_buffer: int = SHUFFLE_BUFFER,
+    synthetic_caption_probability: float | None = None,
 ) -> dict[str, Any]:
     """AdamW with gradient clipping and a warm-up/cosine schedule over streamed batches, until the budget is spent.
 
     `pairs` is the number of samples in the tars when the caller knows it (the training set counted them);
-    otherwise the tars are walked once to count. Returns JSON-ready metrics: the per-step loss curve, steps,
-    samples seen and epochs completed (fractional when the budget ends inside an epoch).
+    otherwise the tars are walked once to count. With `synthetic_caption_probability` (recap_mix_p), each
+    sample's synthetic caption is drawn with that probability (`mixed_captions`). Returns JSON-ready metrics:
+    the per-step loss curve, steps, samples seen and epochs completed (fractional when the budget ends inside an
+    epoch).
     """
     paths = [Path(t) for t in tars]
     pairs_per_epoch = count_pairs(paths) if pairs is None else pairs
     total = budget.total_samples(pairs_per_epoch)
-    batches = training_batches(paths, preprocessor.prepare, pairs_per_epoch, total, batch_size, seed, shuffle_buffer)
+    caption_of = (
+        mixed_captions(synthetic_caption_probability, seed) if synthetic_caption_probability is not None else None
+    )
+    batches = training_batches(
+        paths, preprocessor.prepare, pairs_per_epoch, total, batch_size, seed, shuffle_buffer, caption_of
+    )
     torch.manual_seed(seed)
     optimizer = adamw(model.parameters(), learning_rate, fused=device.type in ("cpu", "cuda"))
     started = time.perf_counter()
@@ -190,6 +222,7 @@ def train_on_tars(
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "seed": seed,
+        "synthetic_caption_probability": synthetic_caption_probability,
         "device": str(device),
         "seconds": seconds,
         "samples_per_second": seen / max(seconds, 1e-9),
@@ -210,10 +243,11 @@ def train_built_model(
     learning_rate: float,
     seed: int,
     device: str | None,
+    synthetic_caption_probability: float | None = None,
 ) -> TrainedModel:
     """A model built by `build(source, image_size)` (seeded first, so its initial weights repeat) and trained
-    with `batch_loss(model, batch on the device)` on the tars until the budget is spent; metrics name `kind`
-    and the source."""
+    with `batch_loss(model, batch on the device)` on the tars until the budget is spent (captions mixed as
+    `train_on_tars` says); metrics name `kind` and the source."""
     torch.manual_seed(seed)
     model, preprocessor = build(source, image_size)
     target = pick_device(device)
@@ -228,5 +262,6 @@ def train_built_model(
         learning_rate=learning_rate,
         seed=seed,
         device=target,
+        synthetic_caption_probability=synthetic_caption_probability,
     )
     return TrainedModel(model, preprocessor, {"model": kind, "source": describe_source(source), **metrics})

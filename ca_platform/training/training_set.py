@@ -11,6 +11,7 @@ process loads the definitions, and most train nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ca_platform import layout, schemas
-from ca_platform.compression.threshold import published_thresholds
+from ca_platform.compression.threshold import ScoreThreshold, published_thresholds
 from ca_platform.ingest.download import downloaded_rows, downloaded_shards, fetch_downloaded_tars, read_download_ledger
 from ca_platform.ingest.webdataset_io import TarSample, iter_samples
 from ca_platform.scoring.registry import recipe_hash, recipe_settings, train_once
@@ -40,6 +41,7 @@ class TrainingSet:
     fingerprint: str  # of the pairs themselves (shard, uid, image sha256, caption): the same after a re-pack
     pairs: int
     pool_pairs: int  # downloaded pairs of the whole pool, what the samples-seen budget is counted in
+    synthetic_caption_probability: float | None = None  # recap_mix_p: training draws the synthetic caption so often
 
 
 def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
@@ -50,34 +52,40 @@ def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
     digest = hashlib.sha256()
     tars: list[Path] = []
     pairs = pool_pairs = 0
-    shards = [shard for shard in downloaded_shards(store) if shard not in _left_out_of_cut(store, scratch)]
+    cuts = _published_cuts(store, scratch)
+    left_out = {shard for cut in cuts.values() for shard in cut.excluded}
+    mix = cuts[variant].synthetic_caption_probability if variant in cuts else None
+    shards = [shard for shard in downloaded_shards(store) if shard not in left_out]
     if not shards:
         raise NoTrainingDataError(f"no training data for {variant}: no shard has been downloaded")
     for shard in shards:
         shard_tars, shard_pool_pairs = _shard_tars(store, variant, shard, scratch)
         rows = sorted(_pair_row(shard, sample) for sample in iter_samples(shard_tars))
-        for uid, image_sha256, caption in rows:
-            digest.update(json.dumps([shard, uid, image_sha256, caption]).encode() + b"\n")
+        for row in rows:
+            digest.update(json.dumps([shard, *row]).encode() + b"\n")
         tars += shard_tars
         pairs += len(rows)
         pool_pairs += shard_pool_pairs
-    return TrainingSet(variant, tars, digest.hexdigest(), pairs, pool_pairs)
+    if mix is not None:
+        digest.update(f"synthetic caption probability {mix}".encode())
+    return TrainingSet(variant, tars, digest.hexdigest(), pairs, pool_pairs, mix)
 
 
-def _left_out_of_cut(store: DataStore, scratch: Path) -> set[str]:
-    """The shards the published cut left out (none before there is a cut)."""
+def _published_cuts(store: DataStore, scratch: Path) -> dict[str, ScoreThreshold]:
+    """The published cut of each subset variant (none before there is a cut)."""
     try:
-        return {shard for threshold in published_thresholds(store, scratch) for shard in threshold.excluded}
+        return {threshold.variant: threshold for threshold in published_thresholds(store, scratch)}
     except LookupError:
-        return set()
+        return {}
 
 
-def _pair_row(shard: str, sample: TarSample) -> tuple[str, str, str]:
-    """(uid, image sha256, caption) of a sample, its image left undecoded."""
+def _pair_row(shard: str, sample: TarSample) -> tuple[str, str, str, str | None]:
+    """(uid, image sha256, caption, synthetic caption carried beside it) of a sample, its image left undecoded."""
     uid = sample.meta.get(schemas.UID)
     if uid is None:
         raise ValueError(f"shard {shard}: sample {sample.key!r} has no uid in its json member")
-    return str(uid), hashlib.sha256(sample.image).hexdigest(), sample.caption
+    synthetic = sample.meta.get(schemas.SYNTHETIC_CAPTION_META)
+    return str(uid), hashlib.sha256(sample.image).hexdigest(), sample.caption, synthetic
 
 
 def _shard_tars(store: DataStore, variant: str, shard: str, scratch: Path) -> tuple[list[Path], int]:
@@ -110,7 +118,11 @@ class TrainingSettings:
     clip_learning_rate: float
     blip_learning_rate: float
     seed: int
+    seeds: int  # models per variant, seeded seed, seed + 1, ...
     device: str | None
+
+    def training_seeds(self) -> list[int]:
+        return [self.seed + offset for offset in range(self.seeds)]
 
 
 def budget_for(settings: TrainingSettings, full_pairs: int) -> TrainingBudget:
@@ -150,12 +162,13 @@ def _variant_model(model: str) -> _VariantModel:
 
 
 def train_on_variant(
-    store: DataStore, model: str, variant: str, settings: TrainingSettings, scratch: Path
+    store: DataStore, model: str, variant: str, settings: TrainingSettings, seed: int, scratch: Path
 ) -> tuple[dict[str, Any], bool]:
-    """The current document of `model` (CLIP_CHECKPOINT or BLIP_CHECKPOINT) trained on `variant`, and whether
-    it was trained now: not while the variant's pairs and the settings are unchanged."""
+    """The current document of `model` (CLIP_CHECKPOINT or BLIP_CHECKPOINT) trained on `variant` with `seed`,
+    and whether it was trained now: not while the variant's pairs and the settings are unchanged."""
     spec = _variant_model(model)
     dataset = training_set(store, variant, scratch)
+    settings = dataclasses.replace(settings, seed=seed, seeds=1)  # this model's own recipe, whatever else trains
     budget = budget_for(settings, dataset.pool_pairs)
     recipe = recipe_hash([model, dataset.fingerprint, recipe_settings(settings), repr(budget)])
 
@@ -170,14 +183,16 @@ def train_on_variant(
             learning_rate=spec.learning_rate(settings),
             seed=settings.seed,
             device=settings.device,
+            synthetic_caption_probability=dataset.synthetic_caption_probability,
         )
         version, folder = spec.save(trained, scratch / "checkpoints")
         fields = {
             "variant": variant,
+            "seed": seed,
             "training_pairs": dataset.pairs,
             "metrics": {k: v for k, v in trained.metrics.items() if k != "loss"},
             "loss": trained.metrics.get("loss", []),
         }
         return version, folder, fields
 
-    return train_once(store, layout.trained_model_kind(model, variant), recipe, train_and_save, scratch)
+    return train_once(store, layout.trained_model_kind(model, variant, seed), recipe, train_and_save, scratch)

@@ -50,7 +50,13 @@ def _write(path: Path, frame: pl.DataFrame, schema: Mapping[str, pl.DataType]) -
 def _write_scores(root: Path, scorer: str, version: str, shards: dict[str, dict[str, float]]) -> None:
     for shard, scores in shards.items():
         frame = pl.DataFrame({"uid": list(scores), "score": list(scores.values())}).with_columns(
-            shard=pl.lit(shard), scorer=pl.lit(scorer), model_version=pl.lit(version), score_norm=pl.col("score") / 10
+            shard=pl.lit(shard),
+            scorer=pl.lit(scorer),
+            model_version=pl.lit(version),
+            score_norm=pl.col("score") / 10,
+            caption_source=pl.lit(schemas.RAW_CAPTION),
+            captioner_version=pl.lit(None),
+            caption_rank=pl.lit(None),
         )
         _write(root / layout.scores_key(scorer, version, shard), frame, schemas.SCORES)
 
@@ -67,6 +73,9 @@ def _write_subsets(root: Path) -> None:
                     "keep_fraction": fraction,
                     "score": [score for score, _ in members.values()],  # the score that kept or dropped it
                     "kept": [kept for _, kept in members.values()],
+                    "caption_source": schemas.RAW_CAPTION,
+                    "captioner_version": None,
+                    "caption_rank": None,
                 }
             )
             _write(root / layout.subset_membership_key(variant, shard), frame, schemas.SUBSETS)

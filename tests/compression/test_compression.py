@@ -265,6 +265,9 @@ def _membership(variant: str, uids: list[str], kept: set[str]) -> pl.DataFrame:
             "keep_fraction": [0.5] * len(uids),
             "score": [float(i) for i in range(len(uids))],
             "kept": [uid in kept for uid in uids],
+            "caption_source": [schemas.RAW_CAPTION] * len(uids),
+            "captioner_version": [None] * len(uids),
+            "caption_rank": [None] * len(uids),
         }
     )
     return schemas.conform(frame, schemas.SUBSETS)

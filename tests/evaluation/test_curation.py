@@ -16,6 +16,7 @@ import pytest
 
 from ca_platform import analytics, layout
 from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
+from ca_platform.resources import CaptioningConfig
 from ca_platform.runner import build_resources, run_lineage
 from ca_platform.schemas import TRAINING_VARIANTS
 from ca_platform.training.captioner import train_blip_captioner_on_tars
@@ -32,6 +33,7 @@ class CliRun:
     resources: dict[str, object]  # what the command built from its arguments
     data: Path
     done: subprocess.CompletedProcess[str]
+    command: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def dead_shard_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]
         data = root / "data"
         command = [str(BIN / "ca-platform"), "run", "--pool", str(pool), "--data", str(data)]
         command += ["--allow-host", "127.0.0.1", "--preferences", str(preferences), "--keep", "0.5"]
-        command += ["--eval", str(evaluation)]
+        command += ["--eval", str(evaluation), "--recaption"]
         done = subprocess.run(command, env=cli_env(root), capture_output=True, text=True, timeout=600)
         resources = build_resources(
             str(pool),
@@ -59,8 +61,9 @@ def dead_shard_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]
             preferences_uri=str(preferences),
             keep_fraction=0.5,
             evaluation_uri=str(evaluation),
+            captioning=CaptioningConfig(enabled=True),
         )
-        yield CliRun(resources, data, done)
+        yield CliRun(resources, data, done, command)
     finally:
         server.server.shutdown()
         server.server.server_close()
@@ -100,7 +103,7 @@ def test_the_report_lists_every_variant_as_measured_with_an_equal_budget(dead_sh
     assert (reports / "curation_report.png").stat().st_size > 0
     assert all(v in (reports / "curation_report.md").read_text() for v in TRAINING_VARIANTS)
     seen = {
-        json.loads((dead_shard_run.data / layout.current_model_key(layout.trained_model_kind(m, v))).read_text())[
+        json.loads((dead_shard_run.data / layout.current_model_key(layout.trained_model_kind(m, v, 0))).read_text())[
             "metrics"
         ]["samples_seen"]
         for m in ("clip_checkpoint", "blip_checkpoint")
@@ -123,11 +126,24 @@ def test_a_second_run_reuses_everything_and_still_quarantines_the_dead_shard(dea
     again: data and settings are the same."""
     data = dead_shard_run.data
     versions = {
-        v: json.loads((data / layout.current_model_key(f"clip_checkpoint/{v}")).read_text()) for v in TRAINING_VARIANTS
+        v: json.loads((data / layout.current_model_key(layout.trained_model_kind("clip_checkpoint", v, 0))).read_text())
+        for v in TRAINING_VARIANTS
     }
     evaluation_ledger = next((data / layout.EVALUATION_DIR).glob("*/rows.parquet")).stat().st_mtime_ns
     again = run_lineage(dead_shard_run.resources, compress=True)  # in this process: the same resources
     assert not again.success and list(again.quarantined) == ["part-dead"]
     assert next((data / layout.EVALUATION_DIR).glob("*/rows.parquet")).stat().st_mtime_ns == evaluation_ledger
     for variant, version in versions.items():
-        assert json.loads((data / layout.current_model_key(f"clip_checkpoint/{variant}")).read_text()) == version
+        kind = layout.trained_model_kind("clip_checkpoint", variant, 0)
+        assert json.loads((data / layout.current_model_key(kind)).read_text()) == version
+
+
+def test_the_same_inputs_give_the_same_curation_report(dead_shard_run: CliRun, tmp_path: Path) -> None:
+    """The same command into a fresh data root: the downloads complete in another order, yet every model sees
+    the same batches (samples are read in canonical order) and the report repeats to the last digit."""
+    command = [*dead_shard_run.command]
+    command[command.index("--data") + 1] = str(tmp_path / "data")
+    done = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]  # the dead shard again
+    again = json.loads((tmp_path / "data" / layout.CURATION_REPORT_KEY).read_text())
+    assert again == json.loads((dead_shard_run.data / layout.CURATION_REPORT_KEY).read_text())

@@ -16,7 +16,7 @@ from dagster import AssetKey, DagsterInstance, Definitions, evaluate_automation_
 from ca_platform import analytics, layout
 from ca_platform.assets import ALL_ASSETS
 from ca_platform.models.tokenization import bert_tokenizer
-from ca_platform.resources import BaselineConfig, ScoringConfig
+from ca_platform.resources import BaselineConfig, CaptioningConfig, ScoringConfig
 from ca_platform.runner import build_resources, run_lineage
 from ca_platform.scoring.registry import register_reward_checkpoint
 from ca_platform.scoring.reward.model import RewardModelSpec, build_reward_model
@@ -133,3 +133,55 @@ def test_a_new_reward_model_version_rescores_every_shard_once(web_pool: Callable
     assert sorted(per_version) == sorted([(first, downloaded), (second, downloaded)])
     subsets = analytics.query(db, "SELECT DISTINCT model_version FROM subsets WHERE variant = 'reward_topk'").rows
     assert subsets == [(second,)]
+
+
+@pytest.mark.slow
+def test_a_new_captioner_version_recaptions_every_shard_then_the_cut_follows(
+    web_pool: Callable[..., Path], tmp_path: Path
+) -> None:
+    pool, data = web_pool(rows_per_shard=5), tmp_path / "data"
+    captioning = CaptioningConfig(enabled=True, image_size=32, pool_epochs=1.0, batch_size=8, num_workers=0)
+    settings = {
+        "download_options": {"thread_count": 4},
+        "baselines": BaselineConfig(epochs=1, batch_size=8, image_size=32),
+        "scoring": ScoringConfig(num_workers=0, batch_size=8),
+    }
+    resources = build_resources(str(pool), str(data), ["127.0.0.1"], captioning=captioning, **settings)
+    register_reward_checkpoint(resources["storage"].data_store(), _checkpoint(tmp_path / "a", 1), tmp_path / "s")
+    instance = DagsterInstance.ephemeral()
+    assert run_lineage(resources, instance, compress=True).success  # captioned, scored, cut and compressed
+    shards = {"part-00000", "part-00001"}
+    db = data / layout.ANALYTICS_DB
+    first = analytics.query(db, "SELECT DISTINCT captioner_version FROM synthetic_captions").rows
+    automation = Automation(instance, resources)
+    automation.observe_registration()
+    assert automation.tick() == {}  # the first tick only takes stock
+
+    # another captioner (trained with another seed): a new version, materialized as a user would
+    automation.resources = build_resources(
+        str(pool),
+        str(data),
+        ["127.0.0.1"],
+        captioning=CaptioningConfig(**{**captioning.model_dump(), "seed": 1}),
+        **settings,
+    )
+    automation.run({"captioner_model": {None}})
+    for expected in (
+        {"synthetic_captions": shards},
+        {"synthetic_caption_scores": shards},
+        {"score_threshold": {None}},
+        {"compressed_subset": shards},
+    ):
+        requested = automation.tick()
+        assert requested == expected
+        automation.run(requested)
+    assert automation.tick() == {}  # nothing twice
+
+    versions = analytics.query(
+        db, "SELECT captioner_version, count(DISTINCT uid) FROM synthetic_captions GROUP BY ALL ORDER BY ALL"
+    ).rows
+    downloaded = analytics.query(db, "SELECT count(*) FROM downloads WHERE status = 'success'").rows[0][0]
+    assert len(versions) == 2 and {n for _, n in versions} == {downloaded} and first[0][0] in dict(versions)
+    second = next(v for v, _ in versions if v != first[0][0])
+    cut = analytics.query(db, "SELECT DISTINCT captioner_version FROM subsets WHERE variant = 'recap_all'").rows
+    assert cut == [(second,)]

@@ -71,9 +71,12 @@ def test_score_tars_scores_every_sample_once_like_score_pairs(
     scores = score_tars(shard_tars, scorer, batch_size=4, num_workers=num_workers)
 
     pairs = list(iter_pairs(shard_tars))
-    assert scores.schema == {"uid": scores.schema["uid"], "score": scores.schema["score"]}
-    assert str(scores.schema["uid"]) == "String" and str(scores.schema["score"]) == "Float64"
-    assert scores.height == 12
+    assert {name: str(dtype) for name, dtype in scores.schema.items()} == {
+        "uid": "String",
+        "caption_rank": "Int32",  # null: each image with its own caption
+        "score": "Float64",
+    }
+    assert scores["caption_rank"].null_count() == scores.height == 12
     assert sorted(scores["uid"].to_list()) == sorted(uid for uid, _, _ in pairs)
     expected = dict(
         zip((uid for uid, _, _ in pairs), score_pairs([p[1] for p in pairs], [p[2] for p in pairs], scorer))
@@ -81,6 +84,13 @@ def test_score_tars_scores_every_sample_once_like_score_pairs(
     got = dict(zip(scores["uid"].to_list(), scores["score"].to_list()))
     np.testing.assert_allclose([got[uid] for uid in expected], list(expected.values()), rtol=1e-5, atol=1e-6)
     assert np.all(np.abs(scores["score"].to_numpy()) <= 1.0 + 1e-6)  # cosine similarities
+
+    # the same images with candidate captions instead of their own: one row per candidate, scored alike
+    candidates = {uid: [(0, f"a candidate for {uid}"), (1, caption)] for uid, _, caption in pairs}
+    recaptioned = score_tars(shard_tars, scorer, batch_size=4, num_workers=num_workers, candidates=candidates)
+    assert recaptioned.height == 24 and sorted(set(recaptioned["caption_rank"])) == [0, 1]
+    by_pair = {(u, r): s for u, r, s in recaptioned.iter_rows()}
+    np.testing.assert_allclose([by_pair[uid, 1] for uid in expected], list(expected.values()), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -26,6 +26,7 @@ from ca_platform.models.checkpoints import (
 )
 from ca_platform.models.clip import embed_pairs
 from ca_platform.models.training import TrainedModel
+from ca_platform.schemas import SYNTHETIC_CAPTION_META
 from ca_platform.training.captioner import (
     TRAINED_CAPTIONER,
     load_trained_captioner,
@@ -33,7 +34,7 @@ from ca_platform.training.captioner import (
     train_blip_captioner_on_tars,
 )
 from ca_platform.training.clip import TRAINED_CLIP, load_trained_clip, save_trained_clip, train_clip_on_tars
-from ca_platform.training.tars import TrainingBudget, training_batches
+from ca_platform.training.tars import TrainingBudget, mixed_captions, training_batches
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 220), "yellow": (240, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -210,6 +211,36 @@ def test_epochs_budget_passes_over_every_sample_once_per_epoch_in_a_seeded_order
     assert metrics["epochs_completed"] == pytest.approx(3.0)
     assert metrics["samples_seen"] == 51 and metrics["steps"] == 12
     assert metrics["budget"] == {"samples_seen": None, "epochs": 3}
+
+
+def test_recap_mix_draws_the_synthetic_caption_at_rate_p_reproducibly(tmp_path: Path) -> None:
+    tar = tmp_path / "mix.tar"
+    with wds.TarWriter(str(tar)) as writer:
+        for index in range(50):
+            meta = {"uid": f"uid-{index}", SYNTHETIC_CAPTION_META: f"synthetic {index}"}
+            writer.write(
+                {
+                    "__key__": f"{index:08d}",
+                    "jpg": jpeg(Image.new("RGB", (8, 8))),
+                    "txt": f"raw {index}",
+                    "json": json.dumps(meta).encode(),
+                }
+            )
+
+    def drawn(probability: float, seed: int) -> list[str]:
+        batches = training_batches(
+            [tar], caption_of, 50, 2000, batch_size=10, seed=seed, caption_of=mixed_captions(probability, seed)
+        )
+        return captions_of(list(batches))
+
+    for p in (0.8, 0.3):
+        captions = drawn(p, seed=0)
+        synthetic = sum(caption.startswith("synthetic") for caption in captions)
+        # 2,000 draws: within four standard deviations of the binomial mean
+        assert abs(synthetic - p * 2000) <= 4 * (2000 * p * (1 - p)) ** 0.5
+        assert all(c.split()[1] == o.split()[1] for c, o in zip(captions, drawn(0.0, seed=0)))  # same image order
+    assert drawn(0.8, seed=0) == drawn(0.8, seed=0) and drawn(0.8, seed=1) != drawn(0.8, seed=0)
+    assert set(drawn(1.0, seed=0)) == {f"synthetic {i}" for i in range(50)}
 
 
 def test_budget_sets_exactly_one_positive_limit() -> None:

@@ -28,6 +28,9 @@ def _compress(data: Path, variant: str, kept: set[str], scratch: Path) -> None:
                 "keep_fraction": 0.5,
                 "score": 0.0,
                 "kept": [uid in kept for uid in sorted(uids)],
+                "caption_source": schemas.RAW_CAPTION,
+                "captioner_version": None,
+                "caption_rank": None,
             }
         )
         write_shard_subsets({variant: membership}, tars, scratch / shard, shard)
@@ -82,6 +85,7 @@ def test_a_subset_is_its_kept_pairs_and_counts_the_budget_in_the_whole_pool(tmp_
         clip_learning_rate=1e-3,
         blip_learning_rate=1e-3,
         seed=0,
+        seeds=1,
         device=None,
     )
     assert budget_for(settings, subset.pool_pairs) == budget_for(settings, full.pool_pairs)

@@ -1,0 +1,1 @@
+"""Synthetic captions for a shard's images: decoding settings, captioners loaded from folders, tar streaming."""
