@@ -7,7 +7,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION
 from ca_platform.demo.shapes_pool import ShapesWorldConfig
@@ -106,10 +106,10 @@ def _add_recaption(parser: argparse.ArgumentParser, default: bool) -> None:
     )
 
 
-def _captioning(args: argparse.Namespace) -> CaptioningConfig:
+def _captioning(args: argparse.Namespace, **settings: Any) -> CaptioningConfig:
     from ca_platform.resources import CaptioningConfig
 
-    return CaptioningConfig(enabled=args.recaption, pretrained_dir=args.captioner)
+    return CaptioningConfig(enabled=args.recaption, pretrained_dir=args.captioner, **settings)
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
@@ -261,7 +261,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             keep_fraction=args.keep,
             evaluation_uri=str(evaluation),
             model_training=ModelTrainingConfig(full_epochs=args.full_epochs, seeds=args.seeds),
-            captioning=_captioning(args),
+            captioning=_captioning(args, pool_epochs=args.full_epochs),
         )
         run = runner.run_lineage(resources, compress=True, engine=_engine(args))
     print(runner.report(run))
@@ -373,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--full-epochs",
         type=float,
-        default=8.0,
-        help="training budget of every variant's CLIP and BLIP: samples seen = this many passes over the full pool",
+        default=2.0,
+        help="training budget of every variant's CLIP and BLIP (and of the captioner): samples seen = this many "
+        "passes over the full pool",
     )
     demo.add_argument("--port", type=int, default=0, help="image server port (default: any free one)")
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")

@@ -29,7 +29,9 @@ ADDRESS_ENVS = ("CA_RAY_ADDRESS", "RAY_ADDRESS")
 FORWARDED_ENV_PREFIXES = ("CA_", "DAGSTER_", "AWS_")
 
 T = TypeVar("T")
-Work = Literal["task", "scorer"]
+# How a partition's run is placed: a task (downloads, subsets), a call on a scorer actor that keeps its models
+# loaded (scoring, captioning), or a task that trains models and takes a scorer's GPU share.
+Work = Literal["task", "scorer", "trainer"]
 
 
 class WorkerLost(RuntimeError):
@@ -42,7 +44,7 @@ class EngineSettings:
     address: str | None = None  # a Ray cluster's address; None starts an embedded local Ray
     cpus_per_shard: float = 1.0  # CPUs a shard's task (and each scorer actor) reserves
     scorer_actors: int | None = None  # None: one per CPU the cluster has for shards
-    gpus_per_scorer: float = 0.0  # 0 on CPU machines; e.g. 1 (or 0.5 to share a GPU) on GPU nodes
+    gpus_per_scorer: float = 0.0  # per scorer actor and trainer task: 0 on CPU machines; e.g. 1 (or 0.5) on GPU nodes
     max_retries: int = 3  # Ray's retries of a shard whose worker died
     local_cpus: int | None = None  # CPUs of the embedded local Ray (None: all of this machine's)
 
@@ -173,16 +175,21 @@ class RayEngine(Engine):
         if work == "scorer":
             yield from self._on_scorers(fn, shards)
         else:
-            yield from self._as_tasks(fn, shards)
+            yield from self._as_tasks(fn, shards, self.settings.gpus_per_scorer if work == "trainer" else 0.0)
 
     def _options(self) -> dict[str, Any]:
         return {"runtime_env": {"env_vars": forwarded_env()}}
 
-    def _as_tasks(self, fn: Callable[[str], T], shards: Sequence[str]) -> Iterator[tuple[str, T | WorkerLost]]:
+    def _as_tasks(
+        self, fn: Callable[[str], T], shards: Sequence[str], gpus: float
+    ) -> Iterator[tuple[str, T | WorkerLost]]:
         import ray
 
         task = ray.remote(_call).options(
-            num_cpus=self.settings.cpus_per_shard, max_retries=self.settings.max_retries, **self._options()
+            num_cpus=self.settings.cpus_per_shard,
+            num_gpus=gpus,
+            max_retries=self.settings.max_retries,
+            **self._options(),
         )
         work = ray.put(fn)  # stored once, not pickled again with each of the shards
         pending = deque(shards)

@@ -68,18 +68,20 @@ POOL_WIDE = "(pool)"  # the target of a run of unpartitioned assets
 @dataclass(frozen=True)
 class ShardStage:
     assets: Sequence[AssetsDefinition]
-    work: Work  # a Ray task, or a call on a scorer actor that keeps its model loaded
+    work: Work  # a Ray task, a call on a scorer actor that keeps its model loaded, or a training task
     # The step a shard is quarantined for when its worker is lost for good (no process was left to record it);
-    # that step's next success releases it.
-    step: str
+    # that step's next success releases it. None for partitions that are not shards (training variants).
+    step: str | None
 
 
-# The per-shard stages, by name, so that a worker in another process can be told which one to run.
+# The stages run per partition, by name, so that a worker in another process can be told which one to run.
 SHARD_STAGES = {
     "spine": ShardStage(SPINE_ASSETS, "task", layout.DOWNLOAD_STEP),
     "scores": ShardStage(SHARD_SCORE_ASSETS, "scorer", layout.scores_step(schemas.REWARD_MODEL)),
     "captions": ShardStage(SHARD_CAPTION_ASSETS, "scorer", layout.CAPTION_STEP),
     "subsets": ShardStage(SHARD_SUBSET_ASSETS, "task", layout.SUBSET_STEP),
+    # per training variant: its CLIP and BLIP and their evaluations, variants side by side
+    "models": ShardStage(VARIANT_MODEL_ASSETS, "trainer", None),
 }
 
 
@@ -258,7 +260,8 @@ class _StageDriver:
         finished: dict[str, StageRun] = {}
         for shard, result in self.engine.map_shards(run, shards, spec.work):
             if isinstance(result, WorkerLost):
-                quarantine.record(storage.data_store(), shard, spec.step, str(result), run_id="(worker lost)")
+                if spec.step is not None:
+                    quarantine.record(storage.data_store(), shard, spec.step, str(result), run_id="(worker lost)")
                 result = StageRun(shard, False, error=f"{stage}: {result}")
             finished[shard] = result
         self._took(stage, started)
@@ -318,21 +321,20 @@ class _StageDriver:
         runs += subsets
         evaluation = self.resources["evaluation"]
         assert isinstance(evaluation, EvaluationConfig)
-        self.engine.close()  # what follows runs in this process: the workers would only compete with it
         if evaluation.uri and all(run.success for run in subsets):
             runs += self._train_and_evaluate()
         return runs
 
     def _train_and_evaluate(self) -> list[StageRun]:
         """The evaluation set, then per training variant (full and every variant cut) its CLIP and BLIP and their
-        evaluations, then the report."""
+        evaluations, the variants side by side on the engine, then the report."""
         runs = [self.pool_wide("evaluation set", EVALUATION_SET_ASSETS)]
         storage = self.resources["storage"]
         assert isinstance(storage, PlatformStorage)
         cut = _read_report(storage, layout.SCORE_THRESHOLD_REPORT_KEY) or {}
         variants = [v for v in schemas.TRAINING_VARIANTS if v == schemas.FULL or v in cut]
         if runs[0].success:
-            runs += [self.pool_wide("models", VARIANT_MODEL_ASSETS, v) for v in variants]
+            runs += self.per_shard("models", variants)
             if all(run.success for run in runs):
                 runs.append(self.pool_wide("report", REPORT_ASSETS))
         return runs

@@ -103,9 +103,9 @@ class RewardModelConfig(ConfigurableResource):
     )
     image_size: int = 64
     freeze_fraction: float = Field(default=0.0, description="Freeze this first fraction of encoder layers.")
-    epochs: int = 15
-    learning_rate: float = 1e-3
-    images_per_batch: int = 16
+    epochs: int = 8
+    learning_rate: float = 2e-3
+    images_per_batch: int = 32
     tie_policy: str = Field(default="skip", description='"skip" human ties, or "soft" (target 0.5).')
     seed: int = 0
     device: str | None = Field(default=None, description="cpu, cuda, ...; default: CUDA when present.")

@@ -103,30 +103,31 @@ def curation_text(rows: Sequence[CurationRow]) -> str:
 
 
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
-    """Retrieval recall (left) and captioning scores (right) per variant, bars side by side."""
+    """Retrieval recall (left) and captioning scores (right) per variant, bars side by side, with the spread over
+    seeds as error bars when several were trained."""
     variants = [row.variant for row in rows]
     x = np.arange(len(rows))
     plt = pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
-    retrieval = {
-        "I->T R@1": [r.i2t_r1 for r in rows],
-        "T->I R@1": [r.t2i_r1 for r in rows],
-        "I->T R@5": [r.i2t_r5 for r in rows],
-        "T->I R@5": [r.t2i_r5 for r in rows],
-    }
-    width = 0.8 / len(retrieval)
-    for offset, (label, values) in enumerate(retrieval.items()):
-        left.bar(x + (offset - (len(retrieval) - 1) / 2) * width, values, width, label=label)
-    left.set_title("retrieval (CLIP)")
-    left.set_ylim(0, 1)
-    captioning = {"CIDEr-D": [r.cider for r in rows], "BLEU-4": [r.bleu4 for r in rows]}
-    width = 0.8 / len(captioning)
-    for offset, (label, values) in enumerate(captioning.items()):
-        right.bar(x + (offset - 0.5) * width, values, width, label=label)
-    right.set_title("captioning (BLIP)")
-    for axes in (left, right):
-        axes.set_xticks(x, [f"{v}\n({r.kept_fraction:.2f})" for v, r in zip(variants, rows)], fontsize=8)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(max(10, 1.5 * len(rows)), 4.2), dpi=100)
+    panels = (
+        (
+            left,
+            "retrieval (CLIP)",
+            {"I->T R@1": "i2t_r1", "T->I R@1": "t2i_r1", "I->T R@5": "i2t_r5", "T->I R@5": "t2i_r5"},
+        ),
+        (right, "captioning (BLIP)", {"CIDEr-D": "cider", "BLEU-4": "bleu4"}),
+    )
+    for axes, title, metrics in panels:
+        width = 0.8 / len(metrics)
+        for offset, (label, metric) in enumerate(metrics.items()):
+            values = [getattr(r, metric) for r in rows]
+            spread = [r.spread.get(metric, 0.0) for r in rows] if any(r.seeds > 1 for r in rows) else None
+            position = x + (offset - (len(metrics) - 1) / 2) * width
+            axes.bar(position, values, width, yerr=spread, capsize=2, label=label)
+        axes.set_title(title)
+        axes.set_xticks(x, [f"{v}\n({r.kept_fraction:.2f})" for v, r in zip(variants, rows)], fontsize=7, rotation=30)
         axes.legend(fontsize=7)
+    left.set_ylim(0, 1)
     figure.suptitle("training-set variant (kept fraction)", fontsize=9, y=0.02)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,11 +45,11 @@ def adamw(
     learning_rate: float,
     *,
     weight_decay: float = 0.01,
-    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over the parameters that train; `fused` steps all tensors at once (a tenth of the per-tensor
-    loop's time on small models, on CPU and CUDA)."""
+    """AdamW over the parameters that train, fused (all tensors stepped at once: a tenth of the per-tensor loop's
+    time on small models) where torch has the fused kernel, on CPU and CUDA."""
     trainable = [p for p in parameters if p.requires_grad]
+    fused = all(p.device.type in ("cpu", "cuda") for p in trainable)
     return torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay, fused=fused)
 
 

@@ -196,7 +196,7 @@ def train_on_tars(
         paths, preprocessor.prepare, pairs_per_epoch, total, batch_size, seed, shuffle_buffer, caption_of
     )
     torch.manual_seed(seed)
-    optimizer = adamw(model.parameters(), learning_rate, fused=device.type in ("cpu", "cuda"))
+    optimizer = adamw(model.parameters(), learning_rate)
     started = time.perf_counter()
     try:
         log = train_on_batches(

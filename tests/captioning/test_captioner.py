@@ -43,11 +43,14 @@ IMAGE_SIZE = 32
 SAMPLES = (5, 4)  # per tar
 
 
-def image_bytes(seed: int, image_format: str) -> bytes:
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+
+
+def image_bytes(seed: int, extension: str) -> bytes:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 255, size=(20 + seed % 7, 24 + seed % 5, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=image_format)
+    Image.fromarray(pixels).save(buffer, format=PIL_FORMATS[extension])
     return buffer.getvalue()
 
 
@@ -78,22 +81,17 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def shard_tars(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two tars of 5 and 4 samples, PNGs and JPEGs of varied sizes."""
+    """Two tars of 5 and 4 samples, PNGs and JPEGs of varied sizes; the second tar written in reverse key order
+    (as downloads completing out of order write them)."""
     folder = tmp_path_factory.mktemp("tars")
     tars = []
     for tar, count in enumerate(SAMPLES):
-        samples = []
-        for row in range(count):
-            seed = 10 * tar + row
-            image_format = "png" if row % 2 else "jpg"
-            samples.append(
-                (
-                    f"{tar:04d}{row:05d}",
-                    f"uid-{tar}-{row}",
-                    image_format,
-                    image_bytes(seed, image_format.upper().replace("JPG", "JPEG")),
-                )
-            )
+        rows = range(count) if tar == 0 else reversed(range(count))
+        extensions = {row: "png" if row % 2 else "jpg" for row in rows}
+        samples = [
+            (f"{tar:04d}{row:05d}", f"uid-{tar}-{row}", extension, image_bytes(10 * tar + row, extension))
+            for row, extension in extensions.items()
+        ]
         tars.append(write_tar(folder / f"{tar:05d}.tar", samples))
     return tars
 
@@ -181,8 +179,9 @@ def test_generate_kwargs_per_strategy() -> None:
         DecodingSettings("greedy", candidates=1, max_new_tokens=6),
         DecodingSettings("beam", candidates=2, num_beams=3, max_new_tokens=6),
         DecodingSettings("nucleus", candidates=3, max_new_tokens=6),
+        DecodingSettings("top_k", candidates=2, top_k=5, max_new_tokens=6),
     ],
-    ids=["greedy", "beam", "nucleus"],
+    ids=["greedy", "beam", "nucleus", "top_k"],
 )
 def test_caption_tars_gives_every_sample_its_candidates_in_tar_order(
     shard_tars: list[Path], captioner: Captioner, settings: DecodingSettings
@@ -236,6 +235,13 @@ def test_sampling_is_seeded_the_same_whatever_the_workers(shard_tars: list[Path]
     assert inline.frame["uid"].to_list() == reseeded.frame["uid"].to_list()
 
 
+def test_tars_without_samples_give_an_empty_frame(tmp_path: Path, captioner: Captioner) -> None:
+    empty = write_tar(tmp_path / "00000.tar", [])
+    captioned = caption_tars([empty], captioner, DecodingSettings(), num_workers=2)
+    assert captioned.frame.height == 0 and captioned.generated_tokens == 0
+    assert captioned.frame.schema == pl.Schema({"uid": pl.String, "rank": pl.Int32, "caption": pl.String})
+
+
 def test_samples_come_back_in_order_from_interleaved_batches() -> None:
     def batch(indices: list[int]) -> tuple[list[int], list[str], torch.Tensor]:
         return indices, [f"u{i}" for i in indices], torch.tensor(indices, dtype=torch.float32).unsqueeze(1)
@@ -259,11 +265,11 @@ def test_workers_receive_the_transform_not_the_model(captioner: Captioner) -> No
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_undecodable_image_names_tar_and_key(tmp_path: Path, captioner: Captioner, num_workers: int) -> None:
-    good = write_tar(tmp_path / "00000.tar", [(f"{i:09d}", f"g{i}", "jpg", image_bytes(i, "JPEG")) for i in range(3)])
+    good = write_tar(tmp_path / "00000.tar", [(f"{i:09d}", f"g{i}", "jpg", image_bytes(i, "jpg")) for i in range(3)])
     bad = write_tar(
         tmp_path / "00001.tar",
         [
-            ("000010000", "b0", "png", image_bytes(5, "PNG")),
+            ("000010000", "b0", "png", image_bytes(5, "png")),
             ("000010001", "b1", "jpg", b"<html>not an image</html>"),
         ],
     )

@@ -129,9 +129,7 @@ def test_subset_tars_carry_the_chosen_caption_and_the_mix_carries_both(tmp_path:
     mix = score_threshold(tmp_path, schemas.RECAP_MIX, "v1", 1.0, captioner_version=CAPTIONER)
     memberships = {
         schemas.REWARD_BEST_CAPTION: shard_membership(tmp_path, best, "s0"),
-        schemas.RECAP_MIX: shard_membership(tmp_path, mix, "s0").with_columns(
-            pl.lit(schemas.MIXED_CAPTION).alias("caption_source")
-        ),
+        schemas.RECAP_MIX: shard_membership(tmp_path, mix, "s0"),
     }
     write_shard_subsets(memberships, [tar], tmp_path / "out", "s0", synthetic=synthetic)
 
@@ -142,6 +140,7 @@ def test_subset_tars_carry_the_chosen_caption_and_the_mix_carries_both(tmp_path:
         "u1": ("candidate 1 of u1", "raw u1"),
         "u4": ("candidate 1 of u4", "raw u4"),
     }
+    assert set(memberships[schemas.RECAP_MIX]["caption_source"]) == {schemas.MIXED_CAPTION}
     mix_tar = tmp_path / "out" / schemas.RECAP_MIX / layout.subset_tar_name("s0")
     samples = list(iter_samples([mix_tar]))
     assert [s.meta["uid"] for s in samples] == UIDS
