@@ -23,6 +23,7 @@ from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
 from ca_platform.assets.reward import reward_model
+from ca_platform.assets.scores import audited_scoring
 from ca_platform.captioning.shards import (
     caption_shards,
     captioner_metadata,
@@ -34,7 +35,6 @@ from ca_platform.ingest.quality import CAPTION_CHECKS, SYNTHETIC_SCORE_CHECKS, C
 from ca_platform.resources import CaptioningConfig, PlatformStorage, ScoringConfig
 from ca_platform.schemas import CAPTION, CLIP_SCORE, RANK, REWARD_MODEL, UID
 from ca_platform.scoring.registry import NoModelError, current_model
-from ca_platform.scoring.shards import score_shards
 
 GROUP = "captions"
 SHARDS_PER_CAPTIONING_RUN = 16
@@ -140,21 +140,7 @@ def synthetic_caption_scores(
     runs = []
     for kind in (REWARD_MODEL, CLIP_SCORE):
         try:
-            run = yield from audited(
-                lambda kind=kind: score_shards(
-                    data,
-                    kind,
-                    context.partition_keys,
-                    run_id=context.run_id,
-                    device=scoring.device,
-                    batch_size=scoring.batch_size,
-                    num_workers=scoring.num_workers,
-                    cache=storage.cache_dir(),
-                    attempt=lambda step, shard: storage.shard_attempt(step, shard, context.run_id),
-                    refresh=storage.refresh_analytics,
-                    captioner_version=captioner.version,
-                )
-            )
+            run = yield from audited_scoring(context, storage, scoring, kind, captioner.version)
         except NoModelError as error:
             raise Failure(f"{error}: materialize reward_model and clip_score_model first") from error
         runs.append(run)

@@ -1,7 +1,7 @@
 """Per-shard scores: reward_scores and clip_scores, every downloaded pair of a shard scored by the current
 version of the reward model and of CLIP score."""
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 from dagster import (
     AssetCheckResult,
@@ -26,10 +26,38 @@ from ca_platform.ingest.quality import SCORE_CHECKS
 from ca_platform.resources import PlatformStorage, ScoringConfig
 from ca_platform.schemas import CLIP_SCORE, REWARD_MODEL
 from ca_platform.scoring.registry import NoModelError
-from ca_platform.scoring.shards import score_shards
+from ca_platform.scoring.shards import ScoringRun, score_shards
 
 GROUP = "scores"
 SHARDS_PER_SCORING_RUN = 16
+
+
+def audited_scoring(
+    context: AssetExecutionContext,
+    storage: PlatformStorage,
+    scoring: ScoringConfig,
+    kind: str,
+    captioner_version: str | None = None,
+) -> Generator[AssetCheckResult, None, ScoringRun]:
+    """The run's shards scored by the current `kind` (their own captions, or `captioner_version`'s candidates),
+    each under its lock and audited; use as `run = yield from audited_scoring(...)` in a generator asset."""
+    return (
+        yield from audited(
+            lambda: score_shards(
+                storage.data_store(),
+                kind,
+                context.partition_keys,
+                run_id=context.run_id,
+                device=scoring.device,
+                batch_size=scoring.batch_size,
+                num_workers=scoring.num_workers,
+                cache=storage.cache_dir(),
+                attempt=lambda step, shard: storage.shard_attempt(step, shard, context.run_id),
+                refresh=storage.refresh_analytics,
+                captioner_version=captioner_version,
+            )
+        )
+    )
 
 
 def shard_scores_asset(name: str, kind: str, model_asset: AssetsDefinition) -> AssetsDefinition:
@@ -52,20 +80,7 @@ def shard_scores_asset(name: str, kind: str, model_asset: AssetsDefinition) -> A
         one run up to SHARDS_PER_SCORING_RUN shards, so the model is loaded once for them. Each shard's scores
         are audited (uid coverage) before they are published; a failed shard does not stop the others."""
         try:
-            run = yield from audited(
-                lambda: score_shards(
-                    storage.data_store(),
-                    kind,
-                    context.partition_keys,
-                    run_id=context.run_id,
-                    device=scoring.device,
-                    batch_size=scoring.batch_size,
-                    num_workers=scoring.num_workers,
-                    cache=storage.cache_dir(),
-                    attempt=lambda step, shard: storage.shard_attempt(step, shard, context.run_id),
-                    refresh=storage.refresh_analytics,
-                )
-            )
+            run = yield from audited_scoring(context, storage, scoring, kind)
         except NoModelError as error:
             raise Failure(f"{error}: materialize {model_asset.key.to_user_string()} first") from error
         for shard in run.shards:

@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--full-epochs",
         type=float,
-        default=2.0,
+        default=3.0,
         help="training budget of every variant's CLIP and BLIP (and of the captioner): samples seen = this many "
         "passes over the full pool",
     )

@@ -104,7 +104,8 @@ RECAP_MIX = "recap_mix_p"  # Recap-DataComp: every image with both captions, tra
 REWARD_BEST_CAPTION = "reward_best_caption"  # ours: per image the caption the reward model prefers among the raw
 # one and the candidates, then the top k by that reward
 RECAPTION_VARIANTS = (RECAP_ALL, RAW_TOPK_PLUS_RECAP, RECAP_MIX, REWARD_BEST_CAPTION)
-SUBSET_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK, *RECAPTION_VARIANTS)
+FILTER_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK)  # keep or drop pairs, captions as they are
+SUBSET_VARIANTS = (*FILTER_VARIANTS, *RECAPTION_VARIANTS)
 FULL = "full"  # every downloaded pair: what compression is measured against
 TRAINING_VARIANTS = (FULL, *SUBSET_VARIANTS)
 # The scorer whose ranking each scored variant keeps the top of (random_topk ranks by a seeded key).

@@ -22,7 +22,13 @@ from ca_platform import layout, schemas
 from ca_platform.audit import StagedOutput, audit_and_publish, failed_shards_error
 from ca_platform.captioning.shards import read_synthetic_captions
 from ca_platform.ingest.download import downloaded_rows, fetch_downloaded_tars, read_download_ledger
-from ca_platform.ingest.quality import SCORE_CHECKS, CheckOutcome, check_scores, check_synthetic_scores
+from ca_platform.ingest.quality import (
+    SCORE_CHECKS,
+    SYNTHETIC_SCORE_CHECKS,
+    CheckOutcome,
+    check_scores,
+    check_synthetic_scores,
+)
 from ca_platform.scoring.registry import current_model, load_scorer
 from ca_platform.storage import DataStore, fetch_to_local
 
@@ -185,5 +191,6 @@ def score_shards(
             refresh([result.key])
         results.append(result)
     if failures:
-        raise failed_shards_error(f"{kind} {scorer.version}", failures, SCORE_CHECKS[0].name)
+        check = (SYNTHETIC_SCORE_CHECKS if captioner_version else SCORE_CHECKS)[0].name
+        raise failed_shards_error(f"{kind} {scorer.version}", failures, check)
     return ScoringRun(kind, scorer.version, results)

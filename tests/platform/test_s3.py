@@ -12,7 +12,7 @@ import pytest
 from ca_platform import analytics, cli, layout
 from ca_platform.resources import ModelTrainingConfig
 from ca_platform.runner import build_resources, run_lineage
-from ca_platform.schemas import SUBSET_VARIANTS
+from ca_platform.schemas import FILTER_VARIANTS
 from tests.conftest import RoutesServer, fast_reward_stage, write_evaluation_file
 
 
@@ -91,7 +91,7 @@ def test_subsets_models_and_report_on_s3(
 
     pages = client.get_paginator("list_objects_v2").paginate(Bucket="platform", Prefix="ca/")
     keys = {o["Key"] for page in pages for o in page["Contents"]}
-    for variant in SUBSET_VARIANTS:
+    for variant in FILTER_VARIANTS:  # no recaptioning here: the pairs as they are
         for shard in ("part-00000", "part-00001"):
             prefix = f"ca/{layout.subset_prefix(variant, shard)}/"
             assert len([k for k in keys if k.startswith(prefix) and k.endswith(".tar")]) == 1
