@@ -104,10 +104,9 @@ def train_or_adopt_captioner(
         }
         write_json(store, layout.current_model_key(layout.CAPTIONER), document, scratch)
         return _current(document, settings), False
-    from ca_platform.schemas import FULL
     from ca_platform.training.training_set import training_set
 
-    pool = training_set(store, FULL, scratch / "pool")
+    pool = training_set(store, schemas.FULL, scratch / "pool")
     recipe = recipe_hash([pool.fingerprint, settings.training()])
 
     def train_and_save() -> tuple[str, Path, dict[str, Any]]:
