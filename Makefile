@@ -16,11 +16,17 @@ MAX_CONCURRENT_RUNS ?=
 
 install: $(INSTALLED)
 
+# uv installs in seconds what pip takes minutes for. It does not read pip's settings, so it is told where the
+# machine keeps local wheels: torch's CPU build lies there on CPU machines; elsewhere PyPI's torch (CUDA) is taken.
+WHEELS := /opt/wheels
+TORCH := $(if $(wildcard $(WHEELS)/torch-2.13.0+cpu-*.whl),torch==2.13.0+cpu,torch==2.13.0)
+UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
+
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet uv
+	$(UV_INSTALL) $(TORCH)
+	$(UV_INSTALL) -e '.[test]'
 	touch $@
 
 # Rewritten on every use, so that setting CA_DAGSTER_PG_URL (PostgreSQL storage) or MAX_CONCURRENT_RUNS takes effect.

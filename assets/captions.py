@@ -32,6 +32,7 @@ from ca_platform.captioning.shards import (
 )
 from ca_platform.engine import current_placement
 from ca_platform.ingest.quality import CAPTION_CHECKS, SYNTHETIC_SCORE_CHECKS, CheckOutcome
+from ca_platform.progress import rate_metadata
 from ca_platform.resources import CaptioningConfig, PlatformStorage, ScoringConfig
 from ca_platform.schemas import CAPTION, CLIP_SCORE, RANK, REWARD_MODEL, UID
 from ca_platform.scoring.registry import NoModelError, current_model
@@ -102,7 +103,7 @@ def synthetic_captions(
         metadata={
             "captioner_version": run.version,
             "captions": sum(s.captions.height for s in run.shards),
-            "images": sum(s.captions[UID].n_unique() for s in run.shards),
+            **rate_metadata(sum(s.captions[UID].n_unique() for s in run.shards), "images", seconds),
             "generated_tokens": tokens,
             "tokens_per_second": tokens / seconds if seconds else float("nan"),
             "reused": MetadataValue.json({s.shard: s.reused for s in run.shards}),

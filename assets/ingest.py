@@ -2,6 +2,7 @@
 as webdataset tars, and a ledger row for every input row). Each writes aside, audits with its blocking
 data-quality checks, and publishes only if they pass (ca_platform.audit), holding the shard's lock."""
 
+import time
 from collections.abc import Iterator
 
 import polars as pl
@@ -15,6 +16,7 @@ from ca_platform.ingest.download import download_audit_publish, downloaded_rows,
 from ca_platform.ingest.pool import find_shard
 from ca_platform.ingest.quality import DOWNLOAD_CHECKS, RAW_SHARD_CHECKS, success_rate
 from ca_platform.ingest.raw_shard import publish_raw_shard
+from ca_platform.progress import rate_metadata
 from ca_platform.resources import DownloadConfig, PlatformStorage, QualityConfig
 from ca_platform.schemas import SKIP_REASON
 
@@ -71,6 +73,7 @@ def downloaded_shard(
     ledger is published last, so readers see either the previous complete download or this one."""
     shard = context.partition_key
     data = storage.data_store()
+    started = time.monotonic()
     with storage.shard_attempt(layout.DOWNLOAD_STEP, shard, context.run_id, layout.download_rows_key(shard)) as staging:
         download = yield from audited(
             lambda: download_audit_publish(
@@ -81,7 +84,7 @@ def downloaded_shard(
     ledger = download.ledger
     yield MaterializeResult(
         metadata={
-            "rows": ledger.height,
+            **rate_metadata(ledger.height, "rows", time.monotonic() - started),
             "downloaded": downloaded_rows(ledger).height,
             "success_rate": success_rate(ledger) or 0.0,
             "status_counts": MetadataValue.json(failure_counts(ledger)),

@@ -1,6 +1,7 @@
 """Per-shard scores: reward_scores and clip_scores, every downloaded pair of a shard scored by the current
 version of the reward model and of CLIP score."""
 
+import time
 from collections.abc import Generator, Iterator
 
 from dagster import (
@@ -23,6 +24,7 @@ from ca_platform.assets.quality_checks import audited, blocking_check_specs, che
 from ca_platform.assets.reward import reward_model
 from ca_platform.engine import current_placement
 from ca_platform.ingest.quality import SCORE_CHECKS
+from ca_platform.progress import rate_metadata
 from ca_platform.resources import PlatformStorage, ScoringConfig
 from ca_platform.schemas import CLIP_SCORE, REWARD_MODEL
 from ca_platform.scoring.registry import NoModelError
@@ -79,6 +81,7 @@ def shard_scores_asset(name: str, kind: str, model_asset: AssetsDefinition) -> A
         older versions' scores. A shard already scored by this version is not scored again. A backfill gives
         one run up to SHARDS_PER_SCORING_RUN shards, so the model is loaded once for them. Each shard's scores
         are audited (uid coverage) before they are published; a failed shard does not stop the others."""
+        started = time.monotonic()
         try:
             run = yield from audited_scoring(context, storage, scoring, kind)
         except NoModelError as error:
@@ -93,7 +96,7 @@ def shard_scores_asset(name: str, kind: str, model_asset: AssetsDefinition) -> A
         yield MaterializeResult(
             metadata={
                 "model_version": run.model_version,
-                "pairs": sum(s.scores.height for s in run.shards),
+                **rate_metadata(sum(s.scores.height for s in run.shards), "pairs", time.monotonic() - started),
                 "shards": MetadataValue.json(per_shard),
                 **current_placement().as_metadata(),
             },

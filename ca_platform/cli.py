@@ -48,6 +48,25 @@ def _add_engine(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--quiet", action="store_true", help="print only the report: no stage lines, no progress (errors still show)"
+    )
+    shown.add_argument(
+        "--verbose", action="store_true", help="also print Dagster's own log of every run (steps, checks, events)"
+    )
+
+
+def _show_progress(args: argparse.Namespace) -> str:
+    """Progress on the terminal as asked (a live bar on a terminal, plain lines otherwise); the Dagster log level
+    of the runs."""
+    from ca_platform import progress
+
+    progress.show_in_terminal("quiet" if args.quiet else None)
+    return "INFO" if args.verbose else "WARNING"
+
+
 def _engine(args: argparse.Namespace) -> EngineSettings:
     from ca_platform.engine import EngineSettings
 
@@ -74,6 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         run = runner.run_lineage(
             resources,
+            log_level=_show_progress(args),
             compress=args.keep is not None or args.eval is not None or args.recaption,
             force=args.force,
             engine=_engine(args),
@@ -233,6 +253,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform.demo.shapes_pool import generate_pool
     from ca_platform.resources import ModelTrainingConfig, build_resources
 
+    log_level = _show_progress(args)
     root = Path(args.dir).resolve()
     world_dir = root / "world"
     world_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +284,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             model_training=ModelTrainingConfig(full_epochs=args.full_epochs, seeds=args.seeds),
             captioning=_captioning(args, pool_epochs=args.full_epochs),
         )
-        run = runner.run_lineage(resources, compress=True, engine=_engine(args))
+        run = runner.run_lineage(resources, log_level=log_level, compress=True, engine=_engine(args))
     print(runner.report(run))
     return 0 if run.success else 1
 
@@ -318,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recaption(run, default=False)
     _add_s3(run)
     _add_engine(run)
+    _add_progress(run)
     run.set_defaults(func=_cmd_run)
 
     shards = sub.add_parser("shards", help="list a pool's shards or register them as partitions (DAGSTER_HOME)")
@@ -381,12 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve", action="store_true", help="only generate and serve the pool until Ctrl-C")
     _add_recaption(demo, default=True)
     _add_engine(demo)
+    _add_progress(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # lines in order, when piped too
     from dagster import BetaWarning
 
     warnings.filterwarnings("ignore", category=BetaWarning)  # backfill_policy is beta; a report is no place for it

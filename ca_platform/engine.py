@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from ca_platform import progress
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -117,8 +121,9 @@ class Engine:
         training) instead of adding to it. Nothing to start where scoring runs in this process."""
 
     def map_shards(
-        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task"
+        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task", label: str = "shards"
     ) -> Iterator[tuple[str, T | WorkerLost]]:
+        """`label` names the work in the progress lines shown while it runs."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -131,7 +136,7 @@ class InlineEngine(Engine):
         return f"inline, one shard at a time in this process on {socket.gethostname()}"
 
     def map_shards(
-        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task"
+        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task", label: str = "shards"
     ) -> Iterator[tuple[str, T | WorkerLost]]:
         for shard in shards:
             yield shard, fn(shard)
@@ -149,6 +154,9 @@ class RayEngine(Engine):
         self.settings = settings
         self.embedded = connect(settings)
         self._scorers: list[ActorHandle] = []  # started ahead of a scoring stage, which then uses them
+        # where workers post their progress lines, for the driver to show while it waits (no CPU of its own)
+        self._board_name = f"ca-progress-{uuid.uuid4().hex[:12]}"
+        self._board = ray.remote(progress.ProgressBoard).options(name=self._board_name, num_cpus=0).remote()
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cpus = ray.cluster_resources().get("CPU", 0)
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -168,20 +176,22 @@ class RayEngine(Engine):
         return max(1, int(ray.cluster_resources().get("CPU", 1) // max(self.settings.cpus_per_shard, 0.01)))
 
     def map_shards(
-        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task"
+        self, fn: Callable[[str], T], shards: Sequence[str], work: Work = "task", label: str = "shards"
     ) -> Iterator[tuple[str, T | WorkerLost]]:
         if not shards:
             return
+        waiting = _Waiting(label, len(shards), self._board)
         if work == "scorer":
-            yield from self._on_scorers(fn, shards)
+            yield from self._on_scorers(fn, shards, waiting)
         else:
-            yield from self._as_tasks(fn, shards, self.settings.gpus_per_scorer if work == "trainer" else 0.0)
+            gpus = self.settings.gpus_per_scorer if work == "trainer" else 0.0
+            yield from self._as_tasks(fn, shards, gpus, waiting)
 
     def _options(self) -> dict[str, Any]:
-        return {"runtime_env": {"env_vars": forwarded_env()}}
+        return {"runtime_env": {"env_vars": {**forwarded_env(), progress.BOARD_ENV: self._board_name}}}
 
     def _as_tasks(
-        self, fn: Callable[[str], T], shards: Sequence[str], gpus: float
+        self, fn: Callable[[str], T], shards: Sequence[str], gpus: float, waiting: _Waiting
     ) -> Iterator[tuple[str, T | WorkerLost]]:
         import ray
 
@@ -199,11 +209,13 @@ class RayEngine(Engine):
             while pending and len(running) < window:
                 shard = pending.popleft()
                 running[task.remote(work, shard)] = shard
-            done, _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(done[0])
-            yield shard, _result(done[0], shard)
+            ref = waiting.next_done(running)
+            shard = running.pop(ref)
+            yield shard, _result(ref, shard)
 
-    def _on_scorers(self, fn: Callable[[str], T], shards: Sequence[str]) -> Iterator[tuple[str, T | WorkerLost]]:
+    def _on_scorers(
+        self, fn: Callable[[str], T], shards: Sequence[str], waiting: _Waiting
+    ) -> Iterator[tuple[str, T | WorkerLost]]:
         """Each actor takes the next shard as soon as it is free; an actor lost for good (its restarts spent) is
         replaced; the actors are gone when the stage is."""
         import ray
@@ -219,9 +231,9 @@ class RayEngine(Engine):
                     shard = pending.popleft()
                     running[actor.call.remote(work, shard)] = (shard, actor)
             while running:
-                done, _ = ray.wait(list(running), num_returns=1)
-                shard, actor = running.pop(done[0])
-                result = _result(done[0], shard)
+                ref = waiting.next_done(running)
+                shard, actor = running.pop(ref)
+                result = _result(ref, shard)
                 if isinstance(result, WorkerLost):
                     actors.remove(actor)
                     actor = self._scorer_actor()
@@ -247,7 +259,7 @@ class RayEngine(Engine):
 
         if not ray.is_initialized():
             return
-        for actor in self._scorers:
+        for actor in [*self._scorers, self._board]:
             ray.kill(actor)
         self._scorers = []
         if self.embedded:
@@ -279,11 +291,54 @@ class ShardWorker:
     in ca_platform.scoring.registry's cache) serves all of them."""
 
     def call(self, fn: Callable[[str], T], shard: str) -> T:
+        progress.post_to_board()
         return fn(shard)
 
 
 def _call(fn: Callable[[str], T], shard: str) -> T:
+    progress.post_to_board()
     return fn(shard)
+
+
+HEARTBEAT_S = 15.0  # how often the driver says what runs while nothing finishes
+
+
+class _Waiting:
+    """The driver's wait for the next finished piece of work of a stage: every HEARTBEAT_S without one, it says
+    what is still running and the workers' latest progress lines, so a long stage is visibly alive."""
+
+    def __init__(self, label: str, total: int, board: ActorHandle) -> None:
+        self.label, self.total, self.board = label, total, board
+        self.finished = 0
+        self.started = time.monotonic()
+        self.seen = self._lines(0)[0]  # what earlier stages posted is theirs
+
+    def next_done(self, running: dict[Any, Any]) -> Any:
+        """The reference of the next piece of `running` (references to shard or (shard, actor)) to finish."""
+        import ray
+
+        while True:
+            done, _ = ray.wait(list(running), num_returns=1, timeout=HEARTBEAT_S)
+            if done:
+                self.finished += 1
+                return done[0]
+            self._heartbeat([entry if isinstance(entry, str) else entry[0] for entry in running.values()])
+
+    def _heartbeat(self, running: list[str]) -> None:
+        shown = ", ".join(running[:4]) + (", ..." if len(running) > 4 else "")
+        elapsed = time.monotonic() - self.started
+        progress.say(f"{self.label}: {self.finished} of {self.total} done, running {shown} ({elapsed:.0f} s)")
+        self.seen, lines = self._lines(self.seen)
+        for line in lines:
+            progress.say(f"  {line}")
+
+    def _lines(self, seen: int) -> tuple[int, list[str]]:
+        import ray
+
+        try:
+            return ray.get(self.board.since.remote(seen), timeout=5)
+        except Exception:  # noqa: BLE001 - a slow or lost board costs the workers' lines, never the stage
+            return seen, []
 
 
 def _result(ref: Any, shard: str) -> Any:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from ca_platform import progress
+
 PG_URL_ENV = "CA_DAGSTER_PG_URL"
 PG_URL_FORM = "postgresql+psycopg2://user:password@host:port/db"
 RAY_JOBS_ADDRESS_ENV = "CA_RAY_JOBS_ADDRESS"
@@ -93,7 +95,11 @@ def instance_config(
         limit = POSTGRES_MAX_CONCURRENT_RUNS if pg_url else SQLITE_MAX_CONCURRENT_RUNS
     if limit < 1:
         raise InstanceConfigError(f"max_concurrent_runs must be at least 1, not {limit}")
-    config: dict[str, object] = {"telemetry": {"enabled": False}}
+    config: dict[str, object] = {
+        "telemetry": {"enabled": False},
+        # long steps report how far they are on this logger: captured into each run's logs, shown in the UI
+        "python_logs": {"managed_python_loggers": [progress.LOGGER_NAME], "python_log_level": "INFO"},
+    }
     if pg_url:
         check_pg_url(pg_url)
         config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_ENV}}}

@@ -44,6 +44,7 @@ from ca_platform.evaluation.report import CurationRow, curation_text
 from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import PoolShard, discover_shards
 from ca_platform.preferences.files import validate_preference_file
+from ca_platform.progress import say, throughput_line
 from ca_platform.quarantine import QuarantinedShard
 from ca_platform.resources import (
     CaptioningConfig,
@@ -93,6 +94,15 @@ class StageRun:
     error: str | None = None
     already_done: bool = False  # not run: the shard's spine is published from the same pool file
     placement: str | None = None  # the host (and Ray node) the run ran on
+    seconds: float = 0.0  # the Dagster run's wall time
+    throughputs: list[str] = field(default_factory=list)  # what each asset materialized did, and how fast
+
+    def line(self, stage: str) -> str:
+        """One line saying how the run ended, for the terminal."""
+        target = "" if self.target == POOL_WIDE else f" {self.target}"
+        outcome = "ok" if self.success else f"FAILED: {self.error or 'a check failed'}"
+        done = "; ".join(self.throughputs)
+        return f"{stage}{target}: {outcome} in {self.seconds:.1f} s" + (f" ({done})" if done else "")
 
 
 @dataclass
@@ -147,6 +157,7 @@ def _materialize(
     partition_key: str | None,
     log_level: str,
 ) -> StageRun:
+    started = time.monotonic()
     result = materialize(
         ALL_ASSETS,
         selection=selection,
@@ -162,7 +173,19 @@ def _materialize(
         failures = [ev for ev in result.all_events if ev.is_step_failure]
         error = "; ".join(_root_cause(ev.step_failure_data.error) for ev in failures) or "run failed"
     success = result.success and all(checks.values())
-    return StageRun(partition_key or POOL_WIDE, success, checks, error, placement=current_placement().describe())
+    return StageRun(
+        partition_key or POOL_WIDE,
+        success,
+        checks,
+        error,
+        placement=current_placement().describe(),
+        seconds=time.monotonic() - started,
+        throughputs=[
+            line
+            for event in result.get_asset_materialization_events()
+            if (line := throughput_line(event.asset_key.to_user_string(), event.materialization.metadata))
+        ],
+    )
 
 
 @dataclass(frozen=True)
@@ -257,22 +280,30 @@ class _StageDriver:
         storage = self.resources["storage"]
         assert isinstance(storage, PlatformStorage)
         started = time.monotonic()
+        if shards:
+            say(f"{stage}: {len(shards)} runs ({', '.join(shards[:4])}{', ...' if len(shards) > 4 else ''})")
         finished: dict[str, StageRun] = {}
-        for shard, result in self.engine.map_shards(run, shards, spec.work):
+        for shard, result in self.engine.map_shards(run, shards, spec.work, label=stage):
             if isinstance(result, WorkerLost):
                 if spec.step is not None:
                     quarantine.record(storage.data_store(), shard, spec.step, str(result), run_id="(worker lost)")
                 result = StageRun(shard, False, error=f"{stage}: {result}")
             finished[shard] = result
+            say(result.line(stage))
         self._took(stage, started)
+        if shards:
+            ok = sum(run.success for run in finished.values())
+            say(f"{stage}: {ok} of {len(shards)} ok in {time.monotonic() - started:.1f} s")
         return [finished[shard] for shard in shards]
 
     def pool_wide(
         self, stage: str, selection: Sequence[AssetsDefinition | SourceAsset], key: str | None = None
     ) -> StageRun:
         started = time.monotonic()
+        say(f"{stage}: started")
         run = _materialize(selection, self.resources, self.instance, key, self.log_level)
         self._took(stage, started)
+        say(run.line(stage))
         return run
 
     def _took(self, stage: str, started: float) -> None:

@@ -134,6 +134,46 @@ SUBSETS: Mapping[str, pl.DataType] = {
 }
 
 
+# Deduplication (ca_platform.dedup): per downloaded image, what duplicates and evaluation images are found by.
+PIXEL_HASH = "pixel_hash"  # sha256 (hex) of the decoded RGB pixels and their size: re-encodes of them match
+PHASH = "phash"  # 64-bit DCT perceptual hash (signed int64 bits): robust to resizing and recompression
+EMBEDDING = "embedding"  # the CLIP-score model's L2-normalised image embedding, for semantic duplicates
+EMBEDDING_MODEL_VERSION = "embedding_model_version"
+IMAGE_FINGERPRINTS: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    SHARD: pl.String(),
+    PIXEL_HASH: pl.String(),
+    PHASH: pl.Int64(),
+    EMBEDDING: pl.List(pl.Float32()),
+    EMBEDDING_MODEL_VERSION: pl.String(),  # null when fingerprinted without embeddings
+}
+
+# How a group member relates to its group's representative, and the distance in that kind's unit.
+EXACT_DUPLICATE = "exact"  # same decoded pixels (distance 0)
+NEAR_DUPLICATE = "near"  # pHash within the Hamming threshold (distance: differing bits)
+SEMANTIC_DUPLICATE = "semantic"  # embeddings within the cosine threshold (distance: 1 - cosine)
+DUPLICATE_KINDS = (EXACT_DUPLICATE, NEAR_DUPLICATE, SEMANTIC_DUPLICATE)
+# One row per image in a duplicate group of two or more (the representative included, with kind null).
+DUPLICATES: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    SHARD: pl.String(),
+    "group_id": pl.String(),  # the representative's shard and uid: stable while the group keeps it
+    "kind": pl.String(),  # one of DUPLICATE_KINDS; null for the representative
+    "representative_uid": pl.String(),
+    "distance": pl.Float64(),  # to the representative, in the kind's unit; 0 for the representative
+}
+
+# The reasons dedup removes a downloaded pair before any cut: `<reason>:<uid it duplicates or matches>`.
+DUPLICATE_OF = "duplicate_of"
+EVAL_CONTAMINATION = "eval_contamination"
+# One row per pool pair dedup or decontamination removes, with the reason.
+DEDUP_REMOVALS: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    SHARD: pl.String(),
+    "reason": pl.String(),  # f"{DUPLICATE_OF}:<representative uid>" or f"{EVAL_CONTAMINATION}:<eval uid>"
+}
+
+
 class Status:
     """Outcome words of a pool row; anything but SUCCESS carries an `error` saying why."""
 

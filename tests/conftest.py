@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import socketserver
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +38,34 @@ def cli_env(folder: Path, **extra: str) -> dict[str, str]:
     home.mkdir(exist_ok=True)
     (home / "dagster.yaml").touch()
     return {**os.environ, "DAGSTER_HOME": str(home), "PYTHONUNBUFFERED": "1", **extra}
+
+
+@dataclass(frozen=True)
+class TimedRun:
+    """A finished command, with when (seconds after it started) each line of its standard output arrived."""
+
+    done: subprocess.CompletedProcess[str]
+    lines: list[tuple[float, str]]
+
+
+def run_timed(command: list[str], env: dict[str, str], stderr_file: Path, timeout_s: float = 600) -> TimedRun:
+    """Run `command`, reading its standard output line by line as it comes (standard error goes to a file)."""
+    started = time.monotonic()
+    lines: list[tuple[float, str]] = []
+    with stderr_file.open("w") as errors:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        timer = threading.Timer(timeout_s, process.kill)
+        timer.start()
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.append((time.monotonic() - started, line.rstrip("\n")))
+            process.wait()
+        finally:
+            timer.cancel()
+    stdout = "".join(f"{line}\n" for _, line in lines)
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr_file.read_text())
+    return TimedRun(done, lines)
 
 
 def png_bytes(width: int, height: int, seed: int = 0) -> bytes:

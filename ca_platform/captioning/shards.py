@@ -123,6 +123,7 @@ def train_or_adopt_captioner(
             learning_rate=settings.learning_rate,
             seed=settings.seed,
             device=settings.device,
+            description="captioner: training on the pool",
         )
         version, folder = save_trained_captioner(trained, scratch / "checkpoints")
         return version, folder, {"training_pairs": pool.pairs, "metrics": trained.metrics}
@@ -207,7 +208,9 @@ def caption_shard(
         if outcome.passed:
             return ShardCaptions(shard, existing, outcome, reused=True, generated_tokens=0, seconds=0.0)
     tars = fetch_downloaded_tars(store, shard, ledger, scratch / "in")
-    written = caption_tars(tars, captioner, settings.decoding(), batch_size=batch_size, num_workers=num_workers)
+    written = caption_tars(
+        tars, captioner, settings.decoding(), batch_size=batch_size, num_workers=num_workers, description=shard
+    )
     frame = written.frame.with_columns(
         pl.lit(shard).alias(schemas.SHARD), pl.lit(version).alias(schemas.CAPTIONER_VERSION)
     )

@@ -25,6 +25,7 @@ from ca_platform.captioning.captioner import Captioner
 from ca_platform.captioning.decoding import DecodingSettings
 from ca_platform.ingest.webdataset_io import SampleError, decode_sample, iter_samples_strided
 from ca_platform.models.devices import cpu_budget
+from ca_platform.progress import Task
 
 Transform = Callable[[Image.Image], torch.Tensor]
 PreparedImages = tuple[list[int], list[str], torch.Tensor]  # running indices, uids, pixels [n, ...]
@@ -155,6 +156,7 @@ def caption_tars(
     settings: DecodingSettings,
     batch_size: int = 32,
     num_workers: int = 2,
+    description: str = "images",
 ) -> CaptionedTars:
     """Decode and preprocess the tars' images in DataLoader workers (as scoring/streaming.py's prepared_batches
     does: strided by sample with webdataset_io.iter_samples_strided, one torch thread per worker, cpu_budget()
@@ -162,7 +164,7 @@ def caption_tars(
     process. Batch k uses seed_offset=k so sampling is reproducible.
 
     Batches are cut from consecutive samples in the tars' order whatever the worker count, so the frame follows
-    that order and sampled captions are the same with any `num_workers`.
+    that order and sampled captions are the same with any `num_workers`. Progress is reported as `description`.
     """
     budget = cpu_budget()
     num_workers = min(num_workers, budget)  # a one-CPU Ray actor decodes in one worker, not two
@@ -170,13 +172,14 @@ def caption_tars(
     captions: list[str] = []
     tokens = 0
     start = time.perf_counter()
-    with _model_threads_within(budget):
+    with _model_threads_within(budget), Task(f"{description}: captioning", unit="image") as task:
         batches = prepared_images(tars, captioner.transform, batch_size, num_workers)
         for index, (batch_uids, pixels) in enumerate(batches):
             batch = captioner.caption_batch(pixels, settings, seed_offset=index)
             uids.extend(batch_uids)
             captions.extend(caption for candidates in batch.captions for caption in candidates)
             tokens += batch.generated_tokens
+            task.advance(len(batch_uids))
     seconds = time.perf_counter() - start
     ranks = range(settings.candidates)
     frame = pl.DataFrame(

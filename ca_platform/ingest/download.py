@@ -29,6 +29,7 @@ from ca_platform.ingest.download_guard import GuardPolicy, guarded_urlopen
 from ca_platform.ingest.quality import CheckOutcome, QualityThresholds, check_download, check_not_worse
 from ca_platform.ingest.raw_shard import read_raw_shard
 from ca_platform.ingest.webdataset_io import tar_members
+from ca_platform.progress import Task
 from ca_platform.schemas import CAPTION, ERROR, ROW_INDEX, SHARD, SKIP_REASON, STATUS, UID, URL, Status
 from ca_platform.storage import DataStore, fetch_to_local, write_json
 
@@ -152,10 +153,11 @@ def download_shard(
     oom_shard_count = max(5, len(str(chunks)))
     results = []
     tars: dict[str, Path] = {}
-    with guarded_urlopen(settings.policy):
+    with guarded_urlopen(settings.policy), Task(f"{shard}: downloading", to_fetch.height, "row") as task:
         for chunk_id in range(chunks if to_fetch.height else 0):
             chunk = to_fetch.slice(chunk_id * settings.samples_per_tar, settings.samples_per_tar)
             _run_downloader(chunk, chunk_id, work_dir, settings, oom_shard_count)
+            task.advance(chunk.height)
             stem = f"{chunk_id:0{oom_shard_count}d}"
             tar_name = f"{tar_prefix}{stem}.tar"
             tar_path = work_dir / f"{stem}.tar"

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ca_platform.models.devices import inference_autocast
 from ca_platform.models.preprocessing import PairPreprocessor, Prepared, to_device
+from ca_platform.progress import Task
 
 Batch = TypeVar("Batch", bound=Sequence[Any])
 
@@ -62,33 +63,38 @@ def train_on_batches(
     *,
     max_grad_norm: float | None = 1.0,
     learning_rate_at: Callable[[int], float] | None = None,
+    description: str = "training",
+    total_samples: int | None = None,
 ) -> TrainingLog:
     """One optimiser step per batch; returns the loss of every step and the samples seen.
 
     `learning_rate_at(samples_seen)` sets the rate before each step (a schedule by samples seen, so it is the
     same whatever the batch size); `len(batch)` counts the samples. The forward pass and loss run under bf16
     autocast on CUDA, float32 on the CPU. A loss that is no longer finite stops training at once rather than
-    training on garbage. The model is left in eval mode.
+    training on garbage. The model is left in eval mode. Progress (samples of `total_samples`, the loss) is
+    reported as `description` (ca_platform.progress), so a long training is visibly alive.
     """
     model.to(device).train()
     losses: list[float] = []
     seen = 0
-    for batch in batches:
-        if learning_rate_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(seen)
-        with inference_autocast(device):
-            value = loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        step_loss = float(value.detach().float().cpu())
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"training loss became {step_loss} at step {len(losses)}")
-        losses.append(step_loss)
-        seen += len(batch)
+    with Task(description, total_samples, "sample") as task:
+        for batch in batches:
+            if learning_rate_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate_at(seen)
+            with inference_autocast(device):
+                value = loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            step_loss = float(value.detach().float().cpu())
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"training loss became {step_loss} at step {len(losses)}")
+            losses.append(step_loss)
+            seen += len(batch)
+            task.advance(len(batch), loss=step_loss)
     model.eval()
     return TrainingLog(losses, seen)
 
@@ -131,6 +137,7 @@ def train_on_pairs(
     learning_rate: float,
     seed: int,
     device: torch.device,
+    description: str = "training",
 ) -> dict[str, Any]:
     """AdamW over shuffled batches of in-memory pairs for some epochs; returns metrics with the loss curve.
 
@@ -147,7 +154,16 @@ def train_on_pairs(
         [prepared[i] for i in indices]
         for indices in shuffled_index_batches(len(prepared), epochs, batch_size, generator, min_size=2)
     )
-    losses = train_on_batches(model, adamw(model.parameters(), learning_rate), batches, loss, device).losses
+    per_epoch = len(prepared) - (len(prepared) % batch_size == 1)  # a lone last pair is skipped
+    losses = train_on_batches(
+        model,
+        adamw(model.parameters(), learning_rate),
+        batches,
+        loss,
+        device,
+        description=description,
+        total_samples=epochs * per_epoch,
+    ).losses
     return {
         "loss": losses,
         "steps": len(losses),

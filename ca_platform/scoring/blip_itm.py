@@ -83,6 +83,7 @@ def train_blip_itm(
         learning_rate=learning_rate,
         seed=seed,
         device=target,
+        description="blip_score model: training",
     )
     return TrainedModel(model, preprocessor, {"source": source, **metrics})
 

@@ -63,6 +63,7 @@ def train_clip(
         learning_rate=learning_rate,
         seed=seed,
         device=target,
+        description="clip_score model: training",
     )
     return TrainedModel(model, preprocessor, {"source": source, **metrics})
 

@@ -133,7 +133,10 @@ def score_shard(
         if existing.select(pair_key).sort(pair_key).equals(pairs.expected.select(pair_key).sort(pair_key)):
             return ShardScores(shard, existing, pairs.audit(existing)[0], reused=True, key=pairs.key)
     tars = fetch_downloaded_tars(store, shard, ledger, scratch / "in")
-    scored = score_tars(tars, scorer, batch_size=batch_size, num_workers=num_workers, candidates=pairs.candidates)
+    what = f"{kind} {shard}" + (f" synthetic captions {captioner_version}" if captioner_version else "")
+    scored = score_tars(
+        tars, scorer, batch_size=batch_size, num_workers=num_workers, candidates=pairs.candidates, description=what
+    )
     frame = scored.with_columns(
         pl.lit(shard).alias(schemas.SHARD),
         pl.lit(kind).alias("scorer"),

@@ -22,6 +22,7 @@ from ca_platform import schemas
 from ca_platform.ingest.webdataset_io import SampleError, decode_sample, iter_samples_strided
 from ca_platform.models.devices import cpu_budget
 from ca_platform.models.preprocessing import Prepared
+from ca_platform.progress import Task
 from ca_platform.scoring.scorer import PairScorer
 
 
@@ -140,22 +141,24 @@ def score_tars(
     batch_size: int = 64,
     num_workers: int = 2,
     candidates: Candidates | None = None,
+    description: str = "pairs",
 ) -> pl.DataFrame:
     """Score every pair of the tars: each sample with its own caption, or with each of its `candidates`; one
     row per pair, columns `uid` (str), `caption_rank` (int32, null for the sample's own caption) and `score`
     (float64).
 
     A sample whose image does not decode raises SampleError naming the tar and key, so no sample drops out
-    unnoticed; the caller decides what a failed shard means.
+    unnoticed; the caller decides what a failed shard means. Progress is reported as `description`.
     """
     pairs: list[PairId] = []
     scores: list[np.ndarray] = []
     budget = cpu_budget()
     num_workers = min(num_workers, budget)  # a one-CPU Ray actor decodes in one worker, not two
-    with _cores_left_to_workers(budget, num_workers):
+    with _cores_left_to_workers(budget, num_workers), Task(f"{description}: scoring", unit="pair") as task:
         for batch_pairs, batch in prepared_batches(tars, scorer, batch_size, num_workers, candidates):
             pairs.extend(batch_pairs)
             scores.append(scorer.score_batch(batch).float().numpy())
+            task.advance(len(batch_pairs))
     values = np.concatenate(scores).astype(np.float64) if scores else np.zeros(0)
     return pl.DataFrame(
         {

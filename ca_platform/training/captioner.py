@@ -8,6 +8,7 @@ loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from transformers import BlipConfig, BlipForConditionalGeneration
@@ -17,7 +18,7 @@ from ca_platform.models.checkpoints import load_transformers_model, save_transfo
 from ca_platform.models.devices import pick_device
 from ca_platform.models.preprocessing import PairPreprocessor
 from ca_platform.models.training import TrainedModel
-from ca_platform.training.tars import TrainingBudget, train_built_model
+from ca_platform.training.tars import TrainingBudget, caption_texts, train_built_model
 
 TRAINED_CAPTIONER = "blip_captioner"
 
@@ -34,11 +35,14 @@ def train_blip_captioner_on_tars(
     seed: int = 0,
     device: str | None = None,
     synthetic_caption_probability: float | None = None,
+    description: str | None = None,
 ) -> TrainedModel:
     """A BLIP captioner trained on the pairs of the tars (`pairs` of them, if known) until the budget is spent;
-    recap_mix_p's `synthetic_caption_probability` as `train_on_tars` says."""
+    recap_mix_p's `synthetic_caption_probability` as `train_on_tars` says. A tiny one writes the words of the
+    captions it can train with (`build_blip_captioner`)."""
+    vocabulary = caption_texts([Path(t) for t in tars]) if source == "tiny" else None
     return train_built_model(
-        build_blip_captioner,
+        partial(build_blip_captioner, captions=vocabulary),
         captioning_loss,
         TRAINED_CAPTIONER,
         tars,
@@ -51,6 +55,7 @@ def train_blip_captioner_on_tars(
         seed=seed,
         device=device,
         synthetic_caption_probability=synthetic_caption_probability,
+        description=description,
     )
 
 

@@ -34,6 +34,7 @@ def train_clip_on_tars(
     seed: int = 0,
     device: str | None = None,
     synthetic_caption_probability: float | None = None,
+    description: str | None = None,
 ) -> TrainedModel:
     """A CLIP trained on the pairs of the tars (`pairs` of them, if known) until the budget is spent;
     recap_mix_p's `synthetic_caption_probability` as `train_on_tars` says."""
@@ -51,6 +52,7 @@ def train_clip_on_tars(
         seed=seed,
         device=device,
         synthetic_caption_probability=synthetic_caption_probability,
+        description=description,
     )
 
 

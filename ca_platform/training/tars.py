@@ -64,6 +64,17 @@ def count_pairs(tars: Sequence[Path]) -> int:
     return sum(1 for tar in tars for _ in iter_samples([tar]))
 
 
+def caption_texts(tars: Sequence[Path]) -> list[str]:
+    """Every caption a sample of the tars can train with: its own and the synthetic one it may carry
+    (recap_mix_p), read without decoding images."""
+    texts = []
+    for sample in iter_samples(tars):
+        texts.append(sample.caption)
+        if sample.meta.get(SYNTHETIC_CAPTION_META) is not None:
+            texts.append(str(sample.meta[SYNTHETIC_CAPTION_META]))
+    return texts
+
+
 def _shuffled_epoch(tars: Sequence[Path], rng: random.Random, buffer_size: int) -> Iterator[tuple[Path, TarSample]]:
     """Every sample once: tars in a random order, samples through a shuffle buffer of `buffer_size`."""
     order = list(tars)
@@ -177,6 +188,7 @@ def train_on_tars(
     device: torch.device,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     synthetic_caption_probability: float | None = None,
+    description: str = "training",
 ) -> dict[str, Any]:
     """AdamW with gradient clipping and a warm-up/cosine schedule over streamed batches, until the budget is spent.
 
@@ -206,6 +218,8 @@ def train_on_tars(
             loss,
             device,
             learning_rate_at=lambda seen: learning_rate * learning_rate_factor(seen / total),
+            description=description,
+            total_samples=total,
         )
     except FloatingPointError as error:
         raise FloatingPointError(f"{error} on {[str(p) for p in paths]}") from error
@@ -244,6 +258,7 @@ def train_built_model(
     seed: int,
     device: str | None,
     synthetic_caption_probability: float | None = None,
+    description: str | None = None,
 ) -> TrainedModel:
     """A model built by `build(source, image_size)` (seeded first, so its initial weights repeat) and trained
     with `batch_loss(model, batch on the device)` on the tars until the budget is spent (captions mixed as
@@ -263,5 +278,6 @@ def train_built_model(
         seed=seed,
         device=target,
         synthetic_caption_probability=synthetic_caption_probability,
+        description=description or f"{kind}: training",
     )
     return TrainedModel(model, preprocessor, {"model": kind, "source": describe_source(source), **metrics})

@@ -184,6 +184,7 @@ def train_on_variant(
             seed=settings.seed,
             device=settings.device,
             synthetic_caption_probability=dataset.synthetic_caption_probability,
+            description=f"{model} {variant} seed {seed}: training",
         )
         version, folder = spec.save(trained, scratch / "checkpoints")
         fields = {

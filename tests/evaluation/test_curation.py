@@ -5,6 +5,7 @@ shards; the dead shard quarantined and named; a non-zero exit. One run serves th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,15 @@ from ca_platform.schemas import TRAINING_VARIANTS
 from ca_platform.training.captioner import train_blip_captioner_on_tars
 from ca_platform.training.clip import train_clip_on_tars
 from ca_platform.training.tars import TrainingBudget
-from tests.conftest import BIN, RoutesServer, build_web_pool, cli_env, write_evaluation_file, write_pool
+from tests.conftest import (
+    BIN,
+    RoutesServer,
+    build_web_pool,
+    cli_env,
+    run_timed,
+    write_evaluation_file,
+    write_pool,
+)
 
 pytestmark = pytest.mark.slow
 CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"}
@@ -34,6 +43,7 @@ class CliRun:
     data: Path
     done: subprocess.CompletedProcess[str]
     command: list[str]
+    lines: list[tuple[float, str]]  # standard output, each line with the second it arrived
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +63,7 @@ def dead_shard_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]
         command = [str(BIN / "ca-platform"), "run", "--pool", str(pool), "--data", str(data)]
         command += ["--allow-host", "127.0.0.1", "--preferences", str(preferences), "--keep", "0.5"]
         command += ["--eval", str(evaluation), "--recaption"]
-        done = subprocess.run(command, env=cli_env(root), capture_output=True, text=True, timeout=600)
+        timed = run_timed(command, cli_env(root), root / "stderr.txt")
         resources = build_resources(
             str(pool),
             str(data),
@@ -63,7 +73,7 @@ def dead_shard_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]
             evaluation_uri=str(evaluation),
             captioning=CaptioningConfig(enabled=True),
         )
-        yield CliRun(resources, data, done, command)
+        yield CliRun(resources, data, timed.done, command, timed.lines)
     finally:
         server.server.shutdown()
         server.server.server_close()
@@ -87,6 +97,26 @@ def test_the_run_reports_the_healthy_shards_names_the_dead_one_and_exits_non_zer
     assert analytics.query(db, "SELECT count(*) FROM downloads").rows == [(24,)]
     rejected = next((data / layout.REJECTED_DIR / "downloads" / "part-dead").iterdir())
     assert json.loads((rejected / "audit.json").read_text())["shard"] == "part-dead"
+
+
+def test_the_run_says_each_stage_and_shard_as_it_goes_and_is_never_silent_for_long(dead_shard_run: CliRun) -> None:
+    lines = dead_shard_run.lines
+    text = [line for _, line in lines]
+    report_starts = next(i for i, line in enumerate(text) if line.startswith("pool "))
+    first_stage = next(seconds for seconds, line in lines if line.startswith("spine: "))
+    assert first_stage < 15, text[:5]
+    gaps = [(b[0] - a[0], a[1]) for a, b in zip(lines[:report_starts], lines[1 : report_starts + 1])]
+    assert max(gaps)[0] <= 30, max(gaps)
+    for expected in (
+        r"^spine part-dead: FAILED: ",
+        r"^spine part-\d+: ok in [\d.]+ s \(.*downloaded_shard: \d+ rows in [\d.]+ s \([\d.]+/s\)",
+        r"^reward model: training on preferences: \d+ samples in [\d.]+ s \([\d.]+/s\), loss [\d.]+$",
+        r"^scores part-\d+: ok in .*reward_scores: \d+ pairs in",
+        r"^captions: \d+ of \d+ ok in [\d.]+ s$",
+        r"^clip_checkpoint full seed 0: training: started, \d+ samples$",
+        r"^models: 8 of 8 ok in",
+    ):
+        assert any(re.search(expected, line) for line in text[:report_starts]), expected
 
 
 def test_the_report_lists_every_variant_as_measured_with_an_equal_budget(dead_shard_run: CliRun) -> None:

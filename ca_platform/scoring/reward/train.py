@@ -185,7 +185,16 @@ def train_reward_model(
         rewards = model(_load_pixels(items, transform).to(device), input_ids, attention_mask, image_index)
         return pairwise_loss(rewards, pairs)
 
-    losses = train_on_batches(model, optimizer, batches, loss, device, max_grad_norm=config.max_grad_norm).losses
+    losses = train_on_batches(
+        model,
+        optimizer,
+        batches,
+        loss,
+        device,
+        max_grad_norm=config.max_grad_norm,
+        description="reward model: training on preferences",
+        total_samples=config.epochs * len(trainable),
+    ).losses
     per_epoch = math.ceil(len(trainable) / config.images_per_batch)  # steps; no batch is skipped
     loss_curve = [  # the mean loss per preference pair of each epoch
         sum(step * pairs for step, pairs in zip(losses[s : s + per_epoch], pairs_per_step[s : s + per_epoch]))
