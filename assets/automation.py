@@ -4,7 +4,9 @@ The chain a new reward model sets off: `reward_model` materializes with a new Da
 content hash) -> every shard's `reward_scores` is requested -> once no scoring run is left, `score_threshold`
 -> every shard's `compressed_subset`. Each step is requested by the sensor tick after the one before landed.
 A new captioner version (`captioner_model`) sets off the same chain from `synthetic_captions`, through
-`synthetic_caption_scores`, which a new reward model also re-requests.
+`synthetic_caption_scores`, which a new reward model also re-requests. A new CLIP-score model re-fingerprints
+every shard (`image_fingerprints`, its embeddings), then `duplicate_groups`, and the cut follows; a new reward
+model re-runs `duplicate_groups` too (it picks each group's representative).
 
 Scores follow *data versions*, not materializations: re-running `reward_model` with an unchanged recipe, or
 re-observing the same registered checkpoint, changes no data version and so requests nothing; one model
@@ -18,6 +20,7 @@ REGISTERED_REWARD_CHECKPOINT = AssetKey("registered_reward_checkpoint")
 SCORE_THRESHOLD = AssetKey("score_threshold")
 SYNTHETIC_CAPTIONS = AssetKey("synthetic_captions")
 SYNTHETIC_CAPTION_SCORES = AssetKey("synthetic_caption_scores")
+EVALUATION_SET = AssetKey("evaluation_set")
 
 # Any dependency has a data version the previous evaluation had not seen (a new model, a new download).
 _DEPS_NEW_VERSION = AutomationCondition.any_deps_match(AutomationCondition.data_version_changed()).with_label(
@@ -34,15 +37,16 @@ ON_NEW_REGISTERED_CHECKPOINT = (
     & ~AutomationCondition.in_progress()
 ).with_label("new_registered_checkpoint")
 
-# Recaptioning is optional: a pool never captioned has no synthetic captions, which must not hold back what
-# the raw pairs alone decide (the cut of the raw variants, their subsets).
+# Recaptioning and the evaluation set are optional: a pool never captioned has no synthetic captions, and one
+# with no evaluation set nothing to decontaminate against, which must not hold back what the raw pairs alone
+# decide (dedup, the cut of the raw variants, their subsets).
 _DEPS_MISSING_BUT_CAPTIONS = (
     AutomationCondition.any_deps_missing()
-    .ignore(AssetSelection.assets(SYNTHETIC_CAPTIONS, SYNTHETIC_CAPTION_SCORES))
-    .with_label("any_deps_missing_but_captions")
+    .ignore(AssetSelection.assets(SYNTHETIC_CAPTIONS, SYNTHETIC_CAPTION_SCORES, EVALUATION_SET))
+    .with_label("any_deps_missing_but_optional")
 )
 
-# The threshold: once the scores it reads are updated and no scoring of them is still running.
+# Dedup and the threshold: once the scores (fingerprints) they read are updated and none is still running.
 ON_SCORES_UPDATE = AutomationCondition.eager().replace("any_deps_missing", _DEPS_MISSING_BUT_CAPTIONS)
 
 # Subsets: after the threshold, never on the scores alone (the cut they apply would be the previous one).

@@ -9,6 +9,7 @@ from ca_platform import layout
 from ca_platform.analytics.plots import markdown_image, markdown_table
 from ca_platform.assets.automation import ON_SCORES_UPDATE, ON_THRESHOLD_UPDATE
 from ca_platform.assets.captions import synthetic_caption_scores, synthetic_captions
+from ca_platform.assets.dedup import duplicate_groups
 from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
 from ca_platform.assets.quality_checks import audited, blocking_check_specs, check_results
@@ -25,7 +26,7 @@ GROUP = "compression"
 
 
 @asset(
-    deps=[reward_scores, clip_scores, synthetic_caption_scores],
+    deps=[reward_scores, clip_scores, synthetic_caption_scores, duplicate_groups],
     automation_condition=ON_SCORES_UPDATE,
     group_name=GROUP,
     kinds={"duckdb"},
@@ -61,7 +62,8 @@ def score_threshold(
     return MaterializeResult(
         metadata={
             "keep_fraction": compression.keep_fraction,
-            "pairs": reward.total,  # every downloaded pair of the pool, ranked
+            "pairs": reward.total,  # every downloaded pair of the pool that dedup kept, ranked
+            "removed_by_dedup": reward.removed,
             "kept": reward.kept,
             "reward_model_version": reward.model_version,
             "threshold_score": reward.score if reward.score is not None else float("nan"),
@@ -80,7 +82,15 @@ def score_threshold(
 
 @asset(
     partitions_def=pool_shards,
-    deps=[score_threshold, downloaded_shard, reward_scores, clip_scores, synthetic_captions, synthetic_caption_scores],
+    deps=[
+        score_threshold,
+        downloaded_shard,
+        reward_scores,
+        clip_scores,
+        synthetic_captions,
+        synthetic_caption_scores,
+        duplicate_groups,
+    ],
     check_specs=blocking_check_specs("compressed_subset", SUBSET_CHECKS),
     automation_condition=ON_THRESHOLD_UPDATE,
     group_name=GROUP,

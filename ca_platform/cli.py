@@ -248,7 +248,7 @@ def _cmd_instance(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
     from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
-    from ca_platform.demo.evaluation_set import write_shapes_evaluation_set
+    from ca_platform.demo.evaluation_set import pool_images_to_leak, write_shapes_evaluation_set
     from ca_platform.demo.image_server import ImageServer
     from ca_platform.demo.shapes_pool import generate_pool
     from ca_platform.resources import ModelTrainingConfig, build_resources
@@ -257,10 +257,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.dir).resolve()
     world_dir = root / "world"
     world_dir.mkdir(parents=True, exist_ok=True)
-    config = ShapesWorldConfig(seed=args.seed, shards=args.shards, rows_per_shard=args.rows)
+    config = ShapesWorldConfig(
+        seed=args.seed, shards=args.shards, rows_per_shard=args.rows, duplicate_fraction=args.duplicates
+    )
     with ImageServer(world_dir, host=DEMO_HOST, port=args.port) as server:
         world = generate_pool(world_dir, server.base_url, config)
-        print(f"shapes world: {world.rows} rows in {len(world.shard_paths)} shards, served at {server.base_url}")
+        print(
+            f"shapes world: {world.rows} rows in {len(world.shard_paths)} shards, served at {server.base_url} "
+            f"({args.duplicates:.0%} of the rows copy another row's image: exact, re-encoded or resized)"
+        )
         if args.serve:
             print(f"pool: {world.pool_dir}  (Ctrl-C to stop serving)", flush=True)
             server.wait()
@@ -269,10 +274,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             root / "preferences", ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
         )
         print(f"preferences: {preferences} (images disjoint from the pool)")
+        leaked = pool_images_to_leak(world, args.leaked_eval_images)
         evaluation = write_shapes_evaluation_set(
-            world_dir, server.base_url, images=args.eval_images, seed=args.seed, avoid_pool=config
+            world_dir, server.base_url, images=args.eval_images, seed=args.seed, avoid_pool=config, leaked=leaked
         )
-        print(f"evaluation set: {evaluation} ({args.eval_images} held-out images, 2 references each)")
+        print(
+            f"evaluation set: {evaluation} ({args.eval_images} held-out images, 2 references each, and "
+            f"{len(leaked)} copies of pool images, which decontamination removes from the pool)"
+        )
         resources = build_resources(
             str(world.pool_dir),
             str(root / "data"),
@@ -392,6 +401,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", type=float, default=DEFAULT_KEEP_FRACTION, help="fraction of the pool to keep")
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--eval-images", type=int, default=300, help="held-out evaluation images")
+    demo.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.05,
+        metavar="FRACTION",
+        help="share of pool rows whose image copies another row's (exact, JPEG re-encode, larger rendering)",
+    )
+    demo.add_argument(
+        "--leaked-eval-images",
+        type=int,
+        default=10,
+        metavar="N",
+        help="pool images the evaluation set holds too (exact and re-encoded), for decontamination to remove",
+    )
     demo.add_argument(
         "--full-epochs",
         type=float,

@@ -150,6 +150,23 @@ def synthetic_captions_key(captioner_version: str, shard: str) -> str:
     return f"{CAPTIONS_DIR}/{captioner_version}/{shard}.parquet"
 
 
+FINGERPRINTS_DIR = "fingerprints"
+FINGERPRINT_STEP = "fingerprints"
+
+
+def fingerprints_key(embedding_version: str, shard: str) -> str:
+    """One shard's image fingerprints (schemas.IMAGE_FINGERPRINTS), embedded by one CLIP-score model version."""
+    return f"{FINGERPRINTS_DIR}/{embedding_version}/{shard}.parquet"
+
+
+DEDUP_DIR = "dedup"
+# The current deduplication of the pool, replaced whole by each duplicate_groups materialization.
+DUPLICATES_KEY = f"{DEDUP_DIR}/duplicates.parquet"  # schemas.DUPLICATES
+DEDUP_REMOVALS_KEY = f"{DEDUP_DIR}/removals.parquet"  # schemas.DEDUP_REMOVALS: what every cut leaves out
+DEDUP_REPORT_KEY = f"{REPORTS_DIR}/duplicate_groups.json"  # counts, settings and the versions it used
+DEDUP_PLOT_KEY = f"{REPORTS_DIR}/duplicate_groups.png"
+
+
 SUBSETS_DIR = "subsets"
 SUBSET_MEMBERSHIP_FILE = "membership.parquet"
 SUBSET_UIDS_FILE = "uids.txt"
@@ -213,4 +230,6 @@ VIEW_GLOBS: dict[str, str] = {
     "subsets": f"{SUBSETS_DIR}/*/*/{SUBSET_MEMBERSHIP_FILE}",
     "synthetic_captions": f"{CAPTIONS_DIR}/*/*.parquet",
     "synthetic_scores": f"{SCORES_DIR}/*/*/{SYNTHETIC_DIR}/*/*.parquet",
+    "duplicates": DUPLICATES_KEY,
+    "dedup_removals": DEDUP_REMOVALS_KEY,
 }

@@ -26,6 +26,7 @@ from ca_platform.assets import (
     ALL_ASSETS,
     CAPTION_ANALYTICS_ASSETS,
     CAPTIONER_ASSETS,
+    DEDUP_ASSETS,
     EVALUATION_SET_ASSETS,
     PINNED_REWARD_ASSETS,
     REPORT_ASSETS,
@@ -331,6 +332,15 @@ class _StageDriver:
         healthy = [run.target for run in scored if run.success]
         if not (compress and healthy):  # failed shards are quarantined: the cut proceeds over the healthy ones
             return runs
+        evaluation = self.resources["evaluation"]
+        assert isinstance(evaluation, EvaluationConfig)
+        if evaluation.uri:  # first: decontamination removes its images from the pool
+            runs.append(self.pool_wide("evaluation set", EVALUATION_SET_ASSETS))
+            if not runs[-1].success:
+                return runs
+        runs.append(self.pool_wide("dedup", DEDUP_ASSETS))
+        if not runs[-1].success:
+            return runs
         captioning = self.resources["captioning"]
         assert isinstance(captioning, CaptioningConfig)
         if captioning.enabled:
@@ -350,24 +360,20 @@ class _StageDriver:
             return runs
         subsets = self.per_shard("subsets", healthy)
         runs += subsets
-        evaluation = self.resources["evaluation"]
-        assert isinstance(evaluation, EvaluationConfig)
         if evaluation.uri and all(run.success for run in subsets):
             runs += self._train_and_evaluate()
         return runs
 
     def _train_and_evaluate(self) -> list[StageRun]:
-        """The evaluation set, then per training variant (full and every variant cut) its CLIP and BLIP and their
-        evaluations, the variants side by side on the engine, then the report."""
-        runs = [self.pool_wide("evaluation set", EVALUATION_SET_ASSETS)]
+        """Per training variant (full and every variant cut) its CLIP and BLIP and their evaluations, the
+        variants side by side on the engine, then the report."""
         storage = self.resources["storage"]
         assert isinstance(storage, PlatformStorage)
         cut = _read_report(storage, layout.SCORE_THRESHOLD_REPORT_KEY) or {}
         variants = [v for v in schemas.TRAINING_VARIANTS if v == schemas.FULL or v in cut]
-        if runs[0].success:
-            runs += self.per_shard("models", variants)
-            if all(run.success for run in runs):
-                runs.append(self.pool_wide("report", REPORT_ASSETS))
+        runs = self.per_shard("models", variants)
+        if all(run.success for run in runs):
+            runs.append(self.pool_wide("report", REPORT_ASSETS))
         return runs
 
 
@@ -410,9 +416,10 @@ def report(run: LineageRun) -> str:
     )
     if scores.rows:
         lines += ["", "scores (DuckDB view `scores`):", scores.as_text()]
+    lines += _dedup_lines(run.storage)
     thresholds = _read_report(run.storage, layout.SCORE_THRESHOLD_REPORT_KEY)
     if thresholds:
-        lines += ["", "compressed subsets (DuckDB view `subsets`):"]
+        lines += ["", "compressed subsets (DuckDB view `subsets`; every cut comes after dedup):"]
         for variant in (v for v in schemas.SUBSET_VARIANTS if v in thresholds):
             threshold = thresholds[variant]
             kept, total = threshold["kept"], threshold["total"]
@@ -486,6 +493,21 @@ def _caption_lines(storage: PlatformStorage) -> list[str]:
             "(reward_best_caption keeps the caption it prefers)"
         )
     return lines
+
+
+def _dedup_lines(storage: PlatformStorage) -> list[str]:
+    """How many images each dedup step removed before the cuts (views `duplicates`, `dedup_removals`)."""
+    report = _read_report(storage, layout.DEDUP_REPORT_KEY)
+    if not report:
+        return []
+    counts = report["counts"]
+    removed = ", ".join(f"{counts[f'{kind}_duplicates']} {kind} duplicates" for kind in schemas.DUPLICATE_KINDS)
+    return [
+        "",
+        "dedup (DuckDB views `duplicates`, `dedup_removals`; try: SELECT * FROM largest_duplicate_groups()):",
+        f"  {counts['images']} downloaded images: removed {counts[schemas.EVAL_CONTAMINATION]} copies of evaluation "
+        f"images, then {removed}; {counts['kept']} kept for the cuts",
+    ]
 
 
 def _quarantine_lines(held: dict[str, list[QuarantinedShard]]) -> list[str]:

@@ -131,6 +131,7 @@ SUBSETS: Mapping[str, pl.DataType] = {
     "caption_source": pl.String(),  # RAW_CAPTION, SYNTHETIC_CAPTION or MIXED_CAPTION
     CAPTIONER_VERSION: pl.String(),  # null when the raw caption is used
     CAPTION_RANK: pl.Int32(),  # the synthetic candidate used; null for the raw caption
+    "drop_reason": pl.String(),  # why dedup removed the pair before the cut (DEDUP_REMOVALS' reason), else null
 }
 
 

@@ -21,6 +21,7 @@ from ca_platform.schemas import POOL_BLIP_BACKBONE
 
 if TYPE_CHECKING:
     from ca_platform.captioning.shards import CaptionerSettings
+    from ca_platform.dedup.groups import DedupSettings
     from ca_platform.ingest.download import DownloadSettings
     from ca_platform.scoring.reward.model import RewardModelSpec
     from ca_platform.scoring.reward.train import TrainConfig
@@ -156,6 +157,29 @@ class CompressionConfig(ConfigurableResource):
         le=1.0,
         description="recap_mix_p: the chance that training draws an image's synthetic caption over its raw one.",
     )
+    # Deduplication and decontamination, which every cut comes after (ca_platform.dedup).
+    near_duplicate_bits: int = Field(
+        default=6, ge=0, le=32, description="pHash Hamming distance at or below which two images are near copies."
+    )
+    semantic_duplicate_cosine: float | None = Field(
+        default=None,
+        description="CLIP-score image embeddings at or above this cosine are semantic duplicates (e.g. 0.95 with a "
+        "pretrained CLIP); null, the default: off, since a tiny CLIP trained on a small pool embeds most images "
+        "alike and would merge unrelated ones.",
+    )
+    semantic_cluster_size: int = Field(
+        default=1024, ge=2, description="Largest embedding cluster semantic dedup compares pairwise within."
+    )
+
+    def dedup_settings(self) -> DedupSettings:
+        from ca_platform.dedup.groups import DedupSettings  # scipy: imported where dedup runs
+
+        return DedupSettings(
+            near_max_bits=self.near_duplicate_bits,
+            semantic_min_cosine=self.semantic_duplicate_cosine,
+            max_cluster_size=self.semantic_cluster_size,
+            seed=self.random_seed,
+        )
 
 
 class CaptioningConfig(ConfigurableResource):

@@ -36,6 +36,8 @@ VIEW_SCHEMAS: Mapping[str, Mapping[str, Any]] = {
     "subsets": schemas.SUBSETS,
     "synthetic_captions": schemas.SYNTHETIC_CAPTIONS,
     "synthetic_scores": schemas.SCORES,
+    "duplicates": schemas.DUPLICATES,
+    "dedup_removals": schemas.DEDUP_REMOVALS,
 }
 
 

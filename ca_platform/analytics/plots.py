@@ -66,6 +66,21 @@ def histogram_png(
     return path
 
 
+def bar_png(labels: Sequence[str], values: Sequence[int], path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """One bar per label (e.g. how many duplicate groups have each size)."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7, 3.5), dpi=100)
+    axes.bar(list(labels), list(values))
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    plt.close(figure)
+    return path
+
+
 def markdown_image(png: Path, alt: str) -> str:
     """The PNG inlined as a data URI, so the UI shows it without serving files."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode('ascii')})"

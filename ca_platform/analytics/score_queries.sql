@@ -186,3 +186,16 @@ SELECT
 FROM scores
 GROUP BY scorer, model_version
 ORDER BY scorer, model_version;
+
+-- The largest duplicate groups of the current deduplication (view `duplicates`): group_id, representative_uid,
+-- images (the representative included), exact, near and semantic members, and the largest distance to the
+-- representative in pHash bits among near members; largest groups first, ties by group_id.
+CREATE OR REPLACE MACRO largest_duplicate_groups(top := 10) AS TABLE
+SELECT group_id, any_value(representative_uid) AS representative_uid, count(*) AS images,
+    count(*) FILTER (WHERE kind = 'exact') AS exact, count(*) FILTER (WHERE kind = 'near') AS near,
+    count(*) FILTER (WHERE kind = 'semantic') AS semantic,
+    max(distance) FILTER (WHERE kind = 'near') AS max_near_bits
+FROM duplicates
+GROUP BY group_id
+ORDER BY images DESC, group_id
+LIMIT top;

@@ -124,6 +124,7 @@ def train_or_adopt_captioner(
             seed=settings.seed,
             device=settings.device,
             description="captioner: training on the pool",
+            excluded_uids=pool.excluded_uids,
         )
         version, folder = save_trained_captioner(trained, scratch / "checkpoints")
         return version, folder, {"training_pairs": pool.pairs, "metrics": trained.metrics}

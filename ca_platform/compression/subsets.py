@@ -232,7 +232,8 @@ def _staged_variant(folder: Path, variant: str, shard: str, run_id: str) -> Stag
 
 
 def shard_score_plot(membership: pl.DataFrame, path: Path, shard: str) -> Path:
-    """Kept and dropped pairs of one shard per score bin."""
+    """Kept and dropped pairs of one shard per score bin (pairs dedup removed have no score and no bin)."""
+    membership = membership.filter(pl.col("score").is_not_null())
     scores = membership["score"].to_numpy()
     edges = np.histogram_bin_edges(scores, bins=20) if scores.size else np.linspace(0.0, 1.0, 21)
     kept = membership.filter(pl.col("kept"))["score"].to_numpy()

@@ -57,6 +57,7 @@ class ScoreThreshold:
     uid: str | None
     shard: str | None
     excluded: tuple[str, ...] = ()  # quarantined shards the cut left out (ca_platform.quarantine)
+    removed: int = 0  # pairs of the healthy shards dedup and decontamination removed before the cut
     captioner_version: str | None = None  # the synthetic captions a caption variant chose among
     synthetic_caption_probability: float | None = None  # recap_mix_p: how often training draws the synthetic one
 
@@ -141,6 +142,10 @@ def ranked_pairs(
     leave_out, leave_out_params = (
         ("NOT list_contains(CAST(? AS VARCHAR[]), shard)", [list(excluded)]) if excluded else ("true", [])
     )
+    removals = files_root / layout.DEDUP_REMOVALS_KEY
+    if removals.is_file():  # duplicates and evaluation copies leave before any cut (uids are unique pool-wide)
+        leave_out = f"{leave_out} AND uid NOT IN (SELECT uid FROM read_parquet(?))"
+        leave_out_params = [*leave_out_params, removals.as_posix()]
     if variant == RANDOM_TOPK:
         seed = model_version.removeprefix(RANDOM_VERSION_PREFIX)
         ledgers = (files_root / layout.download_rows_key(shard)).as_posix()
@@ -214,8 +219,30 @@ def score_threshold(
             last = _cut_by_selection(con, relation, params, total, kept)
     score, uid, shard = last if last else (None, None, None)
     return ScoreThreshold(
-        variant, model_version, keep_fraction, total, kept, score, uid, shard, tuple(excluded), captioner_version
+        variant,
+        model_version,
+        keep_fraction,
+        total,
+        kept,
+        score,
+        uid,
+        shard,
+        tuple(excluded),
+        removed_before_cut(files_root, excluded),
+        captioner_version,
     )
+
+
+def removed_before_cut(files_root: Path, excluded: Sequence[str] = ()) -> int:
+    """Pairs of the shards not `excluded` that dedup and decontamination removed (0 before any dedup)."""
+    removals = files_root / layout.DEDUP_REMOVALS_KEY
+    if not removals.is_file():
+        return 0
+    with duckdb.connect() as con:
+        return con.execute(
+            "SELECT count(*) FROM read_parquet(?) WHERE NOT list_contains(CAST(? AS VARCHAR[]), shard)",
+            [removals.as_posix(), list(excluded)],
+        ).fetchone()[0]
 
 
 def raw_plus_recap_threshold(files_root: Path, clip_cut: ScoreThreshold, captioner_version: str) -> ScoreThreshold:
@@ -329,6 +356,10 @@ def shard_membership(files_root: Path, threshold: ScoreThreshold, shard: str) ->
             f"FROM ({relation}) ORDER BY uid",
             params=[*condition_params, *params],
         ).pl()
+    frame = pl.concat(
+        [frame.with_columns(drop_reason=pl.lit(None, pl.String())), _removed_rows(files_root, shard)],
+        how="vertical_relaxed",
+    )
     synthetic = pl.col("caption_source") != RAW_CAPTION
     frame = frame.with_columns(
         pl.lit(threshold.variant).alias("variant"),
@@ -337,6 +368,21 @@ def shard_membership(files_root: Path, threshold: ScoreThreshold, shard: str) ->
         pl.when(synthetic).then(pl.lit(threshold.captioner_version)).alias(schemas.CAPTIONER_VERSION),
     )
     return schemas.conform(frame, schemas.SUBSETS)
+
+
+def _removed_rows(files_root: Path, shard: str) -> pl.DataFrame:
+    """The shard's pairs dedup removed, as membership rows: not kept, no score, the removal's reason."""
+    columns = ["uid", "shard", "score", "kept", schemas.CAPTION_RANK, "caption_source", "drop_reason"]
+    removals = files_root / layout.DEDUP_REMOVALS_KEY
+    if not removals.is_file():
+        return pl.DataFrame(schema={name: schemas.SUBSETS[name] for name in columns})
+    with duckdb.connect() as con:
+        frame = con.sql(
+            "SELECT uid, shard, CAST(NULL AS DOUBLE) AS score, false AS kept, CAST(NULL AS INTEGER) AS caption_rank, "
+            "? AS caption_source, reason AS drop_reason FROM read_parquet(?) WHERE shard = ? ORDER BY uid",
+            params=[RAW_CAPTION, removals.as_posix(), shard],
+        ).pl()
+    return frame.select([pl.col(name).cast(schemas.SUBSETS[name]) for name in columns])
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,9 @@ class ShapesWorldConfig:
     missing_fraction: float = 0.05
     corrupt_fraction: float = 0.03
     image_format: Literal["png", "jpg"] = "png"
+    # Rows whose image copies another row's of the same shard, as web pools repeat themselves: the same pixels,
+    # a JPEG re-encode, or a larger rendering (downloads resize it back): what dedup must find.
+    duplicate_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.shards < 1 or self.rows_per_shard < 1:
@@ -78,6 +81,8 @@ class ShapesWorldConfig:
             raise ValueError("missing_fraction + corrupt_fraction must not exceed 1")
         if self.image_format not in ("png", "jpg"):
             raise ValueError("image_format must be 'png' or 'jpg'")
+        if not 0 <= self.duplicate_fraction <= 0.5:
+            raise ValueError("duplicate_fraction must be within [0, 0.5]")
 
     @property
     def rows(self) -> int:
@@ -123,6 +128,25 @@ def _link_kinds(config: ShapesWorldConfig, n: int, rng: np.random.Generator) -> 
     return [labels[int(i)] for i in rng.permutation(n)]
 
 
+# RNG stream of the planted copies, default_rng([seed, shard, DUPLICATE_STREAM]): apart from the shard's own
+# stream, so a pool without copies is the same as before they existed.
+DUPLICATE_STREAM = 15485863
+COPY_KINDS = ("exact", "reencoded", "resized")
+
+
+def _planted_copies(config: ShapesWorldConfig, shard: int, link_kinds: list[str]) -> dict[int, tuple[int, str]]:
+    """Copy row -> (the row it copies, how): `duplicate_fraction` of the shard's rows, each copying a row with a
+    working link that is not itself a copy, the kinds in turn."""
+    count = _round_half_up(config.duplicate_fraction * len(link_kinds))
+    if not count:
+        return {}
+    rng = np.random.default_rng([config.seed, shard, DUPLICATE_STREAM])
+    working = [row for row, kind in enumerate(link_kinds) if kind == "ok"]
+    picked = [working[int(i)] for i in rng.permutation(len(working))[: 2 * count]]
+    sources, copies = picked[:count], picked[count:]
+    return {copy: (source, COPY_KINDS[k % len(COPY_KINDS)]) for k, (source, copy) in enumerate(zip(sources, copies))}
+
+
 def _corrupt_body(rng: np.random.Generator) -> bytes:
     """What a broken image link returns: an HTML error page or random bytes."""
     if rng.random() < 0.5:
@@ -158,6 +182,9 @@ def _write_shard(
     scenes = [sample_scene(rng) for _ in range(n)]
     noise_kinds = _quota_labels(config.noise.fractions(), n, rng)
     link_kinds = _link_kinds(config, n, rng)
+    copies = _planted_copies(config, shard, link_kinds)
+    for copy, (source, _) in copies.items():
+        scenes[copy] = scenes[source]
 
     urls: list[str] = []
     captions: list[str] = []
@@ -173,7 +200,12 @@ def _write_shard(
         captions.append(make_noisy_caption(scene, noise_kind, rng, other))
         true_captions.append(describe(scene))
         scene_jsons.append(scene_to_json(scene))
-        if link_kind == "ok":
+        copy_kind = copies.get(row, (None, None))[1]
+        if copy_kind == "reencoded":
+            render_scene(scene, config.image_size).save(images_dir / name, format="JPEG", quality=60)
+        elif copy_kind == "resized":
+            _save_image(render_scene(scene, config.image_size * 3 // 2), images_dir / name, config.image_format)
+        elif link_kind == "ok":
             _save_image(render_scene(scene, config.image_size), images_dir / name, config.image_format)
         elif link_kind == "corrupt":
             (images_dir / name).write_bytes(_corrupt_body(rng))
@@ -189,6 +221,8 @@ def _write_shard(
             "noise_kind": pa.array(noise_kinds, pa.string()),
             "link_kind": pa.array(link_kinds, pa.string()),
             "scene_json": pa.array(scene_jsons, pa.string()),
+            "copy_of": pa.array([urls[copies[row][0]] if row in copies else None for row in range(n)], pa.string()),
+            "copy_kind": pa.array([copies[row][1] if row in copies else None for row in range(n)], pa.string()),
         }
     )
     pq.write_table(truth_table, truth_dir / file_name)

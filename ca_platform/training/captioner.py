@@ -36,6 +36,7 @@ def train_blip_captioner_on_tars(
     device: str | None = None,
     synthetic_caption_probability: float | None = None,
     description: str | None = None,
+    excluded_uids: frozenset[str] = frozenset(),
 ) -> TrainedModel:
     """A BLIP captioner trained on the pairs of the tars (`pairs` of them, if known) until the budget is spent;
     recap_mix_p's `synthetic_caption_probability` as `train_on_tars` says. A tiny one writes the words of the
@@ -56,6 +57,7 @@ def train_blip_captioner_on_tars(
         device=device,
         synthetic_caption_probability=synthetic_caption_probability,
         description=description,
+        excluded_uids=excluded_uids,
     )
 
 

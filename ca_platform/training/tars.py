@@ -26,7 +26,7 @@ from ca_platform.models.checkpoints import content_version
 from ca_platform.models.devices import pick_device
 from ca_platform.models.preprocessing import PairPreprocessor, Prepared
 from ca_platform.models.training import TrainedModel, adamw, collated_loss, train_on_batches
-from ca_platform.schemas import SYNTHETIC_CAPTION_META
+from ca_platform.schemas import SYNTHETIC_CAPTION_META, UID
 
 SHUFFLE_BUFFER = 1000
 WARMUP_FRACTION = 0.05
@@ -59,9 +59,9 @@ def describe_source(source: str) -> str:
     return source if source == "tiny" else f"pretrained:{content_version(Path(source))}"
 
 
-def count_pairs(tars: Sequence[Path]) -> int:
-    """Samples in the tars, read without decoding their images."""
-    return sum(1 for tar in tars for _ in iter_samples([tar]))
+def count_pairs(tars: Sequence[Path], excluded_uids: frozenset[str] = frozenset()) -> int:
+    """Samples in the tars (but the `excluded_uids`), read without decoding their images."""
+    return sum(1 for tar in tars for sample in iter_samples([tar]) if str(sample.meta.get(UID)) not in excluded_uids)
 
 
 def caption_texts(tars: Sequence[Path]) -> list[str]:
@@ -75,13 +75,18 @@ def caption_texts(tars: Sequence[Path]) -> list[str]:
     return texts
 
 
-def _shuffled_epoch(tars: Sequence[Path], rng: random.Random, buffer_size: int) -> Iterator[tuple[Path, TarSample]]:
-    """Every sample once: tars in a random order, samples through a shuffle buffer of `buffer_size`."""
+def _shuffled_epoch(
+    tars: Sequence[Path], rng: random.Random, buffer_size: int, excluded: frozenset[str] = frozenset()
+) -> Iterator[tuple[Path, TarSample]]:
+    """Every sample once (but those whose uid is `excluded`): tars in a random order, samples through a shuffle
+    buffer of `buffer_size`."""
     order = list(tars)
     rng.shuffle(order)
     buffer: list[tuple[Path, TarSample]] = []
     for tar in order:
         for sample in iter_samples([tar]):
+            if excluded and str(sample.meta.get(UID)) in excluded:
+                continue
             if len(buffer) < buffer_size:
                 buffer.append((tar, sample))
                 continue
@@ -138,6 +143,7 @@ def training_batches(
     seed: int,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     caption_of: CaptionChoice | None = None,
+    excluded_uids: frozenset[str] = frozenset(),
 ) -> Iterator[list[Prepared]]:
     """Shuffled batches of prepared samples, epoch after epoch, until exactly `total_samples` are handed out;
     each sample with its own caption, or the one `caption_of` chooses.
@@ -155,7 +161,7 @@ def training_batches(
     rng = random.Random(seed)
     remaining = total_samples
     while remaining >= 2:
-        samples = _shuffled_epoch(tars, rng, shuffle_buffer)
+        samples = _shuffled_epoch(tars, rng, shuffle_buffer, excluded_uids)
         for size in epoch_batch_sizes(min(pairs_per_epoch, remaining), batch_size):
             batch = [_prepared(tar, sample, prepare, caption_of) for tar, sample in itertools.islice(samples, size)]
             if len(batch) < size:
@@ -189,23 +195,25 @@ def train_on_tars(
     shuffle_buffer: int = SHUFFLE_BUFFER,
     synthetic_caption_probability: float | None = None,
     description: str = "training",
+    excluded_uids: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """AdamW with gradient clipping and a warm-up/cosine schedule over streamed batches, until the budget is spent.
 
     `pairs` is the number of samples in the tars when the caller knows it (the training set counted them);
-    otherwise the tars are walked once to count. With `synthetic_caption_probability` (recap_mix_p), each
+    otherwise the tars are walked once to count. Samples whose uid is in `excluded_uids` (what dedup removed from
+    the full pool) are skipped, and not counted in `pairs`. With `synthetic_caption_probability` (recap_mix_p), each
     sample's synthetic caption is drawn with that probability (`mixed_captions`). Returns JSON-ready metrics:
     the per-step loss curve, steps, samples seen and epochs completed (fractional when the budget ends inside an
     epoch).
     """
     paths = [Path(t) for t in tars]
-    pairs_per_epoch = count_pairs(paths) if pairs is None else pairs
+    pairs_per_epoch = count_pairs(paths, excluded_uids) if pairs is None else pairs
     total = budget.total_samples(pairs_per_epoch)
     caption_of = (
         mixed_captions(synthetic_caption_probability, seed) if synthetic_caption_probability is not None else None
     )
     batches = training_batches(
-        paths, preprocessor.prepare, pairs_per_epoch, total, batch_size, seed, shuffle_buffer, caption_of
+        paths, preprocessor.prepare, pairs_per_epoch, total, batch_size, seed, shuffle_buffer, caption_of, excluded_uids
     )
     torch.manual_seed(seed)
     optimizer = adamw(model.parameters(), learning_rate)
@@ -259,6 +267,7 @@ def train_built_model(
     device: str | None,
     synthetic_caption_probability: float | None = None,
     description: str | None = None,
+    excluded_uids: frozenset[str] = frozenset(),
 ) -> TrainedModel:
     """A model built by `build(source, image_size)` (seeded first, so its initial weights repeat) and trained
     with `batch_loss(model, batch on the device)` on the tars until the budget is spent (captions mixed as
@@ -279,5 +288,6 @@ def train_built_model(
         device=target,
         synthetic_caption_probability=synthetic_caption_probability,
         description=description or f"{kind}: training",
+        excluded_uids=excluded_uids,
     )
     return TrainedModel(model, preprocessor, {"model": kind, "source": describe_source(source), **metrics})

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ca_platform import layout, schemas
 from ca_platform.compression.threshold import ScoreThreshold, published_thresholds
+from ca_platform.dedup.pool import published_removals
 from ca_platform.ingest.download import downloaded_rows, downloaded_shards, fetch_downloaded_tars, read_download_ledger
 from ca_platform.ingest.webdataset_io import TarSample, iter_samples
 from ca_platform.scoring.registry import recipe_hash, recipe_settings, train_once
@@ -42,6 +43,7 @@ class TrainingSet:
     pairs: int
     pool_pairs: int  # downloaded pairs of the whole pool, what the samples-seen budget is counted in
     synthetic_caption_probability: float | None = None  # recap_mix_p: training draws the synthetic caption so often
+    excluded_uids: frozenset[str] = frozenset()  # full: the downloaded pairs dedup removed, which training skips
 
 
 def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
@@ -58,9 +60,15 @@ def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
     shards = [shard for shard in downloaded_shards(store) if shard not in left_out]
     if not shards:
         raise NoTrainingDataError(f"no training data for {variant}: no shard has been downloaded")
+    # the subsets' tars hold only what survived dedup; full's are the downloads, so it skips what dedup removed
+    excluded = (
+        frozenset(published_removals(store, scratch)[schemas.UID].to_list()) if variant == schemas.FULL else frozenset()
+    )
     for shard in shards:
         shard_tars, shard_pool_pairs = _shard_tars(store, variant, shard, scratch)
-        rows = sorted(_pair_row(shard, sample) for sample in iter_samples(shard_tars))
+        rows = sorted(
+            row for row in (_pair_row(shard, sample) for sample in iter_samples(shard_tars)) if row[0] not in excluded
+        )
         for row in rows:
             digest.update(json.dumps([shard, *row]).encode() + b"\n")
         tars += shard_tars
@@ -68,7 +76,7 @@ def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
         pool_pairs += shard_pool_pairs
     if mix is not None:
         digest.update(f"synthetic caption probability {mix}".encode())
-    return TrainingSet(variant, tars, digest.hexdigest(), pairs, pool_pairs, mix)
+    return TrainingSet(variant, tars, digest.hexdigest(), pairs, pool_pairs, mix, excluded)
 
 
 def _published_cuts(store: DataStore, scratch: Path) -> dict[str, ScoreThreshold]:
@@ -185,6 +193,7 @@ def train_on_variant(
             device=settings.device,
             synthetic_caption_probability=dataset.synthetic_caption_probability,
             description=f"{model} {variant} seed {seed}: training",
+            excluded_uids=dataset.excluded_uids,
         )
         version, folder = spec.save(trained, scratch / "checkpoints")
         fields = {

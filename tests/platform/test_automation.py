@@ -1,4 +1,5 @@
-"""Rescoring automation: a new reward-model version rescores every shard once, then threshold and subsets follow.
+"""Rescoring automation: a new reward-model version rescores every shard once, then dedup, threshold and subsets
+follow; a new CLIP-score model re-fingerprints every shard and dedup runs again.
 
 The automation conditions are evaluated as the automation sensor evaluates them (`evaluate_automation_conditions`
 with the cursor carried from tick to tick); what they request is then run with `materialize()`.
@@ -18,10 +19,12 @@ from ca_platform.assets import ALL_ASSETS
 from ca_platform.models.tokenization import bert_tokenizer
 from ca_platform.resources import BaselineConfig, CaptioningConfig, ScoringConfig
 from ca_platform.runner import build_resources, run_lineage
-from ca_platform.scoring.registry import register_reward_checkpoint
+from ca_platform.schemas import CLIP_SCORE
+from ca_platform.scoring.registry import current_model, register_reward_checkpoint
 from ca_platform.scoring.reward.model import RewardModelSpec, build_reward_model
 from ca_platform.scoring.reward.scorer import save_reward_model
 from ca_platform.scoring.reward.train import TrainedRewardModel
+from ca_platform.storage import read_json
 
 ASSET_NAMES = [a.key.to_user_string() for a in ALL_ASSETS]  # in dependency order
 
@@ -78,8 +81,13 @@ class Automation:
 
 
 def _rescoring_follows(automation: Automation, shards: set[str]) -> None:
-    """Every shard rescored, then the threshold, then every shard's subsets; then nothing more."""
-    for expected in ({"reward_scores": shards}, {"score_threshold": {None}}, {"compressed_subset": shards}):
+    """Every shard rescored, then dedup (the reward model picks each group's representative) and the threshold,
+    then every shard's subsets; then nothing more."""
+    for expected in (
+        {"reward_scores": shards},
+        {"duplicate_groups": {None}, "score_threshold": {None}},
+        {"compressed_subset": shards},
+    ):
         requested = automation.tick()
         assert requested == expected
         automation.run(requested)
@@ -101,7 +109,7 @@ def test_a_new_reward_model_version_rescores_every_shard_once(web_pool: Callable
     assert run_lineage(resources, instance).success  # both shards downloaded
     shards = {"part-00000", "part-00001"}
     automation = Automation(instance, resources)
-    automation.run({"clip_score_model": {None}, "clip_scores": shards})
+    automation.run({"clip_score_model": {None}, "clip_scores": shards, "image_fingerprints": shards})
     assert automation.tick() == {}  # the first tick only takes stock
 
     first = register_reward_checkpoint(
@@ -133,6 +141,23 @@ def test_a_new_reward_model_version_rescores_every_shard_once(web_pool: Callable
     assert sorted(per_version) == sorted([(first, downloaded), (second, downloaded)])
     subsets = analytics.query(db, "SELECT DISTINCT model_version FROM subsets WHERE variant = 'reward_topk'").rows
     assert subsets == [(second,)]
+
+    # a new CLIP-score model: every shard fingerprinted (its embeddings) and CLIP-scored again, then dedup runs
+    # again with them and the cut follows
+    retrained = {**resources, "baselines": BaselineConfig(epochs=2, batch_size=8, image_size=32)}
+    assert materialize(ALL_ASSETS, selection=["clip_score_model"], instance=instance, resources=retrained).success
+    clip = current_model(data_store, CLIP_SCORE, tmp_path / "s")["version"]
+    for expected in (
+        {"clip_scores": shards, "image_fingerprints": shards},
+        {"duplicate_groups": {None}, "score_threshold": {None}},
+        {"compressed_subset": shards},
+    ):
+        requested = automation.tick()
+        assert requested == expected
+        automation.run(requested)
+    assert automation.tick() == {}
+    assert read_json(data_store, layout.DEDUP_REPORT_KEY, tmp_path / "s")["versions"]["embedding"] == clip
+    assert {path.parent.name for path in (data / layout.FINGERPRINTS_DIR).glob("*/*.parquet")} >= {clip}
 
 
 @pytest.mark.slow
