@@ -12,7 +12,7 @@ DEMO_PORT ?= 8765
 # Runs the Dagster daemon lets go at once (empty: ca-platform's default for the instance's storage).
 MAX_CONCURRENT_RUNS ?=
 
-.PHONY: install postgres demo test test-fast ui benchmarks clean FORCE
+.PHONY: install postgres browser demo test test-fast ui benchmarks clean FORCE
 
 install: $(INSTALLED)
 
@@ -41,10 +41,17 @@ postgres:
 		$$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y --no-install-recommends postgresql; \
 	fi
 
+# Debian's Chromium and its ChromeDriver, for the test that drives the Dagster UI in a real browser.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; else \
+		sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$sudo apt-get update && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y --no-install-recommends chromium chromium-driver; \
+	fi
+
 demo: install $(DAGSTER_HOME_DIR)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(BIN)/ca-platform demo --dir $(DEMO_DIR)
 
-test: install postgres
+test: install postgres browser
 	$(BIN)/python -m pytest
 
 test-fast: install

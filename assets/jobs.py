@@ -1,6 +1,6 @@
 """Jobs over the assets: what a backfill or a sensor launches."""
 
-from dagster import AssetSelection, define_asset_job, in_process_executor
+from dagster import AssetSelection, define_asset_job
 
 from ca_platform.assets import REWARD_ASSETS, SHARD_SCORE_ASSETS, SHARD_SUBSET_ASSETS, SPINE_ASSETS, THRESHOLD_ASSETS
 from ca_platform.assets.partitions import pool_shards
@@ -9,9 +9,6 @@ shard_spine_job = define_asset_job(
     "shard_spine",
     selection=AssetSelection.assets(*SPINE_ASSETS),
     partitions_def=pool_shards,  # what pool_shard_sensor requests per new shard
-    # its two steps run one after the other: a process per step would only add two imports of the definitions
-    # (torch, transformers, img2dataset) to every shard's run, 2.5x its CPU time
-    executor_def=in_process_executor,
     description="Read, validate and download one pool shard.",
 )
 reward_models_job = define_asset_job(

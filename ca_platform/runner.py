@@ -523,13 +523,13 @@ def _quarantine_lines(held: dict[str, list[QuarantinedShard]]) -> list[str]:
 
 
 def _engine_lines(run: LineageRun) -> list[str]:
-    """Where the shards ran: the engine, and how many per-shard runs each host / Ray node took."""
+    """Where the work ran: the engine, and how many per-shard and per-variant runs each host / Ray node took."""
     placements = Counter(r.placement for r in run.runs if r.placement and r.target != POOL_WIDE)
     by_node = ", ".join(f"{where}: {n}" for where, n in sorted(placements.items()))
     stages = ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in run.stage_seconds.items())
     return [
         f"engine: {run.engine}",
-        *([f"shard runs by node: {by_node}"] if by_node else []),
+        *([f"runs by node (per shard and per variant): {by_node}"] if by_node else []),
         *([f"stage wall times: {stages}"] if stages else []),
     ]
 

@@ -74,7 +74,7 @@ def test_the_lineage_runs_on_both_nodes_and_a_scorer_killed_mid_scoring_leaves_e
     assert killed.exists()  # a scorer did die mid-scoring; Ray restarted it and ran the shard again
     text = report(run)
     assert f"Ray cluster at {ray_cluster.address}: 2 node(s), 2 CPUs" in text
-    assert "shard runs by node:" in text
+    assert "runs by node (per shard and per variant):" in text
 
     db = data / layout.ANALYTICS_DB
     per_shard = analytics.query(
