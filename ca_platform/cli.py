@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ca_platform.resources import CaptioningConfig
 
 DEMO_HOST = "127.0.0.1"
+DEMO_NEAR_DUPLICATE_BITS = 2
 
 
 def _add_s3(parser: argparse.ArgumentParser) -> None:
@@ -251,7 +252,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform.demo.evaluation_set import pool_images_to_leak, write_shapes_evaluation_set
     from ca_platform.demo.image_server import ImageServer
     from ca_platform.demo.shapes_pool import generate_pool
-    from ca_platform.resources import ModelTrainingConfig, build_resources
+    from ca_platform.resources import CompressionConfig, ModelTrainingConfig, build_resources
 
     log_level = _show_progress(args)
     root = Path(args.dir).resolve()
@@ -292,6 +293,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             evaluation_uri=str(evaluation),
             model_training=ModelTrainingConfig(full_epochs=args.full_epochs, seeds=args.seeds),
             captioning=_captioning(args, pool_epochs=args.full_epochs),
+            # the shapes world draws flat colours: little low-frequency content for a pHash, so distinct scenes
+            # can lie within the default 4 bits; 2 keeps the demo's near duplicates to its real copies
+            compression=CompressionConfig(near_duplicate_bits=DEMO_NEAR_DUPLICATE_BITS),
         )
         run = runner.run_lineage(resources, log_level=log_level, compress=True, engine=_engine(args))
     print(runner.report(run))

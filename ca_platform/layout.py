@@ -154,9 +154,10 @@ FINGERPRINTS_DIR = "fingerprints"
 FINGERPRINT_STEP = "fingerprints"
 
 
-def fingerprints_key(embedding_version: str, shard: str) -> str:
-    """One shard's image fingerprints (schemas.IMAGE_FINGERPRINTS), embedded by one CLIP-score model version."""
-    return f"{FINGERPRINTS_DIR}/{embedding_version}/{shard}.parquet"
+def fingerprints_key(recipe: str, embedding_version: str, shard: str) -> str:
+    """One shard's image fingerprints (schemas.IMAGE_FINGERPRINTS) by one hash recipe, embedded by one
+    CLIP-score model version: a change of either makes new files rather than mixing old and new hashes."""
+    return f"{FINGERPRINTS_DIR}/{recipe}/{embedding_version}/{shard}.parquet"
 
 
 DEDUP_DIR = "dedup"

@@ -1,5 +1,5 @@
--- The platform's ready-made score queries: DuckDB table macros over the analytics views `scores` and
--- `subsets` (ca_platform/analytics.py), installed by ca_platform.score_queries.install_macros.
+-- The platform's ready-made score queries: DuckDB table macros over the analytics views `scores`, `subsets` and
+-- `duplicates` (ca_platform/analytics/database.py), installed by ca_platform.analytics.queries.install_macros.
 --
 -- Format, which score_queries.py parses: every macro is one `CREATE OR REPLACE MACRO name(params) AS TABLE`
 -- statement ending with a line that ends in `;`, directly preceded by `--` lines that say what it returns

@@ -19,6 +19,12 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from ca_platform import layout, schemas
+from ca_platform.dedup.fingerprints import (
+    FINGERPRINT_RECIPE,
+    clip_image_embedder,
+    fingerprint_images,
+    fingerprint_tars,
+)
 from ca_platform.ingest.download import downloaded_rows, fetch_shard_download
 from ca_platform.storage import DataStore, fetch_to_local, read_json, write_json
 
@@ -40,10 +46,8 @@ def fingerprint_shard(store: DataStore, shard: str, scorer: Any | None, scratch:
     """The shard's fingerprints by `scorer` (a ClipScorer; None: hashes only), published once they cover every
     downloaded image exactly (a ValueError names the images missing or extra otherwise); a published file of the
     same version that covers them is reused."""
-    from ca_platform.dedup.fingerprints import clip_image_embedder, fingerprint_tars
-
     version = scorer.version if scorer is not None else NO_EMBEDDING
-    key = layout.fingerprints_key(version, shard)
+    key = layout.fingerprints_key(FINGERPRINT_RECIPE, version, shard)
     ledger, tars = fetch_shard_download(store, shard, scratch / "in")
     expected = set(downloaded_rows(ledger)[schemas.UID].to_list())
     if store.exists(key):
@@ -70,7 +74,7 @@ def read_fingerprints(store: DataStore, version: str, shards: Sequence[str], scr
     """The published fingerprints of `shards` by one embedding version (a shard without them is an error)."""
     frames = []
     for shard in shards:
-        key = layout.fingerprints_key(version, shard)
+        key = layout.fingerprints_key(FINGERPRINT_RECIPE, version, shard)
         if not store.exists(key):
             raise LookupError(f"shard {shard} has no fingerprints by {version}: materialize image_fingerprints")
         frames.append(pl.read_parquet(fetch_to_local(store, key, scratch / "fingerprints")))
@@ -156,7 +160,6 @@ def deduplicate_pool(
 ) -> tuple[Deduplication, dict[str, Any]]:
     """Group the shards' images, decontaminate them against the current evaluation set (when there is one),
     publish the groups, removals and report; returns the outcome and the report."""
-    from ca_platform.dedup.fingerprints import clip_image_embedder, fingerprint_images
     from ca_platform.dedup.groups import deduplicate
     from ca_platform.evaluation.evaluation_set import NoEvaluationSetError, current_evaluation_set
 

@@ -27,6 +27,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def decode_image(data: bytes) -> Image.Image:
     """RGB image from encoded bytes."""
     with Image.open(io.BytesIO(data)) as image:
+        if image.mode == "RGB":  # convert() would copy it
+            image.load()
+            return image
         return image.convert("RGB")
 
 

@@ -76,6 +76,7 @@ def _write_subsets(root: Path) -> None:
                     "caption_source": schemas.RAW_CAPTION,
                     "captioner_version": None,
                     "caption_rank": None,
+                    "drop_reason": None,
                 }
             )
             _write(root / layout.subset_membership_key(variant, shard), frame, schemas.SUBSETS)
@@ -86,6 +87,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
     for name in ("scores", "subsets"):
         glob = sql_string_literal((root / layout.VIEW_GLOBS[name]).as_posix())
         con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet({glob}, union_by_name = true)")
+    con.execute(f"CREATE OR REPLACE VIEW duplicates AS SELECT {schemas.duckdb_columns(schemas.DUPLICATES)} WHERE false")
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +230,12 @@ def test_score_versions(db: Path) -> None:
 def test_installed_before_any_file_and_following_the_views_as_they_change(tmp_path: Path) -> None:
     path = tmp_path / layout.ANALYTICS_DB
     with duckdb.connect(str(path)) as con:
-        for name in ("scores", "subsets"):
-            columns = schemas.duckdb_columns({"scores": schemas.SCORES, "subsets": schemas.SUBSETS}[name])
-            con.execute(f"CREATE VIEW {name} AS SELECT {columns} WHERE false")
+        for name, schema in (
+            ("scores", schemas.SCORES),
+            ("subsets", schemas.SUBSETS),
+            ("duplicates", schemas.DUPLICATES),
+        ):
+            con.execute(f"CREATE VIEW {name} AS SELECT {schemas.duckdb_columns(schema)} WHERE false")
         assert score_queries.stale_macros(con) == [m.name for m in score_queries.MACROS]
         score_queries.install_macros(con)
         score_queries.install_macros(con)  # replacing is harmless

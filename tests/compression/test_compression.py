@@ -268,6 +268,7 @@ def _membership(variant: str, uids: list[str], kept: set[str]) -> pl.DataFrame:
             "caption_source": [schemas.RAW_CAPTION] * len(uids),
             "captioner_version": [None] * len(uids),
             "caption_rank": [None] * len(uids),
+            "drop_reason": [None] * len(uids),
         }
     )
     return schemas.conform(frame, schemas.SUBSETS)

@@ -102,7 +102,8 @@ def test_pool_schema_is_url_and_caption_only(pool: ShapesWorldPool) -> None:
 
 def test_truth_is_row_aligned_with_pool(pool: ShapesWorldPool, truth: pl.DataFrame, pool_frame: pl.DataFrame) -> None:
     assert pool.rows == CONFIG.rows == truth.height == pool_frame.height
-    assert truth.columns == ["url", "true_caption", "noise_kind", "link_kind", "scene_json"]
+    assert truth.columns == ["url", "true_caption", "noise_kind", "link_kind", "scene_json", "copy_of", "copy_kind"]
+    assert truth["copy_of"].null_count() == truth.height  # no planted copies unless asked
     assert truth["url"].to_list() == pool_frame["url"].to_list()
     assert pool_frame["url"].n_unique() == pool.rows
     assert all(url.startswith(f"{BASE_URL}/images/") and url.endswith(".png") for url in pool_frame["url"])
@@ -111,6 +112,27 @@ def test_truth_is_row_aligned_with_pool(pool: ShapesWorldPool, truth: pl.DataFra
         assert 1 <= len(scene.objects) <= 3
         assert describe(scene) == true_caption
         assert scene_to_json(scene) == scene_json
+
+
+def test_planted_copies_show_the_scene_of_the_row_they_copy_in_turn_exact_reencoded_resized(tmp_path: Path) -> None:
+    config = ShapesWorldConfig(seed=7, shards=1, rows_per_shard=60, image_size=32, duplicate_fraction=0.1)
+    world = generate_pool(tmp_path, BASE_URL, config)
+    truth = read_truth(world.truth_dir)
+    scenes = dict(zip(truth["url"], truth["scene_json"]))
+    copies = truth.filter(pl.col("copy_of").is_not_null())
+    assert copies.height == 6 and sorted(copies["copy_kind"].value_counts().rows()) == [
+        ("exact", 2),
+        ("reencoded", 2),
+        ("resized", 2),
+    ]
+    for url, source, kind in copies.select("url", "copy_of", "copy_kind").iter_rows():
+        assert scenes[url] == scenes[source] and source not in set(copies["url"])
+        with Image.open(world.images_dir / url.rsplit("/", 1)[1]) as copy:
+            with Image.open(world.images_dir / source.rsplit("/", 1)[1]) as original:
+                expected = {"exact": (original.format, 32), "reencoded": ("JPEG", 32), "resized": (original.format, 48)}
+                assert (copy.format, copy.width) == expected[kind]
+                if kind == "exact":
+                    assert np.array_equal(np.asarray(copy), np.asarray(original))
 
 
 def test_noise_kinds_follow_configured_mix(truth: pl.DataFrame) -> None:

@@ -157,7 +157,7 @@ def test_a_new_reward_model_version_rescores_every_shard_once(web_pool: Callable
         automation.run(requested)
     assert automation.tick() == {}
     assert read_json(data_store, layout.DEDUP_REPORT_KEY, tmp_path / "s")["versions"]["embedding"] == clip
-    assert {path.parent.name for path in (data / layout.FINGERPRINTS_DIR).glob("*/*.parquet")} >= {clip}
+    assert {path.parent.name for path in (data / layout.FINGERPRINTS_DIR).glob("*/*/*.parquet")} >= {clip}
 
 
 @pytest.mark.slow

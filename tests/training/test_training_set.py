@@ -31,6 +31,7 @@ def _compress(data: Path, variant: str, kept: set[str], scratch: Path) -> None:
                 "caption_source": schemas.RAW_CAPTION,
                 "captioner_version": None,
                 "caption_rank": None,
+                "drop_reason": None,
             }
         )
         write_shard_subsets({variant: membership}, tars, scratch / shard, shard)
