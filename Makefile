@@ -20,7 +20,9 @@ install: $(INSTALLED)
 # machine keeps local wheels: torch's CPU build lies there on CPU machines; elsewhere PyPI's torch (CUDA) is taken.
 WHEELS := /opt/wheels
 TORCH := $(if $(wildcard $(WHEELS)/torch-2.13.0+cpu-*.whl),torch==2.13.0+cpu,torch==2.13.0)
-UV_INSTALL = $(BIN)/uv pip install --quiet --python $(BIN)/python $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
+# --compile-bytecode: uv writes no .pyc otherwise, and every process (CLI, Dagster run, Ray worker) would compile
+# dagster, torch and ray from source on each start.
+UV_INSTALL = $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

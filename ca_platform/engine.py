@@ -327,7 +327,7 @@ class _Waiting:
     def _heartbeat(self, running: list[str]) -> None:
         shown = ", ".join(running[:4]) + (", ..." if len(running) > 4 else "")
         elapsed = time.monotonic() - self.started
-        progress.say(f"{self.label}: {self.finished} of {self.total} done, running {shown} ({elapsed:.0f} s)")
+        progress.say(f"{self.label}: {self.finished} of {self.total} done, in flight {shown} ({elapsed:.0f} s)")
         self.seen, lines = self._lines(self.seen)
         for line in lines:
             progress.say(f"  {line}")

@@ -214,10 +214,10 @@ def run_lineage(
     engine: EngineSettings | None = None,
 ) -> LineageRun:
     """Materialize the lineage: every shard's spine, then (with a preference file, or a pinned checkpoint)
-    the reward model and its baselines once, every downloaded shard's reward and CLIP scores, and (with
-    `compress`) the global cut of every subset variant and each shard's compressed subsets, and (with an
-    evaluation set as well) per training variant a CLIP and a BLIP, their evaluations and the curation
-    report; one run per shard, variant and stage. With recaptioning on (the `captioning` resource), the
+    the reward model and its baselines once, every downloaded shard's reward and CLIP scores and image
+    fingerprints, and (with `compress`) dedup and decontamination against the evaluation set, the global cut of
+    every subset variant and each shard's compressed subsets, and (with an evaluation set as well) per training
+    variant a CLIP and a BLIP, their evaluations and the curation report; one run per shard, variant and stage. With recaptioning on (the `captioning` resource), the
     captioner and every healthy shard's synthetic captions and their scores come before the cut, which then
     covers the caption variants too. Per-shard runs go to the engine (`engine`, default from the
     environment: an embedded local Ray), concurrently as far as its CPUs allow. A shard whose spine is already
