@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from ca_platform.resources import CaptioningConfig
 
 DEMO_HOST = "127.0.0.1"
-DEMO_NEAR_DUPLICATE_BITS = 2
 
 
 def _add_s3(parser: argparse.ArgumentParser) -> None:
@@ -293,9 +292,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             evaluation_uri=str(evaluation),
             model_training=ModelTrainingConfig(full_epochs=args.full_epochs, seeds=args.seeds),
             captioning=_captioning(args, pool_epochs=args.full_epochs),
-            # the shapes world draws flat colours: little low-frequency content for a pHash, so distinct scenes
-            # can lie within the default 4 bits; 2 keeps the demo's near duplicates to its real copies
-            compression=CompressionConfig(near_duplicate_bits=DEMO_NEAR_DUPLICATE_BITS),
+            # the shapes world draws flat colours on flat grounds: too little low-frequency content for a pHash,
+            # whose hashes then collide across distinct scenes (even at 0 bits); the demo matches exact pixels only
+            compression=CompressionConfig(near_duplicate_bits=None),
         )
         run = runner.run_lineage(resources, log_level=log_level, compress=True, engine=_engine(args))
     print(runner.report(run))

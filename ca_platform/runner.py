@@ -217,9 +217,9 @@ def run_lineage(
     the reward model and its baselines once, every downloaded shard's reward and CLIP scores and image
     fingerprints, and (with `compress`) dedup and decontamination against the evaluation set, the global cut of
     every subset variant and each shard's compressed subsets, and (with an evaluation set as well) per training
-    variant a CLIP and a BLIP, their evaluations and the curation report; one run per shard, variant and stage. With recaptioning on (the `captioning` resource), the
-    captioner and every healthy shard's synthetic captions and their scores come before the cut, which then
-    covers the caption variants too. Per-shard runs go to the engine (`engine`, default from the
+    variant a CLIP and a BLIP, their evaluations and the curation report; one run per shard, variant and stage.
+    With recaptioning on (the `captioning` resource), the captioner and every healthy shard's synthetic captions
+    and their scores come before the cut, which then covers the caption variants too. Per-shard runs go to the engine (`engine`, default from the
     environment: an embedded local Ray), concurrently as far as its CPUs allow. A shard whose spine is already
     published from the same pool file is not downloaded again unless `force`. A shard that fails is
     quarantined and the pool-wide stages proceed over the healthy ones; the run's `success` stays False while

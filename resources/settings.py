@@ -158,12 +158,12 @@ class CompressionConfig(ConfigurableResource):
         description="recap_mix_p: the chance that training draws an image's synthetic caption over its raw one.",
     )
     # Deduplication and decontamination, which every cut comes after (ca_platform.dedup).
-    near_duplicate_bits: int = Field(
+    near_duplicate_bits: int | None = Field(
         default=4,
         ge=0,
         le=32,
         description="pHash Hamming distance at or below which two images are near copies (resized or recompressed "
-        "copies stay within 4 bits; at 6 the search over 10^7 rows costs about 5x).",
+        "copies stay within 4 bits; at 6 the search over 10^7 rows costs about 5x); null: no pHash matching.",
     )
     semantic_duplicate_cosine: float | None = Field(
         default=None,

@@ -56,15 +56,17 @@ class DedupSettings:
     1024 x d in all).
     """
 
-    near_max_bits: int = 4
+    near_max_bits: int | None = 4  # None: no pHash links (for flat drawings, whose pHashes collide)
     semantic_min_cosine: float | None = 0.97
     max_cluster_size: int = 1024
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.near_max_bits, bool) or not isinstance(self.near_max_bits, int):
+        if self.near_max_bits is None:
+            pass
+        elif isinstance(self.near_max_bits, bool) or not isinstance(self.near_max_bits, int):
             raise ValueError(f"near_max_bits must be an int, got {self.near_max_bits!r}")
-        if not 0 <= self.near_max_bits <= MAX_NEAR_BITS:
+        elif not 0 <= self.near_max_bits <= MAX_NEAR_BITS:
             raise ValueError(
                 f"near_max_bits must be in [0, {MAX_NEAR_BITS}] (random pHashes differ by 32 bits), "
                 f"got {self.near_max_bits}"
@@ -214,8 +216,9 @@ def _duplicate_groups(pool: pl.DataFrame, scores: pl.DataFrame, settings: DedupS
         return schemas.empty(schemas.DUPLICATES)
     links = [_exact_links(pool)]
     phashes = pool[schemas.PHASH].to_numpy()
-    near_left, near_right, _ = near_pairs(phashes, settings.near_max_bits)
-    links.append((near_left, near_right))
+    if settings.near_max_bits is not None:
+        near_left, near_right, _ = near_pairs(phashes, settings.near_max_bits)
+        links.append((near_left, near_right))
     embedded_rows, embeddings = np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
     min_cosine = settings.semantic_min_cosine
     if min_cosine is not None:
@@ -257,7 +260,7 @@ def _duplicate_groups(pool: pl.DataFrame, scores: pl.DataFrame, settings: DedupS
             "ij,ij->i", embeddings[member_at[both_embedded]], embeddings[representative_at[both_embedded]]
         )
     is_representative = member_rows == representative_rows
-    near = bits <= settings.near_max_bits
+    near = bits <= (settings.near_max_bits if settings.near_max_bits is not None else -1)
     # Linked only through a chain, a member can be farther from the representative than any threshold: it is
     # then semantic when both have embeddings (1 - cosine), else near (the differing bits). Lowest priority first:
     kind = np.full(len(member_rows), schemas.NEAR_DUPLICATE, dtype=object)
@@ -290,10 +293,11 @@ def _contaminated(pool: pl.DataFrame, evaluation: pl.DataFrame, settings: DedupS
     )
     candidates.append((exact[_ROW].to_numpy(), exact["reference"].to_numpy(), schemas.EXACT_DUPLICATE, 0.0))
 
-    rows, references, bits = closest_near(
-        pool[schemas.PHASH].to_numpy(), evaluation[schemas.PHASH].to_numpy(), settings.near_max_bits
-    )
-    candidates.append((rows, references, schemas.NEAR_DUPLICATE, bits.astype(np.float64)))
+    if settings.near_max_bits is not None:
+        rows, references, bits = closest_near(
+            pool[schemas.PHASH].to_numpy(), evaluation[schemas.PHASH].to_numpy(), settings.near_max_bits
+        )
+        candidates.append((rows, references, schemas.NEAR_DUPLICATE, bits.astype(np.float64)))
 
     if settings.semantic_min_cosine is not None:
         pool_version = _embedding_version(pool, "pool")
