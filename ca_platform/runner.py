@@ -219,11 +219,11 @@ def run_lineage(
     every subset variant and each shard's compressed subsets, and (with an evaluation set as well) per training
     variant a CLIP and a BLIP, their evaluations and the curation report; one run per shard, variant and stage.
     With recaptioning on (the `captioning` resource), the captioner and every healthy shard's synthetic captions
-    and their scores come before the cut, which then covers the caption variants too. Per-shard runs go to the engine (`engine`, default from the
-    environment: an embedded local Ray), concurrently as far as its CPUs allow. A shard whose spine is already
-    published from the same pool file is not downloaded again unless `force`. A shard that fails is
-    quarantined and the pool-wide stages proceed over the healthy ones; the run's `success` stays False while
-    any shard is quarantined.
+    and their scores come before the cut, which then covers the caption variants too. Per-shard runs go to the
+    engine (`engine`, default from the environment: an embedded local Ray), concurrently as far as its CPUs
+    allow. A shard whose spine is already published from the same pool file is not downloaded again unless
+    `force`. A shard that fails is quarantined and the pool-wide stages proceed over the healthy ones; the run's
+    `success` stays False while any shard is quarantined.
 
     The preference file is validated whole first (format and every image), so a bad one raises
     PreferenceFormatError listing every problem within seconds, before any shard is registered or downloaded.
