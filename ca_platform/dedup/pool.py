@@ -26,7 +26,7 @@ from ca_platform.dedup.fingerprints import (
     fingerprint_tars,
 )
 from ca_platform.ingest.download import downloaded_rows, fetch_shard_download
-from ca_platform.storage import DataStore, fetch_to_local, read_json, write_json
+from ca_platform.storage import DataStore, fetch_to_local, write_json
 
 if TYPE_CHECKING:
     from ca_platform.dedup.groups import Deduplication, DedupSettings
@@ -55,7 +55,7 @@ def fingerprint_shard(store: DataStore, shard: str, scorer: Any | None, scratch:
         if set(existing[schemas.UID].to_list()) == expected and existing.height == len(expected):
             return ShardFingerprints(shard, existing, True, key)
     embed = clip_image_embedder(scorer) if scorer is not None else None
-    frame = fingerprint_tars(tars, shard, embed, scorer.version if scorer is not None else None)
+    frame = fingerprint_tars(tars, shard, embed, None if scorer is None else version)
     found = frame[schemas.UID].to_list()
     missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
     if missing or extra or len(found) != len(expected):
@@ -100,10 +100,6 @@ def published_removals(store: DataStore, scratch: Path) -> pl.DataFrame:
     if not store.exists(layout.DEDUP_REMOVALS_KEY):
         return schemas.empty(schemas.DEDUP_REMOVALS)
     return pl.read_parquet(fetch_to_local(store, layout.DEDUP_REMOVALS_KEY, scratch / "dedup"))
-
-
-def published_report(store: DataStore, scratch: Path) -> dict[str, Any] | None:
-    return read_json(store, layout.DEDUP_REPORT_KEY, scratch)
 
 
 def _clip_scorer(store: DataStore, cache: Path, scratch: Path, device: str | None) -> Any | None:
