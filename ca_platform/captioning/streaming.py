@@ -114,10 +114,15 @@ def prepared_images(
     decoded and transformed in DataLoader workers.
 
     A sample whose image does not decode raises SampleError naming the tar and key.
+
+    Each worker hands over `batch_size / num_workers` samples at a time: a batch of consecutive samples needs
+    every worker's share of it, so worker batches of the full size would hold the first batch back until each
+    worker had decoded a whole batch (num_workers batches in all; on a GPU, the whole of a small shard decoded
+    before the model starts).
     """
     loader = DataLoader(
         _PreparedTarImages([Path(t) for t in tars], transform),
-        batch_size=batch_size,
+        batch_size=-(-batch_size // max(1, num_workers)),
         num_workers=num_workers,
         collate_fn=_collate_images,
         worker_init_fn=_one_thread_per_worker,
