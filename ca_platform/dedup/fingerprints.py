@@ -8,6 +8,7 @@ watermarked (the same content: the embedding). Fingerprinting is a per-shard map
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -29,27 +30,25 @@ ImageEmbedder = Callable[[Sequence[Image.Image]], np.ndarray]
 
 # The recipe of the pixel hash and the pHash: stored fingerprints of another recipe do not compare with these, so
 # it belongs in wherever they are stored (as the embedding model's version does); bump it with any change.
-FINGERPRINT_RECIPE = "sha256-rgb.phash-dct32-box-lanczos.v1"
-PHASH_SIZE = 32  # the grayscale thumbnail the DCT runs on
+FINGERPRINT_RECIPE = "sha256-rgb.phash-dct-box32.v2"
+PHASH_SIZE = 32  # the grayscale thumbnail is box-reduced to between this and twice this a side
 PHASH_LOW_FREQUENCIES = 8  # the 8 x 8 lowest frequencies make the 64 bits
-
-
-def _dct_rows(size: int, frequencies: int) -> np.ndarray:
-    """The first `frequencies` rows of the unnormalised DCT-II matrix (scipy's default norm)."""
-    frequency = np.arange(frequencies)[:, None]
-    sample = np.arange(size)[None, :]
-    return 2 * np.cos(np.pi * frequency * (2 * sample + 1) / (2 * size))
-
-
-# The DCT rows as integers (scaled by 2^16, float64): with 8-bit pixels every partial sum of the two products
-# stays an integer below 2^53, so float64 arithmetic is exact and a hash does not depend on the order BLAS
-# sums in (which changes with the batch). The scaling moves coefficients by about 1e-5 of their size.
-_DCT_SCALE = 2.0**16
-_DCT = np.round(_dct_rows(PHASH_SIZE, PHASH_LOW_FREQUENCIES) * _DCT_SCALE)
-_DCT_T = np.ascontiguousarray(_DCT.T)
-# Thumbnails per pair of matrix products: amortises numpy's per-call cost, yet stays below the size at which
-# OpenBLAS spreads a product over threads (waking them costs more than this product, the more on a busy machine).
+# DCT rows are scaled to integers (float64): with 8-bit pixels and sides under 2 * PHASH_SIZE every partial sum of
+# the two products stays an integer below 2^53, so float64 arithmetic is exact and a hash does not depend on the
+# order BLAS sums in (which changes with the batch). The scaling moves coefficients by about 3e-5 of their size.
+_DCT_SCALE = 2.0**15
+# Thumbnails of one size per pair of matrix products: amortises numpy's per-call cost, yet stays below the size
+# at which OpenBLAS spreads a product over threads (waking them costs more than this product on a busy machine).
 PHASH_BATCH = 16
+
+
+@functools.cache
+def _dct_rows(size: int) -> np.ndarray:
+    """The first PHASH_LOW_FREQUENCIES rows of the unnormalised DCT-II matrix (scipy's default norm) for `size`
+    samples, scaled to integers."""
+    frequency = np.arange(PHASH_LOW_FREQUENCIES)[:, None]
+    sample = np.arange(size)[None, :]
+    return np.round(2 * np.cos(np.pi * frequency * (2 * sample + 1) / (2 * size)) * _DCT_SCALE)
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -65,52 +64,57 @@ def pixel_hash(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
-def _thumbnail(image: Image.Image) -> bytes:
-    """The pHash's 32 x 32 grayscale thumbnail (see `perceptual_hash`), as its 1,024 pixel bytes."""
+# The pHash's grayscale thumbnail: (pixel bytes, height, width).
+Thumbnail = tuple[bytes, int, int]
+
+
+def _thumbnail(image: Image.Image) -> Thumbnail:
+    """The pHash's grayscale thumbnail: a box reduce by the integer part of PHASH_SIZE's share of each side, which
+    leaves PHASH_SIZE to 2 * PHASH_SIZE - 1 pixels a side (fewer for a smaller image)."""
     rgb_or_gray = image if image.mode in ("RGB", "L") else image.convert("RGB")
     gray = rgb_or_gray if rgb_or_gray.mode == "L" else rgb_or_gray.convert("L")
     width, height = gray.size
     reduced = gray.reduce((max(1, width // PHASH_SIZE), max(1, height // PHASH_SIZE)))
-    if reduced.size != (PHASH_SIZE, PHASH_SIZE):
-        reduced = reduced.resize((PHASH_SIZE, PHASH_SIZE), Image.Resampling.LANCZOS)
-    return reduced.tobytes()
+    return reduced.tobytes(), reduced.height, reduced.width
 
 
-def _hashes_of_thumbnails(thumbnails: Sequence[bytes]) -> list[int]:
-    """pHashes of thumbnails, a batch at a time: the 2-D DCT of all of them as two matrix products."""
-    hashes: list[int] = []
-    area = PHASH_SIZE * PHASH_SIZE
-    for start in range(0, len(thumbnails), PHASH_BATCH):
-        batch = np.frombuffer(b"".join(thumbnails[start : start + PHASH_BATCH]), dtype=np.uint8)
-        count = len(batch) // area
-        # rows: X D^T for every thumbnail at once; then D (X D^T) with the thumbnails side by side
-        rows = (batch.reshape(count * PHASH_SIZE, PHASH_SIZE).astype(np.float64) @ _DCT_T).reshape(
-            count, PHASH_SIZE, PHASH_LOW_FREQUENCIES
-        )
-        side_by_side = rows.transpose(1, 0, 2).reshape(PHASH_SIZE, count * PHASH_LOW_FREQUENCIES)
-        low = (_DCT @ side_by_side).reshape(PHASH_LOW_FREQUENCIES, count, PHASH_LOW_FREQUENCIES)
-        coefficients = low.transpose(1, 0, 2).reshape(count, PHASH_LOW_FREQUENCIES**2)
-        ordered = np.sort(coefficients, axis=1)
-        median = (ordered[:, 31] + ordered[:, 32]) / 2
-        bits = coefficients > median[:, None]
-        hashes.extend(np.packbits(bits, axis=1).view(">i8").ravel().tolist())
+def _hashes_of_thumbnails(thumbnails: Sequence[Thumbnail]) -> list[int]:
+    """pHashes of thumbnails: the 8 x 8 lowest frequencies of the 2-D DCT of those of one size, a batch at a
+    time, as two matrix products."""
+    hashes = [0] * len(thumbnails)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, (_, height, width) in enumerate(thumbnails):
+        by_size.setdefault((height, width), []).append(index)
+    for (height, width), indices in by_size.items():
+        rows, columns_t = _dct_rows(height), np.ascontiguousarray(_dct_rows(width).T)
+        for start in range(0, len(indices), PHASH_BATCH):
+            batch = indices[start : start + PHASH_BATCH]
+            pixels = np.frombuffer(b"".join(thumbnails[i][0] for i in batch), dtype=np.uint8)
+            images = pixels.reshape(len(batch), height, width).astype(np.float64)
+            coefficients = (rows @ images @ columns_t).reshape(len(batch), PHASH_LOW_FREQUENCIES**2)
+            ordered = np.sort(coefficients, axis=1)
+            median = (ordered[:, 31] + ordered[:, 32]) / 2
+            bits = coefficients > median[:, None]
+            for index, value in zip(batch, np.packbits(bits, axis=1).view(">i8").ravel().tolist()):
+                hashes[index] = value
     return hashes
 
 
 def perceptual_hash(image: Image.Image) -> int:
     """64-bit DCT perceptual hash (pHash) as a signed int64, the schema's storage of its bits.
 
-    imagehash.phash's recipe and bit layout: grayscale 32 x 32 thumbnail, unnormalised 2-D DCT-II, the 8 x 8
-    lowest frequencies, bit = coefficient > their median, row-major from the most significant bit. The DC
-    term stays in the block: it is nearly always above the median, so it costs one bit of entropy, and keeping
-    it keeps hashes comparable with that widely used layout (e.g. a published list of evaluation-image hashes).
-    The median split sets 32 bits of 64 whenever coefficients do not tie, so distances are then even.
+    imagehash.phash's bit layout on pHash.org's recipe: a grayscale thumbnail, mean-filtered (the box reduce),
+    unnormalised 2-D DCT-II, the 8 x 8 lowest frequencies, bit = coefficient > their median, row-major from the
+    most significant bit. The DC term stays in the block: it is nearly always above the median, so it costs one
+    bit of entropy, and keeping it keeps hashes comparable with that widely used layout (e.g. a published list of
+    evaluation-image hashes). The median split sets 32 bits of 64 whenever coefficients do not tie, so distances
+    are then even.
 
-    The thumbnail is a box reduce by the integer part of the scale (the mean filter pHash.org blurs with), then
-    Lanczos for the rest (from less than twice the size): several times cheaper than a plain Lanczos from 256 px,
-    and copies stay as close as with it in the robustness tests. Photos keep energy in every low frequency and
-    hash stably; an image with few low frequencies (a flat colour, a plain ramp, a drawing symmetric about an
-    axis) has coefficients tied at or near the median, and hashes alike or by compression noise.
+    The DCT runs on the box-reduced thumbnail at its own size (32 to 63 pixels a side) rather than on a 32 x 32
+    resample of it: the lowest frequencies of the two differ by a scale per axis, which the median split ignores,
+    and the resample cost more than the DCT. Photos keep energy in every low frequency and hash stably; an image
+    with few low frequencies (a flat colour, a plain ramp, a drawing symmetric about an axis) has coefficients
+    tied at or near the median, and hashes alike or by compression noise.
     """
     return _hashes_of_thumbnails([_thumbnail(image)])[0]
 
@@ -204,9 +208,9 @@ def fingerprint_tars(
 ) -> pl.DataFrame:
     """Fingerprints (schemas.IMAGE_FINGERPRINTS) of every sample of a shard's tars, in canonical order.
 
-    Each image is decoded once and hashed at once; its pHash thumbnail (1 KiB) and, with `embed`, the image wait
-    for their batch of `batch_size` (pHash DCTs and embeddings are computed a batch at a time), so memory is
-    bounded by one batch of images plus the fingerprints. A sample that does not decode raises SampleError
+    Each image is decoded once and hashed at once; its pHash thumbnail (at most 4 KiB) and, with `embed`, the
+    image wait for their batch of `batch_size` (pHash DCTs and embeddings are computed a batch at a time), so
+    memory is bounded by one batch of images plus the fingerprints. A sample that does not decode raises SampleError
     naming its tar and key, as scoring does: no image drops out unnoticed.
     """
     _check_embedding_settings(embed, embed_version)
@@ -216,7 +220,7 @@ def fingerprint_tars(
     pixel_hashes: list[str] = []
     phashes: list[int] = []
     embedded: list[np.ndarray] = []
-    thumbnails: list[bytes] = []
+    thumbnails: list[Thumbnail] = []
     images: list[Image.Image] = []
 
     def finish_batch() -> None:

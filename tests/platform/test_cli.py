@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from ca_platform import analytics, layout
-from ca_platform.resources import DEFAULT_KEEP_FRACTION
+from ca_platform.resources import DEFAULT_KEEP_FRACTION, build_resources
+from ca_platform.runner import report, run_lineage
 from tests.conftest import BIN, RoutesServer, cli_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ def test_dagster_and_ca_platform_run_build_the_same_resources(monkeypatch: pytes
     from dagster import EnvVar
 
     from ca_platform.assets import ALL_ASSETS
-    from ca_platform.resources import BaselineConfig, build_resources, resources_from_env
+    from ca_platform.resources import BaselineConfig, resources_from_env
 
     env = {
         "CA_POOL_URI": str(tmp_path / "pool"),
@@ -217,8 +218,8 @@ def test_rerun_after_a_killed_download_leaves_no_duplicates(
     assert not (data / layout.download_rows_key("part-00000")).exists()  # nothing a reader would take as done
 
     routes_server.delay_s = 0.0
-    done = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:]
+    rerun = run_lineage(build_resources(str(pool), str(data), ["127.0.0.1"]))  # the command's settings, here
+    assert rerun.success, report(rerun)
     db = data / layout.ANALYTICS_DB
     assert analytics.query(db, "SELECT count(*), count(DISTINCT uid) FROM downloads").rows == [(160, 160)]
     # only the killed attempt's private folder is left, for the stale sweep: no run deletes another's staging
