@@ -53,11 +53,16 @@ browser:
 demo: install $(DAGSTER_HOME_DIR)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(BIN)/ca-platform demo --dir $(DEMO_DIR)
 
+# Two pytest-xdist workers: the tests that start processes of their own run one after another on one of them,
+# every other module beside them (tests/conftest.py groups them); PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
+
 test: install postgres browser
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The Dagster UI on the demo pool; the pool's images are served on 127.0.0.1:$(DEMO_PORT) meanwhile.
 ui: install $(DAGSTER_HOME_DIR)/dagster.yaml
