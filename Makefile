@@ -53,10 +53,10 @@ browser:
 demo: install $(DAGSTER_HOME_DIR)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(BIN)/ca-platform demo --dir $(DEMO_DIR)
 
-# Two pytest-xdist workers: the tests that start processes of their own run one after another on one of them,
-# every other module beside them (tests/conftest.py groups them); PYTEST_WORKERS=0 runs everything in one process.
+# Two pytest-xdist workers, a test module at a time each (its module-scoped fixtures are built once): most tests
+# keep one core busy at most, so two run side by side on a 2-core machine. PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
-PYTEST = $(BIN)/python -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup)
+PYTEST = $(BIN)/python -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadscope)
 
 test: install postgres browser
 	$(PYTEST)

@@ -344,14 +344,3 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's `--dist loadgroup` (`make test` runs two workers): the tests that start processes
-    of their own (marked `processes`) form one group, run one after another on one worker, so that two of them
-    never fight over the cores whose speed their progress and concurrency assertions measure; every other
-    module is a group of its own, so its module-scoped fixtures are built once. Without xdist the marks do
-    nothing."""
-    for item in items:
-        group = "processes" if item.get_closest_marker("processes") else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))

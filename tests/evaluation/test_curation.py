@@ -33,7 +33,7 @@ from tests.conftest import (
     write_pool,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.processes]
+pytestmark = pytest.mark.slow
 CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider"}
 
 

@@ -23,7 +23,7 @@ CLI = BIN / "ca-platform"
 REPO = Path(__file__).resolve().parents[2]
 ROWS = 12
 
-pytestmark = [pytest.mark.slow, pytest.mark.processes]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

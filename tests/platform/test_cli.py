@@ -18,7 +18,6 @@ from ca_platform.resources import DEFAULT_KEEP_FRACTION, build_resources
 from ca_platform.runner import report, run_lineage
 from tests.conftest import BIN, RoutesServer, cli_env
 
-pytestmark = pytest.mark.processes
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -36,7 +36,6 @@ from ca_platform.instance import (
 )
 from tests.conftest import BIN, RoutesServer, _free_port, png_bytes, write_pool
 
-pytestmark = pytest.mark.processes
 REPO = Path(__file__).resolve().parents[2]
 
 SHARDS = 4  # with the late one, five runs: more than MAX_CONCURRENT_RUNS, so the queue must hold one back

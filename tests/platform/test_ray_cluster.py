@@ -18,7 +18,7 @@ from ca_platform.schemas import REWARD_MODEL
 from ca_platform.storage import FAULT_ENV, FAULT_ONCE_ENV
 from tests.conftest import fast_reward_stage
 
-pytestmark = [pytest.mark.slow, pytest.mark.processes]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,6 @@ from ca_platform.scoring.reward.scorer import save_reward_model
 from ca_platform.scoring.reward.train import TrainedRewardModel
 from tests.conftest import BIN
 
-pytestmark = pytest.mark.processes
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOTS_ENV = "CA_UI_SCREENSHOTS"
