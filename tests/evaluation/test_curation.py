@@ -41,7 +41,6 @@ CONTRACT_KEYS = {"kept_fraction", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider
 class CliRun:
     data: Path
     done: subprocess.CompletedProcess[str]
-    command: list[str]
     lines: list[tuple[float, str]]  # standard output, each line with the second it arrived
     pool: Path
     preferences: Path
@@ -83,7 +82,7 @@ def dead_shard_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]
         command += ["--allow-host", "127.0.0.1", "--preferences", str(preferences), "--keep", "0.5"]
         command += ["--eval", str(evaluation), "--recaption"]
         timed = run_timed(command, cli_env(root), root / "stderr.txt")
-        yield CliRun(data, timed.done, command, timed.lines, pool, preferences, evaluation)
+        yield CliRun(data, timed.done, timed.lines, pool, preferences, evaluation)
     finally:
         server.server.shutdown()
         server.server.server_close()
