@@ -62,15 +62,14 @@ class DedupSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.near_max_bits is None:
-            pass
-        elif isinstance(self.near_max_bits, bool) or not isinstance(self.near_max_bits, int):
-            raise ValueError(f"near_max_bits must be an int, got {self.near_max_bits!r}")
-        elif not 0 <= self.near_max_bits <= MAX_NEAR_BITS:
-            raise ValueError(
-                f"near_max_bits must be in [0, {MAX_NEAR_BITS}] (random pHashes differ by 32 bits), "
-                f"got {self.near_max_bits}"
-            )
+        if self.near_max_bits is not None:
+            if isinstance(self.near_max_bits, bool) or not isinstance(self.near_max_bits, int):
+                raise ValueError(f"near_max_bits must be an int or None, got {self.near_max_bits!r}")
+            if not 0 <= self.near_max_bits <= MAX_NEAR_BITS:
+                raise ValueError(
+                    f"near_max_bits must be in [0, {MAX_NEAR_BITS}] (random pHashes differ by 32 bits), "
+                    f"got {self.near_max_bits}"
+                )
         cosine = self.semantic_min_cosine
         if cosine is not None and not (isinstance(cosine, int | float) and 0 < cosine <= 1):
             raise ValueError(f"semantic_min_cosine must be in (0, 1] or None (semantic dedup off), got {cosine!r}")
@@ -260,7 +259,8 @@ def _duplicate_groups(pool: pl.DataFrame, scores: pl.DataFrame, settings: DedupS
             "ij,ij->i", embeddings[member_at[both_embedded]], embeddings[representative_at[both_embedded]]
         )
     is_representative = member_rows == representative_rows
-    near = bits <= (settings.near_max_bits if settings.near_max_bits is not None else -1)
+    near_max_bits = settings.near_max_bits
+    near = bits <= near_max_bits if near_max_bits is not None else np.zeros(len(bits), dtype=bool)
     # Linked only through a chain, a member can be farther from the representative than any threshold: it is
     # then semantic when both have embeddings (1 - cosine), else near (the differing bits). Lowest priority first:
     kind = np.full(len(member_rows), schemas.NEAR_DUPLICATE, dtype=object)
