@@ -16,6 +16,7 @@ from dagster import (
 )
 
 from ca_platform import layout
+from ca_platform.analytics.plots import markdown_table
 from ca_platform.assets.automation import (
     OBSERVE_REGISTRATIONS,
     ON_NEW_REGISTERED_CHECKPOINT,
@@ -118,6 +119,9 @@ def reward_model(
             "source": current.get("registered_from") or f"trained on preferences {current.get('preferences')}",
             "heldout_accuracy": float(metrics.get("heldout_accuracy", float("nan"))),
             "heldout_pairs": int(metrics.get("heldout_pairs", 0)),
+            "heldout_cross_image_accuracy": float(metrics.get("heldout_cross_image_accuracy") or float("nan")),
+            # checkpoints from before calibration existed were trained within images only
+            "calibration": str(metrics.get("calibration", "within_image")),
             "metrics": MetadataValue.json(metrics),
             "checkpoint": MetadataValue.path(data.uri_of(layout.model_prefix(REWARD_MODEL, current["version"]))),
         },
@@ -133,8 +137,10 @@ def reward_model(
 def preference_accuracy(
     storage: PlatformStorage, preferences: PreferencesConfig, scoring: ScoringConfig
 ) -> MaterializeResult:
-    """Reward model, CLIP score and BLIP ITM score on the same held-out human preference pairs (ties excluded):
-    the share of pairs each orders as people did. Written to reports/preference_accuracy.json."""
+    """Reward model, CLIP score and BLIP ITM score on the same held-out human preferences: the share of caption
+    pairs of one image (ties excluded) each orders as people did, and the share of (top caption of one image,
+    bottom caption of another) pairs, which a cut across images relies on. Written to
+    reports/preference_accuracy.json."""
     with storage.staging_dir("preference-accuracy") as staging:
         accuracy = measure_preference_accuracy(
             storage.data_store(),
@@ -145,13 +151,17 @@ def preference_accuracy(
             staging,
         )
     report, versions = accuracy.report, accuracy.versions
-    table = "| scorer | held-out preference accuracy | version |\n| --- | --- | --- |\n" + "\n".join(
-        f"| {kind} | {report[kind]:.3f} | {versions[kind]} |" for kind in versions
+    across = report["cross_image"]
+    table = markdown_table(
+        ["scorer", "within an image", "across images", "version"],
+        [[kind, f"{report[kind]:.3f}", f"{across[kind]:.3f}", versions[kind]] for kind in versions],
     )
     return MaterializeResult(
         metadata={
             **{kind: float(report[kind]) for kind in versions},
+            **{f"{kind}_cross_image": float(across[kind]) for kind in versions},
             "pairs": report["pairs"],
+            "cross_image_pairs": report["cross_image_pairs"],
             "table": MetadataValue.md(table),
         },
     )

@@ -440,8 +440,15 @@ def report(run: LineageRun) -> str:
     lines += _caption_lines(run.storage)
     accuracy = _read_report(run.storage, layout.PREFERENCE_ACCURACY_REPORT_KEY)
     if accuracy:
-        lines += ["", f"held-out preference accuracy ({accuracy['pairs']} human-ordered pairs, ties excluded):"]
-        lines += [f"  {kind:14s} {accuracy[kind]:.3f}" for kind in schemas.SCORERS]
+        lines += [
+            "",
+            f"held-out preference accuracy: within an image ({accuracy['pairs']} human-ordered pairs, ties "
+            f"excluded); across images ({accuracy['cross_image_pairs']} pairs of one image's top caption and "
+            "another's bottom one):",
+        ]
+        lines += [
+            f"  {kind:14s} {accuracy[kind]:.3f}  across {accuracy['cross_image'][kind]:.3f}" for kind in schemas.SCORERS
+        ]
     lines += ["", "checks (runs passed / runs):"]
     names = sorted({name for r in run.runs for name in r.checks})
     width = max(map(len, names), default=0)

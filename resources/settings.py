@@ -108,6 +108,12 @@ class RewardModelConfig(ConfigurableResource):
     learning_rate: float = 2e-3
     images_per_batch: int = 32
     tie_policy: str = Field(default="skip", description='"skip" human ties, or "soft" (target 0.5).')
+    calibration: str = Field(
+        default="cross_image",
+        description='"cross_image": rewards comparable across images, for a top-k cut over the pool (each image\'s '
+        'mean reward anchored, and an image\'s best caption ranked over another image\'s worst); "within_image": '
+        "the pairwise loss alone (ImageReward's recipe), which leaves every image a free offset.",
+    )
     seed: int = 0
     device: str | None = Field(default=None, description="cpu, cuda, ...; default: CUDA when present.")
 

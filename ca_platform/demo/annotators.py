@@ -8,6 +8,7 @@ criteria Compress & Align asks people to use, plus per-annotator noise.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +16,12 @@ import numpy as np
 
 from ca_platform.demo.shapes_pool import ShapesWorldConfig, pool_scene_keys, scene_key
 from ca_platform.demo.shapes_world import (
+    BACKGROUND_COLOURS,
+    COLOURS,
     PATTERN_WORDS,
     POSITION_PHRASES,
+    SHAPES,
+    SIZES,
     Scene,
     clean_caption,
     describe,
@@ -209,6 +214,50 @@ def _utility(claim: _Claim, scene: Scene) -> float:
         + _CONTEXT_WEIGHT * found.background_right
         - _WRONG_FACT_PENALTY * found.wrong
     )
+
+
+def _alternatives(words: object) -> str:
+    """A regex alternation of `words`, longest first, so "at the top left" wins over "at the top"."""
+    return "|".join(re.escape(word) for word in sorted(words, key=len, reverse=True))  # type: ignore[arg-type]
+
+
+_POSITION_OF_PHRASE = {phrase: position for position, phrase in POSITION_PHRASES.items()}
+_PATTERN_OF_WORD = {word: pattern for pattern, word in PATTERN_WORDS.items() if word}
+_OBJECT_PHRASE = re.compile(
+    rf"\ban? (?:(?P<size>{_alternatives(SIZES)}) )?(?:(?P<colour>{_alternatives(COLOURS)}) )?"
+    rf"(?P<shape>{_alternatives(SHAPES)})\b(?: (?P<position>{_alternatives(_POSITION_OF_PHRASE)})\b)?"
+)
+_BACKGROUND_PHRASE = re.compile(
+    rf"\bon an? (?:(?P<pattern>{_alternatives(_PATTERN_OF_WORD)}) )?(?P<colour>{_alternatives(BACKGROUND_COLOURS)})"
+    r" background\b"
+)
+
+
+def claim_of_caption(caption: str) -> _Claim:
+    """What a caption in the world's grammar asserts, read back from its text (boilerplate asserts nothing).
+
+    Pool captions carry no record of their claims, so judging a kept pool pair as the annotators would
+    (`caption_utility`) needs the claim recovered from the words; the grammar is regular, so this is exact.
+    """
+    text = normalise_caption(caption)
+    background_match = _BACKGROUND_PHRASE.search(text)
+    background = None
+    if background_match:
+        pattern = _PATTERN_OF_WORD.get(background_match["pattern"] or "", "plain")
+        background = (background_match["colour"], pattern)
+        text = text[: background_match.start()] + text[background_match.end() :]
+    objects = tuple(
+        _ObjectClaim(
+            match["shape"], match["size"], match["colour"], _POSITION_OF_PHRASE.get(match["position"] or "")
+        )
+        for match in _OBJECT_PHRASE.finditer(text)
+    )
+    return _Claim(objects, background)
+
+
+def caption_utility(caption: str, scene: Scene) -> float:
+    """The simulated annotators' noiseless utility of `caption` for `scene`: what they rank captions by."""
+    return _utility(claim_of_caption(caption), scene)
 
 
 def _competition_ranking(scores: np.ndarray, tie_margin: float) -> tuple[int, ...]:

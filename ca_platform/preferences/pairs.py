@@ -1,4 +1,5 @@
-"""Human preference rankings: the pairs they imply, splits by image, and pairwise accuracy of a scorer.
+"""Human preference rankings: the pairs they imply, splits by image, and how well a scorer orders them, within
+one image and across images.
 
 A ranking lists the rank of each caption of one image, 1 best, equal ranks tied (so [1, 3, 2] says
 caption 0 is best, then caption 2, then caption 1).
@@ -10,6 +11,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 TiePolicy = Literal["skip", "soft"]
 
@@ -73,4 +76,40 @@ def pairwise_accuracy(items: Sequence[PreferenceItem], scores: Sequence[Sequence
             total += 1
             difference = item_scores[pair.better] - item_scores[pair.worse]
             agreed += 1.0 if difference > 0 else 0.5 if difference == 0 else 0.0
+    return (agreed / total if total else float("nan")), total
+
+
+def cross_image_accuracy(items: Sequence[PreferenceItem], scores: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """Share of (top-ranked caption of image A, bottom-ranked caption of image B), A != B, pairs the scores order
+    with A's caption first; a score tie counts half. Returns (accuracy, number of pairs).
+
+    A global top-k cut compares scores of different images, which `pairwise_accuracy` never tests: a scorer can
+    order every image's own captions right and still rank one image's worst caption over another's best.
+    Tied tops or bottoms all count; an image whose captions all tie has neither.
+    """
+    tops: list[tuple[float, int]] = []
+    bottoms: list[tuple[float, int]] = []
+    for image, (item, item_scores) in enumerate(zip(items, scores, strict=True)):
+        if len(item_scores) != len(item.captions):
+            raise ValueError(f"row {item.row}: {len(item_scores)} scores for {len(item.captions)} captions")
+        best, worst = min(item.ranking), max(item.ranking)
+        if best == worst:
+            continue
+        tops += [(item_scores[i], image) for i, rank in enumerate(item.ranking) if rank == best]
+        bottoms += [(item_scores[i], image) for i, rank in enumerate(item.ranking) if rank == worst]
+    if not tops:
+        return float("nan"), 0
+    top_scores = np.array([score for score, _ in tops], dtype=np.float64)
+    bottom_scores = np.sort(np.array([score for score, _ in bottoms], dtype=np.float64))
+    below = np.searchsorted(bottom_scores, top_scores, side="left")
+    level = np.searchsorted(bottom_scores, top_scores, side="right") - below
+    agreed = float(below.sum() + 0.5 * level.sum())
+    total = len(tops) * len(bottoms)
+    # take out the pairs of an image with itself
+    for image in {image for _, image in tops}:
+        own_tops = [score for score, owner in tops if owner == image]
+        own_bottoms = [score for score, owner in bottoms if owner == image]
+        for top in own_tops:
+            agreed -= sum(1.0 if top > bottom else 0.5 if top == bottom else 0.0 for bottom in own_bottoms)
+        total -= len(own_tops) * len(own_bottoms)
     return (agreed / total if total else float("nan")), total

@@ -90,10 +90,10 @@ def test_scores_every_downloaded_pair_per_model_version(
     assert len(per_version) == 1 and per_version[0][1:] == (downloaded, downloaded)
 
     accuracy = json.loads((data / layout.REPORTS_DIR / "preference_accuracy.json").read_text())
-    assert set(accuracy) == {"reward_model", "clip_score", "blip_score", "pairs"}
-    assert accuracy["pairs"] > 0 and all(
-        0.0 <= accuracy[k] <= 1.0 for k in ("reward_model", "clip_score", "blip_score")
-    )
+    assert set(accuracy) == {"reward_model", "clip_score", "blip_score", "pairs", "cross_image", "cross_image_pairs"}
+    assert accuracy["pairs"] > 0 and accuracy["cross_image_pairs"] > 0
+    for kind in ("reward_model", "clip_score", "blip_score"):
+        assert 0.0 <= accuracy[kind] <= 1.0 and 0.0 <= accuracy["cross_image"][kind] <= 1.0
     assert "held-out preference accuracy" in report(first)
     thresholds = json.loads((data / layout.REPORTS_DIR / "score_threshold.json").read_text())
     assert set(thresholds) == {"reward_topk", "clipscore_topk", "random_topk"}

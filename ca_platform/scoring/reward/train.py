@@ -1,8 +1,11 @@
 """Training the reward model on human caption rankings, and refusing a model that learnt nothing.
 
 Training minimises the pairwise (Bradley-Terry) loss over the pairs each human ranking implies, through the
-platform's one training loop. Rewards only carry meaning as differences between captions, so a model whose
-rewards do not separate captions has learnt nothing and is refused rather than saved (RewardCollapseError).
+platform's one training loop. That loss compares captions of one image only, so it leaves every image a free
+offset: adding a constant to all rewards of one image changes nothing. A top-k cut over a pool compares
+rewards across images, where those offsets decide what is kept, so the default recipe ("cross_image") also
+pins the offsets (see `calibration_loss`). A model whose rewards do not separate captions has learnt nothing
+and is refused rather than saved (RewardCollapseError).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -24,7 +27,14 @@ from ca_platform.models.devices import inference_autocast, pick_device
 from ca_platform.models.images import ImageTransform
 from ca_platform.models.tokenization import bert_tokenizer
 from ca_platform.models.training import adamw, shuffled_index_batches, train_on_batches
-from ca_platform.preferences.pairs import PreferenceItem, PreferencePair, TiePolicy, pairwise_accuracy, preference_pairs
+from ca_platform.preferences.pairs import (
+    PreferenceItem,
+    PreferencePair,
+    TiePolicy,
+    cross_image_accuracy,
+    pairwise_accuracy,
+    preference_pairs,
+)
 from ca_platform.scoring.reward.model import RewardModel, RewardModelSpec, build_reward_model
 
 
@@ -43,6 +53,44 @@ def pairwise_loss(rewards: torch.Tensor, pairs: Sequence[PreferencePair]) -> tor
     return -(target * functional.logsigmoid(difference) + (1 - target) * functional.logsigmoid(-difference)).mean()
 
 
+Calibration = Literal["within_image", "cross_image"]
+
+
+def cross_image_pairs(rankings: Sequence[Sequence[int]]) -> list[PreferencePair]:
+    """(top-ranked caption of image A) over (bottom-ranked caption of image B) for every two images A != B.
+
+    Indices point into the captions of all images laid end to end. The order is what the data implies across
+    images wherever an image's best caption is better than any other image's worst one, which holds when every
+    ranked set spans good and bad captions (as Compress & Align's do: each image's captions come from several
+    sources). Tied tops or bottoms all take part.
+    """
+    tops, bottoms, offset = [], [], 0
+    for ranking in rankings:
+        best, worst = min(ranking), max(ranking)
+        if best != worst:
+            tops.append([offset + i for i, rank in enumerate(ranking) if rank == best])
+            bottoms.append([offset + i for i, rank in enumerate(ranking) if rank == worst])
+        else:
+            tops.append([])
+            bottoms.append([])
+        offset += len(ranking)
+    return [
+        PreferencePair(top, bottom, 1.0)
+        for a, image_tops in enumerate(tops)
+        for b, image_bottoms in enumerate(bottoms)
+        if a != b
+        for top in image_tops
+        for bottom in image_bottoms
+    ]
+
+
+def image_mean_anchor(rewards: torch.Tensor, image_index: torch.Tensor, images: int) -> torch.Tensor:
+    """Mean over images of (the image's mean reward)^2: pulls every image's offset to one shared zero."""
+    sums = torch.zeros(images, device=rewards.device).index_add(0, image_index, rewards.float())
+    counts = torch.bincount(image_index, minlength=images).clamp(min=1)
+    return ((sums / counts) ** 2).mean()
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings and the thresholds below which a trained model counts as collapsed."""
@@ -57,12 +105,36 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0  # clip gradients: pairwise losses spike when a new feature kicks in
     collapse_loss_tolerance: float = 0.01  # final epoch's loss this close to ln 2 (skip policy): nothing learnt
     collapse_min_reward_std: float = 1e-4  # rewards spread less than this across captions: constant reward
+    # "cross_image" (default): rewards comparable across images, for a cut over a pool (`calibration_loss`);
+    # "within_image": the pairwise loss alone, as ImageReward trains (rewards compare captions of one image).
+    calibration: Calibration = "cross_image"
+    anchor_weight: float = 1.0  # weight of image_mean_anchor
+    cross_image_weight: float = 1.0  # weight of the loss over cross_image_pairs
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.images_per_batch < 1:
             raise ValueError(f"epochs and images_per_batch must be positive: {self}")
         if self.tie_policy not in ("skip", "soft"):
             raise ValueError(f"tie_policy must be 'skip' or 'soft', got {self.tie_policy!r}")
+        if self.calibration not in get_args(Calibration):
+            raise ValueError(f"calibration must be one of {get_args(Calibration)}, got {self.calibration!r}")
+        if self.anchor_weight < 0 or self.cross_image_weight < 0:
+            raise ValueError(f"calibration weights must be non-negative: {self}")
+
+
+def calibration_loss(
+    rewards: torch.Tensor, rankings: Sequence[Sequence[int]], image_index: torch.Tensor, config: TrainConfig
+) -> torch.Tensor:
+    """What "cross_image" adds to the pairwise loss of a batch: the image-mean anchor (no image gets an offset
+    of its own) plus the Bradley-Terry loss over cross_image_pairs (an image's best caption outranks another
+    image's worst). Zero for "within_image"."""
+    if config.calibration == "within_image":
+        return rewards.new_zeros(())
+    total = config.anchor_weight * image_mean_anchor(rewards, image_index, len(rankings))
+    pairs = cross_image_pairs(rankings)
+    if pairs and config.cross_image_weight > 0:
+        total = total + config.cross_image_weight * pairwise_loss(rewards, pairs)
+    return total
 
 
 class RewardCollapseError(RuntimeError):
@@ -132,6 +204,19 @@ def _score_items(
     return scores
 
 
+def offset_spread(scores: Sequence[Sequence[float]]) -> dict[str, float | None]:
+    """How far images' offsets spread next to captions within an image: the standard deviation of the per-image
+    mean reward, and the root mean within-image variance. An offset spread above the caption spread means a
+    cut across images is decided by which image a caption belongs to more than by the caption."""
+    rows = [np.asarray(row, dtype=np.float64) for row in scores if len(row)]
+    if len(rows) < 2:
+        return {"image_offset_std": None, "within_image_std": None}
+    return {
+        "image_offset_std": float(np.std([row.mean() for row in rows])),
+        "within_image_std": float(np.sqrt(np.mean([row.var() for row in rows]))),
+    }
+
+
 def _collapse_reasons(metrics: dict[str, Any], config: TrainConfig) -> list[str]:
     reasons = []
     if metrics["reward_std"] < config.collapse_min_reward_std:
@@ -173,6 +258,7 @@ def train_reward_model(
         for indices in shuffled_index_batches(len(trainable), config.epochs, config.images_per_batch, generator)
     )
     pairs_per_step: list[int] = []
+    pairwise_losses: list[float] = []  # the within-image loss of each step: the loss curve and the collapse test
 
     def loss(batch: list[tuple[PreferenceItem, list[PreferencePair]]]) -> torch.Tensor:
         items = [item for item, _ in batch]
@@ -183,9 +269,11 @@ def train_reward_model(
         pairs_per_step.append(len(pairs))
         input_ids, attention_mask, image_index = _caption_batch(items, tokenizer, spec.max_text_length, device)
         rewards = model(_load_pixels(items, transform).to(device), input_ids, attention_mask, image_index)
-        return pairwise_loss(rewards, pairs)
+        within = pairwise_loss(rewards, pairs)
+        pairwise_losses.append(float(within.detach()))
+        return within + calibration_loss(rewards, [item.ranking for item in items], image_index, config)
 
-    losses = train_on_batches(
+    train_on_batches(
         model,
         optimizer,
         batches,
@@ -194,7 +282,8 @@ def train_reward_model(
         max_grad_norm=config.max_grad_norm,
         description="reward model: training on preferences",
         total_samples=config.epochs * len(trainable),
-    ).losses
+    )
+    losses = pairwise_losses
     per_epoch = math.ceil(len(trainable) / config.images_per_batch)  # steps; no batch is skipped
     loss_curve = [  # the mean loss per preference pair of each epoch
         sum(step * pairs for step, pairs in zip(losses[s : s + per_epoch], pairs_per_step[s : s + per_epoch]))
@@ -205,6 +294,7 @@ def train_reward_model(
     batch_size = config.images_per_batch
     heldout_scores = _score_items(model, tokenizer, transform, heldout_items, spec.max_text_length, batch_size, device)
     accuracy, heldout_pairs = pairwise_accuracy(heldout_items, heldout_scores)
+    across, _ = cross_image_accuracy(heldout_items, heldout_scores)
     if heldout_items:
         reference = [reward for scores in heldout_scores for reward in scores]
     else:
@@ -213,6 +303,9 @@ def train_reward_model(
     metrics: dict[str, Any] = {
         "heldout_accuracy": None if math.isnan(accuracy) else accuracy,
         "heldout_pairs": heldout_pairs,
+        "heldout_cross_image_accuracy": None if math.isnan(across) else across,
+        **offset_spread(heldout_scores),
+        "calibration": config.calibration,
         "heldout_images": len(heldout_items),
         "train_images": len(trainable),
         "train_pairs": sum(len(pairs) for _, pairs in trainable),
