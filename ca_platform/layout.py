@@ -16,6 +16,7 @@ CURATION_TABLE_KEY = f"{REPORTS_DIR}/curation_report.md"
 CURATION_PLOT_KEY = f"{REPORTS_DIR}/curation_report.png"
 CAPTION_ANALYTICS_KEY = f"{REPORTS_DIR}/caption_analytics.json"  # caption_analytics: per caption source
 CAPTION_ANALYTICS_PLOT_KEY = f"{REPORTS_DIR}/caption_analytics.png"
+DEMO_TRUTH_REPORT_KEY = f"{REPORTS_DIR}/demo_truth.json"  # the demo only: scorers and cuts against its truth files
 
 
 def raw_shard_key(shard: str) -> str:
