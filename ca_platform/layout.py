@@ -188,7 +188,7 @@ def training_set_key(variant: str, keep_fraction: float | None) -> str:
     if variant in UNCUT_VARIANTS:
         return variant
     if keep_fraction is None:
-        raise ValueError(f"{variant} is cut at a keep fraction: give one")
+        raise ValueError(f"{variant} is cut at a keep fraction k: its training sets are {variant}@<k>")
     return f"{variant}{KEEP_FRACTION_SEPARATOR}{float(keep_fraction)!r}"
 
 

@@ -123,8 +123,9 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
     """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI, the rest optional.
 
     CA_ALLOW_HOSTS (comma-separated), CA_ANALYTICS_DIR, CA_PREFERENCES_URI, CA_PREFERENCE_IMAGE_ROOT,
-    CA_KEEP_FRACTION (one fraction or a comma list), CA_EVAL_URI, CA_CLIP_DIR, CA_BLIP_DIR, CA_RECAPTION (1: recaptioning on) and CA_CAPTIONER_DIR
-    (a local pretrained captioner); unset or empty means the default. S3 credentials,
+    CA_KEEP_FRACTION (one fraction or a comma list: the compression curve), CA_EVAL_URI, CA_CLIP_DIR, CA_BLIP_DIR,
+    CA_RECAPTION (1: recaptioning on) and CA_CAPTIONER_DIR (a local pretrained captioner); unset or empty means
+    the default. S3 credentials,
     region and endpoint come from boto3's usual environment (AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL, ...).
     """
     return build_resources(
