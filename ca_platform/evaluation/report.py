@@ -174,14 +174,14 @@ def curation_curve_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     figure, panels = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 4.2), dpi=100)
     banded = any(row.seeds > 1 for row in rows)
     lines = [v for v in TRAINING_VARIANTS if any(r.ranking == v and r.keep_fraction is not None for r in rows)]
-    references = [row for row in rows if row.keep_fraction is None]
+    references = sorted((row for row in rows if row.keep_fraction is None), key=lambda row: row.ranking != FULL)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axes, (title, metric) in zip(panels, CURVE_METRICS.items()):
-        for reference in references:
+        for reference, style in zip(references, ("-", ":", "-.", "--")):
             value, spread = getattr(reference, metric), reference.spread.get(metric, 0.0)
             full = reference.ranking == FULL
             label = f"{reference.variant} (every {'pair' if full else 'image'})"
-            axes.axhline(value, color="black" if full else "grey", linestyle="-" if full else ":", label=label)
+            axes.axhline(value, color="black" if full else "grey", linestyle=style, label=label)
             if banded and full:
                 axes.axhspan(value - spread, value + spread, color="black", alpha=0.08, linewidth=0)
         for index, ranking in enumerate(lines):
@@ -195,6 +195,7 @@ def curation_curve_plot(rows: Sequence[CurationRow], path: Path) -> Path:
                 axes.fill_between(ks, values - spread, values + spread, color=colour, alpha=0.18, linewidth=0)
         axes.set_title(title)
         axes.set_xlabel("keep fraction k")
+        axes.set_xticks(sorted({*curve_fractions(rows), 1.0}))
         axes.set_xlim(0.0, 1.02)
         axes.set_ylim(bottom=0.0)
     handles, labels = panels[0].get_legend_handles_labels()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import polars as pl
@@ -101,3 +102,26 @@ def test_a_subset_is_its_kept_pairs_and_counts_the_budget_in_the_whole_pool(tmp_
     assert budget_for(settings, full.pool_pairs).samples_seen == 25
     with pytest.raises(ValueError, match='budget must be "samples" or "epochs"'):
         budget_for(dataclasses.replace(settings, budget="steps"), 10)
+
+
+@pytest.mark.parametrize(
+    ("variant", "k", "key"),
+    [
+        (schemas.REWARD_TOPK, 0.3, "reward_topk@0.3"),
+        (schemas.RAW_TOPK_PLUS_RECAP, 0.125, "raw_topk_plus_recap@0.125"),
+        (schemas.RANDOM_TOPK, 1, "random_topk@1.0"),
+        (schemas.FULL, None, "full"),
+        (schemas.RECAP_ALL, 0.3, "recap_all"),  # keeps every image: one training set whatever k
+        (schemas.RECAP_MIX, None, "recap_mix_p"),
+    ],
+)
+def test_a_training_set_key_is_built_and_parsed_in_one_place(variant: str, k: float | None, key: str) -> None:
+    assert layout.training_set_key(variant, k) == key
+    parsed_variant, parsed_k = layout.parse_training_set_key(key)
+    assert parsed_variant == variant and parsed_k == (None if variant in schemas.UNCUT_VARIANTS else k)
+
+
+@pytest.mark.parametrize("key", ["reward_topk@", "reward_topk@0.30", "reward_topk@1.5", "full@0.3", "best@0.3", "x"])
+def test_a_malformed_training_set_key_is_named(key: str) -> None:
+    with pytest.raises(ValueError, match=f"training set '{re.escape(key)}'"):
+        layout.parse_training_set_key(key)
