@@ -41,7 +41,7 @@ from ca_platform.assets import (
 )
 from ca_platform.assets.partitions import POOL_SHARDS, register_training_sets
 from ca_platform.engine import Engine, EngineSettings, InlineEngine, Work, WorkerLost, current_placement, open_engine
-from ca_platform.evaluation.report import CurationRow, curation_text, per_k_tables
+from ca_platform.evaluation.report import CurationRow, curation_text, curve_fractions, curve_text, per_k_tables
 from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import PoolShard, discover_shards
 from ca_platform.preferences.files import validate_preference_file
@@ -468,6 +468,8 @@ def report(run: LineageRun) -> str:
             f"the compression curve: {layout.CURATION_CURVE_PLOT_KEY}):",
             per_k_tables(rows, curation_text, "keep fraction k = {k:g}:"),
         ]
+        if curve_fractions(rows):
+            lines += ["", f"the compression curve ({layout.CURATION_CURVE_PLOT_KEY}):", curve_text(rows)]
     return "\n".join(lines)
 
 

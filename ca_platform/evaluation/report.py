@@ -131,6 +131,27 @@ def curation_text(rows: Sequence[CurationRow]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *note])
 
 
+def curve_text(rows: Sequence[CurationRow]) -> str:
+    """The compression curve for a terminal: per ranking, CURVE_METRICS' means at each k (the sets without a k,
+    full first, as one reference column); the spreads are in the tables."""
+    fractions = curve_fractions(rows)
+    rankings = [v for v in TRAINING_VARIANTS if any(r.ranking == v and r.keep_fraction is not None for r in rows)]
+
+    def cell(row: CurationRow | None) -> str:
+        return "" if row is None else " / ".join(f"{getattr(row, metric):.3f}" for metric in CURVE_METRICS.values())
+
+    by_key = {row.variant: row for row in rows}
+    header = ["ranking", *(f"k = {k:g}" for k in fractions)]
+    cells = [header] + [
+        [ranking, *(cell(by_key.get(layout.training_set_key(ranking, k))) for k in fractions)] for ranking in rankings
+    ]
+    uncut = [row for row in rows if row.keep_fraction is None]
+    cells += [[f"{row.variant} (no k)", cell(row), *[""] * (len(fractions) - 1)] for row in uncut]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    return "\n".join([f"({' / '.join(CURVE_METRICS)} at each keep fraction)", *lines])
+
+
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     """Retrieval recall (left) and captioning scores (right) per variant, bars side by side, with the spread over
     seeds as error bars when several were trained."""

@@ -168,7 +168,11 @@ def test_the_report_lists_every_training_set_as_measured_with_an_equal_budget(de
     for k, table in zip(CURVE, tables):
         shown = {line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ")}
         assert shown - {"variant", "---"} == {key for key in TRAINING_SETS if "@" not in key or key.endswith(f"@{k}")}
-    assert "keep fraction k = 0.3:" in dead_shard_run.done.stdout  # the terminal's tables too
+    assert "keep fraction k = 0.3:" in dead_shard_run.done.stdout  # the terminal's tables too, and the curve
+    curve = dead_shard_run.done.stdout.split(f"the compression curve ({layout.CURATION_CURVE_PLOT_KEY}):\n")[1]
+    assert curve.startswith("(I->T R@5 / T->I R@5 / CIDEr-D at each keep fraction)\nranking ")
+    assert re.match(r".*\nranking +k = 0\.1 +k = 0\.3 +k = 0\.5\n", curve)
+    assert re.search(r"^reward_topk( +[\d.]+ / [\d.]+ / [\d.]+){3}$", curve, re.MULTILINE)
     seen = {
         json.loads((dead_shard_run.data / layout.current_model_key(layout.trained_model_kind(m, v, 0))).read_text())[
             "metrics"
