@@ -2,9 +2,9 @@
 
 A training set is `full` or one cut of a subset variant, at one keep fraction k of the compression curve for
 the variants that drop pairs (`reward_topk@0.3`; layout.training_set_key). It is read from one source, its
-tars themselves: every downloaded shard's tars for `full`, its compressed subsets' tars otherwise. One walk over them, images left undecoded, gives both the
-fingerprint of the pairs (what decides whether a model must be trained again) and their count (which the
-trainer is handed, so it does not walk the tars again to count them).
+tars themselves: every downloaded shard's tars for `full`, its compressed subsets' tars otherwise. One walk
+over them, images left undecoded, gives both the fingerprint of the pairs (what decides whether a model must be
+trained again) and their count (which the trainer is handed, so it does not walk the tars again to count them).
 
 The trainers (torch, transformers) are imported where a model is trained, not with the module: every Dagster
 process loads the definitions, and most train nothing.
