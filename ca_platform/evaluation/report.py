@@ -206,13 +206,15 @@ def curation_curve_plot(rows: Sequence[CurationRow], path: Path) -> Path:
             if banded and full:
                 axes.axhspan(value - spread, value + spread, color="black", alpha=0.08, linewidth=0)
         for index, ranking in enumerate(lines):
-            points = sorted((r.keep_fraction, r) for r in rows if r.ranking == ranking and r.keep_fraction is not None)
-            ks = np.array([k for k, _ in points])
-            values = np.array([getattr(r, metric) for _, r in points])
+            points = sorted(
+                (r for r in rows if r.ranking == ranking and r.keep_fraction is not None), key=lambda r: r.keep_fraction
+            )
+            ks = np.array([r.keep_fraction for r in points])
+            values = np.array([getattr(r, metric) for r in points])
             colour = colours[index % len(colours)]
             axes.plot(ks, values, marker="o", color=colour, label=ranking)
             if banded:
-                spread = np.array([r.spread.get(metric, 0.0) for _, r in points])
+                spread = np.array([r.spread.get(metric, 0.0) for r in points])
                 axes.fill_between(ks, values - spread, values + spread, color=colour, alpha=0.18, linewidth=0)
         axes.set_title(title)
         axes.set_xlabel("keep fraction k")
