@@ -54,7 +54,7 @@ def retrieval_eval(
     evaluation: EvaluationConfig,
     model_training: ModelTrainingConfig,
 ) -> MaterializeResult:
-    """Image->text and text->image Recall@1/5/10 of the variant's CLIP (each seed's) on the evaluation set
+    """Image->text and text->image Recall@1/5/10 of the training set's CLIP (each seed's) on the evaluation set
     (cosine of the normalised embeddings; an image counts as found by any of its references): the mean over
     seeds with its spread."""
     variant = context.partition_key
@@ -129,17 +129,21 @@ def captioning_eval(
     kinds={"json", "markdown"},
 )
 def curation_report(storage: PlatformStorage) -> MaterializeResult:
-    """Per variant: kept fraction, the scorer's held-out preference accuracy, retrieval R@1/R@5 both ways and
-    CIDEr-D/BLEU-4, as measured in this run: whichever variant wins. Written to reports/curation_report.json,
-    .md and .png."""
+    """Per training set (full, each variant at each keep fraction k): kept fraction, the scorer's held-out
+    preference accuracy, retrieval R@1/R@5 both ways and CIDEr-D/BLEU-4, as measured in this run: whichever
+    variant wins. A table per k, and the compression curve (each figure against k, one line per ranking, full as
+    the reference line). Written to reports/curation_report.json, .md and .png, and reports/curation_curve.png."""
     data = storage.data_store()
     with storage.staging_dir("curation-report") as staging:
         report = write_curation_report(data, staging)
         image = markdown_image(report.plot, "curation report")
+        curve = markdown_image(report.curve, "compression curve")
     return MaterializeResult(
         metadata={
             "table": MetadataValue.md(report.table),
+            "curve": MetadataValue.md(curve),
             "plot": MetadataValue.md(image),
             "report": MetadataValue.path(data.uri_of(layout.CURATION_REPORT_KEY)),
+            "curve_plot": MetadataValue.path(data.uri_of(layout.CURATION_CURVE_PLOT_KEY)),
         }
     )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ca_platform.compression import DEFAULT_KEEP_FRACTION
+from ca_platform.compression import DEFAULT_KEEP_FRACTION, DEMO_KEEP_FRACTIONS, parse_keep_fractions
 from ca_platform.demo.shapes_pool import ShapesWorldConfig
 from ca_platform.instance import (
     PG_URL_ENV,
@@ -24,6 +24,14 @@ if TYPE_CHECKING:
     from ca_platform.resources import CaptioningConfig
 
 DEMO_HOST = "127.0.0.1"
+
+
+def _keep_fractions(text: str) -> tuple[float, ...]:
+    """`--keep 0.1,0.3,0.5` (or one number): the compression curve, with the reason when it is not one."""
+    try:
+        return parse_keep_fractions(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_s3(parser: argparse.ArgumentParser) -> None:
@@ -336,10 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--keep",
-        type=float,
-        metavar="K",
-        help=f"keep this fraction of the scored pool (e.g. {DEFAULT_KEEP_FRACTION}): the cut and subsets of every "
-        "variant",
+        type=_keep_fractions,
+        metavar="K[,K...]",
+        help=f"keep this fraction of the scored pool (e.g. {DEFAULT_KEEP_FRACTION}), or each of several for the "
+        "compression curve (e.g. 0.1,0.2,0.3,0.5): the cut and subsets of every variant at every k, and with "
+        "--eval models trained on each",
     )
     run.add_argument(
         "--eval",
@@ -401,7 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=ShapesWorldConfig.shards)
     demo.add_argument("--rows", type=int, default=ShapesWorldConfig.rows_per_shard, help="rows per shard")
     demo.add_argument("--seed", type=int, default=ShapesWorldConfig.seed)
-    demo.add_argument("--keep", type=float, default=DEFAULT_KEEP_FRACTION, help="fraction of the pool to keep")
+    demo.add_argument(
+        "--keep",
+        type=_keep_fractions,
+        default=",".join(map(str, DEMO_KEEP_FRACTIONS)),
+        metavar="K[,K...]",
+        help="fractions of the pool to keep: the compression curve's points (default: %(default)s)",
+    )
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--eval-images", type=int, default=300, help="held-out evaluation images")
     demo.add_argument(

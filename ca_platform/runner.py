@@ -39,9 +39,9 @@ from ca_platform.assets import (
     THRESHOLD_ASSETS,
     VARIANT_MODEL_ASSETS,
 )
-from ca_platform.assets.partitions import POOL_SHARDS
+from ca_platform.assets.partitions import POOL_SHARDS, register_training_sets
 from ca_platform.engine import Engine, EngineSettings, InlineEngine, Work, WorkerLost, current_placement, open_engine
-from ca_platform.evaluation.report import CurationRow, curation_text
+from ca_platform.evaluation.report import CurationRow, curation_text, curve_fractions, curve_text, per_k_tables
 from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import PoolShard, discover_shards
 from ca_platform.preferences.files import validate_preference_file
@@ -82,7 +82,7 @@ SHARD_STAGES = {
     "scores": ShardStage(SHARD_SCORE_ASSETS, "scorer", layout.scores_step(schemas.REWARD_MODEL)),
     "captions": ShardStage(SHARD_CAPTION_ASSETS, "scorer", layout.CAPTION_STEP),
     "subsets": ShardStage(SHARD_SUBSET_ASSETS, "task", layout.SUBSET_STEP),
-    # per training variant: its CLIP and BLIP and their evaluations, variants side by side
+    # per training set (full, each variant at each k): its CLIP and BLIP and their evaluations, side by side
     "models": ShardStage(VARIANT_MODEL_ASSETS, "trainer", None),
 }
 
@@ -365,13 +365,14 @@ class _StageDriver:
         return runs
 
     def _train_and_evaluate(self) -> list[StageRun]:
-        """Per training variant (full and every variant cut) its CLIP and BLIP and their evaluations, the
-        variants side by side on the engine, then the report."""
+        """Per training set (full, and every cut: each variant at each keep fraction) its CLIP and BLIP and their
+        evaluations, side by side on the engine, then the report."""
         storage = self.resources["storage"]
         assert isinstance(storage, PlatformStorage)
         cut = _read_report(storage, layout.SCORE_THRESHOLD_REPORT_KEY) or {}
-        variants = [v for v in schemas.TRAINING_VARIANTS if v == schemas.FULL or v in cut]
-        runs = self.per_shard("models", variants)
+        # score_threshold registered them on this instance; again here, for a cut published by another one
+        training_sets = register_training_sets(self.instance, cut)
+        runs = self.per_shard("models", training_sets)
         if all(run.success for run in runs):
             runs.append(self.pool_wide("report", REPORT_ASSETS))
         return runs
@@ -420,21 +421,24 @@ def report(run: LineageRun) -> str:
     thresholds = _read_report(run.storage, layout.SCORE_THRESHOLD_REPORT_KEY)
     if thresholds:
         lines += ["", "compressed subsets (DuckDB view `subsets`; every cut comes after dedup):"]
-        for variant in (v for v in schemas.SUBSET_VARIANTS if v in thresholds):
-            threshold = thresholds[variant]
+        width = max(map(len, thresholds))
+        for key, threshold in thresholds.items():
             kept, total = threshold["kept"], threshold["total"]
             ratio = total / kept if kept else float("inf")
             lines.append(
-                f"  {variant:15s} keep {threshold['keep_fraction']}: kept {kept} of {total} pairs, dropped "
+                f"  {key:{width}s} keep {threshold['keep_fraction']}: kept {kept} of {total} pairs, dropped "
                 f"{total - kept} ({ratio:.1f}x smaller), ranked by {threshold['model_version']}"
             )
-        cut = [v for v in schemas.SUBSET_VARIANTS if v in thresholds]
+        # one column per training set: its variant's membership rows at its k (the keys are written by the
+        # platform, and quoted as identifiers; the values are parameters)
+        cuts = [(t["variant"], t["keep_fraction"]) for t in thresholds.values()]
+        kept_at = 'count(*) FILTER (variant = ? AND keep_fraction = ? AND kept) AS "{}"'
+        columns = ", ".join(kept_at.format(key) for key in thresholds)
         per_shard = analytics.query(
             db,
-            "SELECT shard, count(*) FILTER (variant = ?) AS pairs, "
-            + ", ".join(f"count(*) FILTER (variant = '{v}' AND kept) AS {v}" for v in cut)
-            + " FROM subsets GROUP BY shard ORDER BY shard",
-            [schemas.REWARD_TOPK],
+            f"SELECT shard, count(*) FILTER (variant = ? AND keep_fraction = ?) AS pairs, {columns} "
+            "FROM subsets GROUP BY shard ORDER BY shard",
+            [*cuts[0], *(value for cut in cuts for value in cut)],
         )
         lines += [per_shard.as_text()]
     lines += _caption_lines(run.storage)
@@ -464,12 +468,15 @@ def report(run: LineageRun) -> str:
     lines.append(f'\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} "SELECT ...")')
     curation = _read_report(run.storage, layout.CURATION_REPORT_KEY)
     if curation:
-        rows = [CurationRow(variant=v, **curation[v]) for v in schemas.TRAINING_VARIANTS if v in curation]
+        rows = [CurationRow(variant=key, **figures) for key, figures in curation.items()]
         lines += [
             "",
-            f"curation report ({layout.CURATION_TABLE_KEY}; models trained on each variant, equal samples seen):",
-            curation_text(rows),
+            f"curation report ({layout.CURATION_TABLE_KEY}; models trained on each training set, equal samples seen; "
+            f"the compression curve: {layout.CURATION_CURVE_PLOT_KEY}):",
+            per_k_tables(rows, curation_text, "keep fraction k = {k:g}:"),
         ]
+        if curve_fractions(rows):
+            lines += ["", f"the compression curve ({layout.CURATION_CURVE_PLOT_KEY}):", curve_text(rows)]
     return "\n".join(lines)
 
 

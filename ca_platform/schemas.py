@@ -108,6 +108,10 @@ FILTER_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK)  # keep or drop pai
 SUBSET_VARIANTS = (*FILTER_VARIANTS, *RECAPTION_VARIANTS)
 FULL = "full"  # every downloaded pair: what compression is measured against
 TRAINING_VARIANTS = (FULL, *SUBSET_VARIANTS)
+# Caption variants that keep every image (they change captions, not the count): like `full`, they have no keep
+# fraction, so the compression curve has one point of each, not one per k.
+KEEP_EVERY_IMAGE = (RECAP_ALL, RECAP_MIX)
+UNCUT_VARIANTS = (FULL, *KEEP_EVERY_IMAGE)
 # The scorer whose ranking each scored variant keeps the top of (random_topk ranks by a seeded key).
 VARIANT_SCORERS: Mapping[str, str] = {
     REWARD_TOPK: REWARD_MODEL,

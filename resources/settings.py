@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ca_platform.compression import DEFAULT_KEEP_FRACTION
+from ca_platform.compression import DEFAULT_KEEP_FRACTION, keep_fractions
 from ca_platform.ingest.download_guard import DEFAULT_DEADLINE_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
 from ca_platform.ingest.quality import QualityThresholds
 from ca_platform.schemas import POOL_BLIP_BACKBONE
@@ -153,9 +153,13 @@ class BaselineConfig(ConfigurableResource):
 
 
 class CompressionConfig(ConfigurableResource):
-    """How hard to compress: the fraction of the pool the reward model keeps (the paper goes down to ~0.12)."""
+    """How hard to compress: the fractions of the pool every ranking keeps (the paper goes down to ~0.12)."""
 
-    keep_fraction: float = Field(default=DEFAULT_KEEP_FRACTION, ge=0.0, le=1.0)
+    keep_fractions: list[float] = Field(
+        default=[DEFAULT_KEEP_FRACTION],
+        description="The compression curve: every subset variant is cut at each of these fractions of the scored "
+        "pool, each in (0, 1], and models are trained on every cut.",
+    )
     random_seed: int = Field(default=0, description="Seed of the random_topk baseline's uniform sample.")
     recap_mix_probability: float = Field(
         default=0.8,
@@ -180,6 +184,10 @@ class CompressionConfig(ConfigurableResource):
     semantic_cluster_size: int = Field(
         default=1024, ge=2, description="Largest embedding cluster semantic dedup compares pairwise within."
     )
+
+    def curve(self) -> tuple[float, ...]:
+        """The keep fractions, checked, ascending, each once."""
+        return keep_fractions(self.keep_fractions)
 
     def dedup_settings(self) -> DedupSettings:
         from ca_platform.dedup.groups import DedupSettings  # scipy: imported where dedup runs

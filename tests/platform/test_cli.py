@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from ca_platform import analytics, layout
+from ca_platform.compression import DEMO_KEEP_FRACTIONS
 from ca_platform.resources import DEFAULT_KEEP_FRACTION, build_resources
 from ca_platform.runner import report, run_lineage
 from tests.conftest import BIN, RoutesServer, cli_env
@@ -78,12 +80,60 @@ def test_unset_settings_take_the_defaults_ca_platform_uses(monkeypatch: pytest.M
         monkeypatch.delenv(name, raising=False)
     resources = resources_from_env()
     demo = build_parser().parse_args(["demo"])
-    assert resources["compression"].keep_fraction == demo.keep == DEFAULT_KEEP_FRACTION
+    assert resources["compression"].keep_fractions == [DEFAULT_KEEP_FRACTION]
+    assert demo.keep == DEMO_KEEP_FRACTIONS and len(DEMO_KEEP_FRACTIONS) >= 2  # the demo draws a curve
     assert resources["downloader"].settings().policy.allow_hosts == frozenset()  # public addresses only
     assert resources["preferences"].uri is None and resources["evaluation"].uri is None
 
     monkeypatch.setenv("CA_KEEP_FRACTION", "a third")
-    with pytest.raises(ValueError, match="CA_KEEP_FRACTION must be a number"):
+    with pytest.raises(ValueError, match="CA_KEEP_FRACTION: keep fractions must be numbers .* 'a third'"):
+        resources_from_env()
+
+
+@pytest.mark.parametrize(
+    ("text", "curve"),
+    [
+        ("0.3", [0.3]),  # one value keeps working: a curve of one point
+        ("0.1,0.2,0.3,0.5", [0.1, 0.2, 0.3, 0.5]),
+        (" 0.5, 0.1 ,0.3,0.1", [0.1, 0.3, 0.5]),  # ascending, each once
+        ("1", [1.0]),
+    ],
+)
+def test_keep_takes_one_fraction_or_the_curves_comma_list_from_the_cli_and_the_environment(
+    monkeypatch: pytest.MonkeyPatch, text: str, curve: list[float]
+) -> None:
+    from ca_platform.cli import build_parser
+    from ca_platform.resources import resources_from_env
+
+    args = build_parser().parse_args(["run", "--pool", "p", "--data", "d", "--keep", text])
+    assert list(args.keep) == curve
+    assert build_resources("p", "d", keep_fraction=args.keep)["compression"].curve() == tuple(curve)
+    monkeypatch.setenv("CA_KEEP_FRACTION", text)
+    assert resources_from_env()["compression"].keep_fractions == curve
+    assert build_resources("p", "d", keep_fraction=curve[0])["compression"].keep_fractions == [curve[0]]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("0.1,,0.3", "'' of '0.1,,0.3' is not a number"),
+        ("0.1;0.3", "'0.1;0.3' of '0.1;0.3' is not a number"),
+        ("0.3,0", "keep fraction 0.0 is outside \\(0, 1\\]"),
+        ("1.5", "keep fraction 1.5 is outside"),
+        ("nan", "keep fraction nan is outside"),
+    ],
+)
+def test_a_bad_keep_list_is_refused_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text: str, reason: str
+) -> None:
+    from ca_platform.cli import build_parser
+    from ca_platform.resources import resources_from_env
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--pool", "p", "--data", "d", "--keep", text])
+    assert re.search(f"argument --keep: .*{reason}", capsys.readouterr().err)
+    monkeypatch.setenv("CA_KEEP_FRACTION", text)
+    with pytest.raises(ValueError, match=f"CA_KEEP_FRACTION: .*{reason}"):
         resources_from_env()
 
 
