@@ -22,6 +22,7 @@ from ca_platform.schemas import POOL_BLIP_BACKBONE
 if TYPE_CHECKING:
     from ca_platform.captioning.shards import CaptionerSettings
     from ca_platform.dedup.groups import DedupSettings
+    from ca_platform.evaluation.intervals import BootstrapSettings
     from ca_platform.ingest.download import DownloadSettings
     from ca_platform.scoring.reward.model import RewardModelSpec
     from ca_platform.scoring.reward.train import TrainConfig
@@ -231,6 +232,16 @@ class EvaluationConfig(ConfigurableResource):
     batch_size: int = 64
     max_new_tokens: int = 24
     device: str | None = None
+    bootstrap_resamples: int = Field(
+        default=1000, ge=1, description="Resamples of the evaluation items behind each interval of the report."
+    )
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="The level of the report's intervals.")
+    bootstrap_seed: int = Field(default=0, description="Seed of the resampling: the same report for the same figures.")
+
+    def bootstrap(self) -> BootstrapSettings:
+        from ca_platform.evaluation.intervals import BootstrapSettings
+
+        return BootstrapSettings(self.bootstrap_resamples, self.confidence, self.bootstrap_seed)
 
 
 class ModelTrainingConfig(ConfigurableResource):

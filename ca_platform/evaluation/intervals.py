@@ -14,6 +14,7 @@ the same resampled items and the same resampled seeds for both variants, each se
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -128,16 +129,20 @@ class Difference:
         return {**asdict(self), "outside_noise": self.outside_noise}
 
 
-def item_counts(items: int, settings: BootstrapSettings) -> np.ndarray:
-    """`[resample, item]`: how often each item is drawn in each resample of `items` with replacement."""
-    return _draws(items, 1, settings)[0]
+def item_counts(items: int, settings: BootstrapSettings, seeds: int = 1) -> np.ndarray:
+    """`[resample, item]`: how often each item is drawn in each resample of `items` with replacement (the same
+    for any number of seeds: the seed draws come after)."""
+    return _draws(items, seeds, settings)[0]
 
 
+@functools.lru_cache(maxsize=16)
 def _draws(items: int, seeds: int, settings: BootstrapSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Item counts and seed counts per resample, from one generator: the same for every variant."""
+    """Item counts and seed counts per resample, from one generator: the same for every variant (and drawn once
+    for all of a report's metrics and variants)."""
     rng = np.random.default_rng(settings.seed)
     items_drawn = rng.multinomial(items, np.full(items, 1.0 / items), size=settings.resamples)
     seeds_drawn = rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=settings.resamples)
+    items_drawn.flags.writeable = seeds_drawn.flags.writeable = False
     return items_drawn, seeds_drawn
 
 
@@ -151,7 +156,7 @@ def figure(table: ItemTable, settings: BootstrapSettings = BootstrapSettings()) 
     """Mean over seeds, seed spread, and the percentile interval of the seed mean over resampled items (the
     seeds held fixed: the spread shows their noise)."""
     per_seed = table.per_seed()
-    replicates = table.resampled(item_counts(table.items, settings)).mean(axis=1)
+    replicates = table.resampled(item_counts(table.items, settings, table.seeds)).mean(axis=1)
     low, high = _interval(replicates, settings.confidence)
     spread = float(per_seed.std(ddof=1)) if table.seeds > 1 else 0.0
     return Figure(float(per_seed.mean()), spread, low, high)

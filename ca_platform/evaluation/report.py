@@ -2,13 +2,17 @@
 
 It reports what was measured. The method's claim is that `reward_topk` matches or beats `full` at a
 fraction of the data, with `clipscore_topk` and `random_topk` as the baselines at the same size; whether it
-holds on a given pool is for the table to say.
+holds on a given pool is for the table to say. Each figure comes with its spread over training seeds and a
+bootstrap interval over the evaluation items, and each variant's difference from `full` and from
+`clipscore_topk` is marked when it is outside noise (see `intervals`), so the table does not invite reading
+a ranking into differences the evaluation cannot tell apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +20,33 @@ import numpy as np
 
 from ca_platform import layout
 from ca_platform.analytics.plots import markdown_table, pyplot
+from ca_platform.evaluation import intervals
+from ca_platform.evaluation.intervals import BootstrapSettings, Difference, ItemTable
 from ca_platform.schemas import (
+    CLIPSCORE_TOPK,
     FULL,
     RAW_TOPK_PLUS_RECAP,
     RECAP_ALL,
     RECAP_MIX,
     REWARD_BEST_CAPTION,
+    REWARD_TOPK,
     TRAINING_VARIANTS,
     VARIANT_SCORERS,
 )
 from ca_platform.storage import DataStore, read_json, write_json
 
-METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider", "bleu4")  # the table's figures, in its column order
+# The table's figures, in its column order, with their headers.
+METRIC_LABELS = {
+    "i2t_r1": "I->T R@1",
+    "t2i_r1": "T->I R@1",
+    "i2t_r5": "I->T R@5",
+    "t2i_r5": "T->I R@5",
+    "cider": "CIDEr-D",
+    "bleu4": "BLEU-4",
+}
+METRICS = tuple(METRIC_LABELS)
+# What every variant is compared with, and the markers of a difference outside noise (above, below).
+REFERENCE_MARKERS = {FULL: ("▲", "▼"), CLIPSCORE_TOPK: ("↑", "↓")}
 
 # Which captions each variant trains on.
 CAPTIONS = {
@@ -51,6 +70,18 @@ class CurationRow:
     bleu4: float
     seeds: int = 1
     spread: dict[str, float] = field(default_factory=dict)  # metric -> sample standard deviation over seeds
+    interval: dict[str, list[float]] = field(default_factory=dict)  # metric -> [low, high] over evaluation items
+    # reference variant -> metric -> this variant's difference from it (Difference.as_json)
+    versus: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    evaluation_items: int = 0  # the evaluation images the intervals resample
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # BootstrapSettings.as_json
+
+    def outside_noise(self, reference: str, metric: str) -> Difference | None:
+        """The difference from `reference` on `metric` when it is outside noise."""
+        compared = self.versus.get(reference, {}).get(metric)
+        if compared is None or not compared["outside_noise"]:
+            return None
+        return Difference(compared["difference"], compared["low"], compared["high"])
 
     def as_json(self) -> dict[str, Any]:
         document = asdict(self)
@@ -58,48 +89,137 @@ class CurationRow:
         return document
 
 
-COLUMNS = (
-    "variant",
-    "captions",
-    "kept fraction",
-    "scorer pref. acc.",
-    "I->T R@1",
-    "T->I R@1",
-    "I->T R@5",
-    "T->I R@5",
-    "CIDEr-D",
-    "BLEU-4",
-)
+COLUMNS = ("variant", "captions", "kept fraction", "scorer pref. acc.", *METRIC_LABELS.values())
+
+
+def figure_cell(row: CurationRow, metric: str) -> str:
+    """`mean ± seed spread [low, high]` and the markers of the differences outside noise."""
+    value = f"{getattr(row, metric):.3f}"
+    if row.seeds > 1:
+        value += f" ± {row.spread.get(metric, 0.0):.3f}"
+    if metric in row.interval:
+        low, high = row.interval[metric]
+        value += f" [{low:.3f}, {high:.3f}]"
+    markers = ""
+    for reference, (above, below) in REFERENCE_MARKERS.items():
+        compared = row.outside_noise(reference, metric)
+        if compared is not None:
+            markers += above if compared.difference > 0 else below
+    return f"{value} {markers}" if markers else value
 
 
 def _row_cells(row: CurationRow) -> list[Any]:
     accuracy = "n/a" if row.scorer_preference_accuracy is None else f"{row.scorer_preference_accuracy:.3f}"
-
-    def figure(metric: str) -> str:
-        value = f"{getattr(row, metric):.3f}"
-        return f"{value} ± {row.spread.get(metric, 0.0):.3f}" if row.seeds > 1 else value
 
     return [
         row.variant,
         CAPTIONS.get(row.variant, "raw"),
         f"{row.kept_fraction:.3f}",
         accuracy,
-        *(figure(metric) for metric in METRICS),
+        *(figure_cell(row, metric) for metric in METRICS),
     ]
 
 
 def curation_markdown(rows: Sequence[CurationRow]) -> str:
-    return markdown_table(COLUMNS, [_row_cells(row) for row in rows])
+    """One table of the given rows (any set of variants), its legend and what it measured."""
+    return "\n\n".join([markdown_table(COLUMNS, [_row_cells(row) for row in rows]), *_notes(rows)])
 
 
 def curation_text(rows: Sequence[CurationRow]) -> str:
-    """The same table for a terminal, with a note on the spread when models of several seeds were trained."""
+    """The same table for a terminal, with its legend and what it measured."""
     cells = [list(COLUMNS)] + [[str(c) for c in _row_cells(row)] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    seeds = max((row.seeds for row in rows), default=1)
-    note = [f"(mean ± sample standard deviation over {seeds} training seeds)"] if seeds > 1 else []
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *note])
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *_notes(rows)])
+
+
+def _notes(rows: Sequence[CurationRow]) -> list[str]:
+    return [text for text in (curation_legend(rows), measured_text(rows)) if text]
+
+
+def curation_legend(rows: Sequence[CurationRow]) -> str:
+    """What a cell shows, from the settings the rows were computed with."""
+    if not rows:
+        return ""
+    seeds, settings = max(row.seeds for row in rows), rows[0].bootstrap
+    parts = [f"mean ± sample standard deviation over {seeds} training seeds"] if seeds > 1 else []
+    if settings:
+        parts.append(
+            f"[low, high]: {settings['confidence']:.0%} percentile bootstrap interval over the "
+            f"{rows[0].evaluation_items} evaluation images ({settings['resamples']} resamples, seed {settings['seed']})"
+        )
+    compared = [r for r in REFERENCE_MARKERS if any(r in row.versus for row in rows)]
+    if compared:
+        markers = ", ".join(f"{REFERENCE_MARKERS[r][0]}/{REFERENCE_MARKERS[r][1]} above/below {r}" for r in compared)
+        parts.append(
+            f"{markers}, outside noise: the {settings['confidence']:.0%} paired bootstrap interval of the difference "
+            "(the same images and the same seeds resampled for both variants) excludes 0"
+        )
+    return "; ".join(parts) + "." if parts else ""
+
+
+def measured_text(rows: Sequence[CurationRow]) -> str:
+    """What the table measured, from its figures: each variant's differences outside noise from each reference,
+    how many of the comparisons those are, and how many chance alone would give."""
+    settings = rows[0].bootstrap if rows else {}
+    sentences = [_method_sentence(rows)] if any(r.variant == REWARD_TOPK and FULL in r.versus for r in rows) else []
+    compared = outside = 0
+    for reference in REFERENCE_MARKERS:
+        others = [row for row in rows if reference in row.versus]
+        if not others:
+            continue
+        found = []
+        for row in others:
+            differences = [(m, row.outside_noise(reference, m)) for m in METRICS if m in row.versus[reference]]
+            compared += len(differences)
+            named = [
+                f"{'higher' if d.difference > 0 else 'lower'} {METRIC_LABELS[m]} "
+                f"({d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}])"
+                for m, d in differences
+                if d is not None
+            ]
+            outside += len(named)
+            if named:
+                found.append(f"{row.variant} {', '.join(named)}")
+        if found:
+            sentences.append(f"Outside noise against {reference}: {'; '.join(found)}.")
+        else:
+            sentences.append(f"No variant differs from {reference} outside noise on any figure.")
+    if not compared:
+        return ""
+    expected = compared * (1 - settings["confidence"])
+    sentences.append(
+        f"{outside} of {compared} comparisons are outside noise; with no true difference anywhere about "
+        f"{expected:.1f} would be by chance at {settings['confidence']:.0%}. The other differences are within the "
+        "noise of the evaluation images and the training seeds: this run does not rank those variants on those "
+        "figures."
+    )
+    return " ".join(sentences)
+
+
+def _method_sentence(rows: Sequence[CurationRow]) -> str:
+    """The method's claim as measured: reward_topk against full, figure by figure."""
+    row = next(r for r in rows if r.variant == REWARD_TOPK)
+    verdicts: dict[str, list[str]] = {"higher": [], "lower": [], "within noise": []}
+    for metric in (m for m in METRICS if m in row.versus[FULL]):
+        compared = row.outside_noise(FULL, metric)
+        side = "within noise" if compared is None else "higher" if compared.difference > 0 else "lower"
+        verdicts[side].append(METRIC_LABELS[metric])
+    said = [f"{side} on {', '.join(labels)}" for side, labels in verdicts.items() if labels]
+    claim = f"The method's claim, {REWARD_TOPK} against {FULL} at {row.kept_fraction:.0%} of the pairs"
+    return f"{claim}: {'; '.join(said)}."
+
+
+def outside_noise(rows: Sequence[CurationRow]) -> dict[str, dict[str, dict[str, float]]]:
+    """variant -> reference -> metric -> difference, for the table's differences outside noise only."""
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        for reference in row.versus:
+            for metric in METRICS:
+                compared = row.outside_noise(reference, metric)
+                if compared is not None:
+                    found.setdefault(row.variant, {}).setdefault(reference, {})[metric] = compared.difference
+    return found
 
 
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
@@ -140,11 +260,14 @@ class NotEvaluatedError(LookupError):
     """A variant lacks an evaluation or a threshold the report needs; the message says which to materialize."""
 
 
-def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
-    """Each training variant's row, from the score-threshold, preference-accuracy and evaluation reports."""
+def curation_rows(
+    store: DataStore, scratch: Path, settings: BootstrapSettings = BootstrapSettings()
+) -> list[CurationRow]:
+    """Each training variant's row, from the score-threshold, preference-accuracy and evaluation reports, with
+    the intervals and the differences from the references computed from the evaluations' per-item results."""
     thresholds = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch) or {}
     accuracy = read_json(store, layout.PREFERENCE_ACCURACY_REPORT_KEY, scratch) or {}
-    rows = []
+    rows, per_item = [], {}
     for variant in (v for v in TRAINING_VARIANTS if v == FULL or v in thresholds):
         retrieval = read_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, variant), scratch)
         captioning = read_json(store, layout.variant_report_key(layout.CAPTIONING_REPORT, variant), scratch)
@@ -158,6 +281,9 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
         else:
             kept_fraction = thresholds[variant]["kept"] / thresholds[variant]["total"]
         scorer = VARIANT_SCORERS.get(variant)
+        per_item[variant] = variant_item_results(
+            variant, {"retrieval_eval": retrieval, "captioning_eval": captioning}
+        )
         rows.append(
             CurationRow(
                 variant=variant,
@@ -173,7 +299,75 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
                 spread={**retrieval.get("spread", {}), **captioning.get("spread", {})},
             )
         )
-    return rows
+    return with_intervals(rows, per_item, settings)
+
+
+@dataclass(frozen=True)
+class ItemResults:
+    """One metric of one variant as evaluated item by item: the item ids, in the order of the table's items."""
+
+    items: tuple[str, ...]
+    table: ItemTable
+
+
+def variant_item_results(variant: str, documents: Mapping[str, Mapping[str, Any]]) -> dict[str, ItemResults]:
+    """Every metric's per-item results from a variant's evaluation reports, keyed by the asset that wrote each
+    (named when one predates per-item results)."""
+    results = {}
+    for asset, document in documents.items():
+        if "per_item" not in document:
+            raise NotEvaluatedError(
+                f"the {asset} report of variant {variant} has no per-item results (written by an older version): "
+                f"materialize {asset} for partition {variant} again"
+            )
+        items = tuple(document["items"])
+        results.update({metric: ItemResults(items, table) for metric, table in intervals.item_tables(document).items()})
+    return results
+
+
+def with_intervals(
+    rows: Sequence[CurationRow], per_item: Mapping[str, Mapping[str, ItemResults]], settings: BootstrapSettings
+) -> list[CurationRow]:
+    """The rows with each metric's interval over items and each variant's paired differences from the
+    references among them (any set of rows: a table per kept fraction compares within itself)."""
+    references = [r for r in REFERENCE_MARKERS if r in per_item]
+    updated = []
+    for row in rows:
+        results = per_item[row.variant]
+        interval = {}
+        for metric, result in results.items():
+            measured = intervals.figure(result.table, settings)
+            reported = getattr(row, metric, None)
+            if reported is not None and not math.isclose(measured.mean, reported, rel_tol=1e-9, abs_tol=1e-12):
+                raise ValueError(
+                    f"variant {row.variant}: the per-item results give {metric} {measured.mean!r}, the report "
+                    f"{reported!r}; evaluate the variant again"
+                )
+            interval[metric] = [measured.low, measured.high]
+        versus = {}
+        for reference in (r for r in references if r != row.variant):
+            versus[reference] = {}
+            for metric, result in results.items():
+                base = per_item[reference].get(metric)
+                if base is None:
+                    continue
+                if base.items != result.items:
+                    raise ValueError(
+                        f"{metric} of {row.variant} and of {reference} cover different evaluation items: evaluate "
+                        "both on the current evaluation set"
+                    )
+                versus[reference][metric] = intervals.difference(result.table, base.table, settings).as_json()
+        first = next(iter(results.values()))
+        updated.append(
+            replace(
+                row,
+                interval=interval,
+                versus=versus,
+                evaluation_items=len(first.items),
+                bootstrap=settings.as_json(),
+            )
+        )
+    return updated
 
 
 @dataclass(frozen=True)
@@ -183,9 +377,11 @@ class CurationReport:
     plot: Path
 
 
-def write_curation_report(store: DataStore, scratch: Path) -> CurationReport:
+def write_curation_report(
+    store: DataStore, scratch: Path, settings: BootstrapSettings = BootstrapSettings()
+) -> CurationReport:
     """The report across the training variants, published as JSON, markdown table and plot."""
-    rows = curation_rows(store, scratch)
+    rows = curation_rows(store, scratch, settings)
     write_json(store, layout.CURATION_REPORT_KEY, {row.variant: row.as_json() for row in rows}, scratch)
     table = curation_markdown(rows)
     (scratch / "report.md").write_text(table + "\n")

@@ -1,0 +1,152 @@
+"""The curation report on hand-made evaluation reports whose differences are known: a variant identical to full,
+one ahead of it on every image's CIDEr-D, one that retrieves nothing. Materialized through Dagster, as the
+lineage does; the intervals and verdicts reach the JSON, the markdown, the terminal table and the UI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from dagster import materialize
+
+from ca_platform import layout
+from ca_platform.assets.evaluation import curation_report
+from ca_platform.evaluation.captions import bleu4
+from ca_platform.evaluation.intervals import BLEU4, RATIO
+from ca_platform.evaluation.report import CurationRow, curation_text
+from ca_platform.resources import EvaluationConfig, PlatformStorage
+from ca_platform.schemas import CLIP_SCORE, REWARD_MODEL
+
+SEEDS, IMAGES = 3, 60
+UIDS = [f"img{i:03d}" for i in range(IMAGES)]
+RNG = np.random.default_rng(11)
+# full's models: each image found within 1 / 5 with these chances, two captions per image; CIDEr-D per image.
+I2T = {k: RNG.random((SEEDS, IMAGES)) < p for k, p in ((1, 0.3), (5, 0.6), (10, 0.8))}
+T2I = {k: RNG.binomial(2, p, (SEEDS, IMAGES)) for k, p in ((1, 0.25), (5, 0.55), (10, 0.75))}
+CIDER = RNG.gamma(2.0, 0.25, (SEEDS, IMAGES))
+CANDIDATES = ["a red circle on grey", "a blue square on grey", "a red circle", "a blue square"]
+REFERENCES = {uid: ["a red circle on grey", "a blue square"] for uid in UIDS}
+
+
+def _documents(i2t: dict[int, np.ndarray], t2i: dict[int, np.ndarray], cider: np.ndarray) -> tuple[dict, dict]:
+    """A retrieval and a captioning report as the evaluations write them, the figures worked out here."""
+    per_seed_r: dict[str, dict[str, float]] = {}
+    per_item_r: dict[str, dict[str, Any]] = {}
+    per_seed_c: dict[str, dict[str, float]] = {}
+    per_item_c: dict[str, dict[str, Any]] = {}
+    for seed in range(SEEDS):
+        captions = {uid: CANDIDATES[(i + seed) % len(CANDIDATES)] for i, uid in enumerate(UIDS)}
+        bleu = bleu4(captions, REFERENCES)
+        per_seed_r[str(seed)] = {
+            **{f"i2t_r{k}": float(hits[seed].mean()) for k, hits in i2t.items()},
+            **{f"t2i_r{k}": float(found[seed].sum() / (2 * IMAGES)) for k, found in t2i.items()},
+        }
+        per_item_r[str(seed)] = {
+            **{f"i2t_r{k}": hits[seed].astype(int).tolist() for k, hits in i2t.items()},
+            **{f"t2i_r{k}": [[int(f), 2] for f in found[seed]] for k, found in t2i.items()},
+        }
+        per_seed_c[str(seed)] = {"cider": float(cider[seed].mean()), "bleu4": bleu.score}
+        per_item_c[str(seed)] = {"cider": cider[seed].tolist(), "bleu4": [list(bleu.statistics[u]) for u in UIDS]}
+
+    def summary(per_seed: dict[str, dict[str, float]]) -> dict[str, Any]:
+        names = per_seed["0"]
+        values = {n: np.array([per_seed[str(s)][n] for s in range(SEEDS)]) for n in names}
+        return {
+            **{n: float(v.mean()) for n, v in values.items()},
+            "spread": {n: float(v.std(ddof=1)) for n, v in values.items()},
+            "per_seed": per_seed,
+            "items": UIDS,
+        }
+
+    retrieval = {**summary(per_seed_r), "per_item": per_item_r, "item_statistics": {f"t2i_r{k}": RATIO for k in t2i}}
+    captioning = {**summary(per_seed_c), "per_item": per_item_c, "item_statistics": {"bleu4": BLEU4}}
+    return retrieval, captioning
+
+
+VARIANTS = {
+    "full": _documents(I2T, T2I, CIDER),
+    "reward_topk": _documents(I2T, T2I, CIDER),  # the same models' results: no difference at all
+    "clipscore_topk": _documents(I2T, T2I, CIDER + 0.5),  # half a point of CIDEr-D better on every image
+    "random_topk": _documents({k: np.zeros_like(h) for k, h in I2T.items()}, T2I, CIDER),  # finds no image
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    data = tmp_path_factory.mktemp("report") / "data"
+    reports = data / layout.REPORTS_DIR
+    for variant, (retrieval, captioning) in VARIANTS.items():
+        for kind, document in ((layout.RETRIEVAL_REPORT, retrieval), (layout.CAPTIONING_REPORT, captioning)):
+            path = data / layout.variant_report_key(kind, variant)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"variant": variant, **document}))
+    cut = {v: {"kept": 30, "total": 100} for v in VARIANTS if v != "full"}
+    (reports / "score_threshold.json").write_text(json.dumps(cut))
+    (reports / "preference_accuracy.json").write_text(json.dumps({REWARD_MODEL: 0.72, CLIP_SCORE: 0.7}))
+    storage = PlatformStorage(pool_uri=str(data.parent / "pool"), data_uri=str(data))
+    result = materialize(
+        [curation_report],
+        resources={"storage": storage, "evaluation": EvaluationConfig(bootstrap_resamples=400, bootstrap_seed=5)},
+    )
+    assert result.success
+    return data, result.asset_materializations_for_node("curation_report")[0].metadata
+
+
+def test_each_figure_carries_its_seed_spread_and_an_interval_around_it(report: tuple[Path, Any]) -> None:
+    data, _ = report
+    curation = json.loads((data / layout.CURATION_REPORT_KEY).read_text())
+    full = curation["full"]
+    assert full["bootstrap"] == {"resamples": 400, "confidence": 0.95, "seed": 5}
+    assert full["evaluation_items"] == IMAGES and full["seeds"] == SEEDS
+    for metric in ("i2t_r1", "t2i_r5", "cider", "bleu4", "i2t_r10"):
+        low, high = full["interval"][metric]
+        figure = full[metric] if metric in full else VARIANTS["full"][0][metric]
+        assert low <= figure <= high, metric
+    assert full["interval"]["i2t_r1"][1] - full["interval"]["i2t_r1"][0] < 0.2  # 180 hits at ~0.3
+    assert 0 < full["interval"]["bleu4"][0] < full["interval"]["bleu4"][1]
+    assert full["spread"]["cider"] == pytest.approx(CIDER.mean(axis=1).std(ddof=1))
+    assert "versus" in full and "full" not in full["versus"]
+
+
+def test_differences_from_full_and_clipscore_topk_are_marked_as_outside_noise_or_not(report: tuple[Path, Any]) -> None:
+    data, _ = report
+    curation = json.loads((data / layout.CURATION_REPORT_KEY).read_text())
+    same = curation["reward_topk"]["versus"]["full"]
+    assert all(d["difference"] == 0 and not d["outside_noise"] for d in same.values())
+    better = curation["clipscore_topk"]["versus"]["full"]["cider"]
+    assert better["outside_noise"] and better["low"] == pytest.approx(0.5) and better["high"] == pytest.approx(0.5)
+    assert not curation["clipscore_topk"]["versus"]["full"]["i2t_r5"]["outside_noise"]
+    worse = curation["random_topk"]["versus"]["full"]["i2t_r1"]
+    assert worse["outside_noise"] and worse["high"] < 0
+    assert curation["random_topk"]["versus"]["clipscore_topk"]["i2t_r1"]["outside_noise"]
+    assert curation["reward_topk"]["versus"]["clipscore_topk"]["cider"]["difference"] == pytest.approx(-0.5)
+    assert not curation["random_topk"]["versus"]["full"]["t2i_r1"]["outside_noise"]  # the same T->I hits
+
+
+def test_the_table_marks_the_cells_and_says_what_was_measured(report: tuple[Path, Any]) -> None:
+    data, metadata = report
+    table = (data / layout.CURATION_TABLE_KEY).read_text()
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "▲" in lines["clipscore_topk"].split("|")[9] and "▼" not in lines["clipscore_topk"]
+    assert "↓" in lines["reward_topk"].split("|")[9] and "▲" not in lines["reward_topk"]
+    assert "▼" in lines["random_topk"].split("|")[5] and "↓" in lines["random_topk"].split("|")[5]
+    assert "▲" not in lines["full"] and "▼" not in lines["full"]
+    assert "▲/▼ above/below full, ↑/↓ above/below clipscore_topk" in table
+    assert "95% percentile bootstrap interval over the 60 evaluation images (400 resamples, seed 5)" in table
+    measured = metadata["measured"].value
+    against_full = measured.split("Outside noise against full: ")[1].split("Outside noise against clipscore")[0]
+    assert against_full.startswith("clipscore_topk higher CIDEr-D (+0.500 [+0.500, +0.500]); random_topk lower")
+    assert "reward_topk" not in against_full  # identical to full: never named
+    assert "I->T R@1" in measured and measured in table
+    assert "The method's claim, reward_topk against full at 30% of the pairs: within noise on I->T R@1," in measured
+    assert metadata["outside_noise"].value["clipscore_topk"] == {"full": {"cider": pytest.approx(0.5)}}
+
+
+def test_the_terminal_table_reads_the_json_back(report: tuple[Path, Any]) -> None:
+    data, _ = report
+    curation = json.loads((data / layout.CURATION_REPORT_KEY).read_text())
+    text = curation_text([CurationRow(variant=v, **figures) for v, figures in curation.items()])
+    assert "▲" in text and "outside noise" in text and "comparisons are outside noise" in text
