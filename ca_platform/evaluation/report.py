@@ -223,8 +223,8 @@ def outside_noise(rows: Sequence[CurationRow]) -> dict[str, dict[str, dict[str, 
 
 
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
-    """Retrieval recall (left) and captioning scores (right) per variant, bars side by side, with the spread over
-    seeds as error bars when several were trained."""
+    """Retrieval recall (left) and captioning scores (right) per variant, bars side by side, with the bootstrap
+    interval over the evaluation images as error bars (the spread over seeds where rows have no interval)."""
     variants = [row.variant for row in rows]
     x = np.arange(len(rows))
     plt = pyplot()
@@ -240,11 +240,16 @@ def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     for axes, title, metrics in panels:
         width = 0.8 / len(metrics)
         for offset, (label, metric) in enumerate(metrics.items()):
-            values = [getattr(r, metric) for r in rows]
-            spread = [r.spread.get(metric, 0.0) for r in rows] if any(r.seeds > 1 for r in rows) else None
+            values = np.array([getattr(r, metric) for r in rows])
+            if all(metric in r.interval for r in rows):
+                bounds = np.array([r.interval[metric] for r in rows])
+                error: np.ndarray | None = np.abs(np.stack([values - bounds[:, 0], bounds[:, 1] - values]))
+            else:
+                error = np.array([r.spread.get(metric, 0.0) for r in rows]) if any(r.seeds > 1 for r in rows) else None
             position = x + (offset - (len(metrics) - 1) / 2) * width
-            axes.bar(position, values, width, yerr=spread, capsize=2, label=label)
-        axes.set_title(title)
+            axes.bar(position, values, width, yerr=error, capsize=2, label=label)
+        confidence = rows[0].bootstrap.get("confidence") if rows else None
+        axes.set_title(f"{title}; bars: {confidence:.0%} interval over images" if confidence else title, fontsize=9)
         axes.set_xticks(x, [f"{v}\n({r.kept_fraction:.2f})" for v, r in zip(variants, rows)], fontsize=7, rotation=30)
         axes.legend(fontsize=7)
     left.set_ylim(0, 1)

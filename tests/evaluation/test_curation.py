@@ -138,6 +138,11 @@ def test_the_report_lists_every_variant_as_measured_with_an_equal_budget(dead_sh
         assert figures["cider"] >= 0.0
         retrieval = json.loads((reports / "retrieval" / f"{variant}.json").read_text())
         assert retrieval["i2t_r1"] == figures["i2t_r1"]  # the report shows what the evaluation measured
+        # with its interval over the evaluation images (per-image results stored by both evaluations) and verdicts
+        assert len(retrieval["items"]) == retrieval["num_images"] == figures["evaluation_items"] == 6
+        low, high = figures["interval"]["i2t_r1"]
+        assert low <= figures["i2t_r1"] <= high and figures["interval"].keys() >= CONTRACT_KEYS - {"kept_fraction"}
+        assert set(figures["versus"]) == {"full", "clipscore_topk"} - {variant}
     assert curation["full"]["kept_fraction"] == 1.0 and curation["reward_topk"]["kept_fraction"] == pytest.approx(0.5)
     assert (reports / "curation_report.png").stat().st_size > 0
     assert all(v in (reports / "curation_report.md").read_text() for v in TRAINING_VARIANTS)
