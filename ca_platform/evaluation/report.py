@@ -104,13 +104,12 @@ def figure_cell(row: CurationRow, metric: str) -> str:
     for reference, (above, below) in REFERENCE_MARKERS.items():
         compared = row.outside_noise(reference, metric)
         if compared is not None:
-            markers += above if compared.difference > 0 else below
+            markers += above if compared.low > 0 else below
     return f"{value} {markers}" if markers else value
 
 
 def _row_cells(row: CurationRow) -> list[Any]:
     accuracy = "n/a" if row.scorer_preference_accuracy is None else f"{row.scorer_preference_accuracy:.3f}"
-
     return [
         row.variant,
         CAPTIONS.get(row.variant, "raw"),
@@ -173,7 +172,7 @@ def measured_text(rows: Sequence[CurationRow]) -> str:
             differences = [(m, row.outside_noise(reference, m)) for m in METRICS if m in row.versus[reference]]
             compared += len(differences)
             named = [
-                f"{'higher' if d.difference > 0 else 'lower'} {METRIC_LABELS[m]} "
+                f"{'higher' if d.low > 0 else 'lower'} {METRIC_LABELS[m]} "
                 f"({d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}])"
                 for m, d in differences
                 if d is not None
@@ -203,7 +202,7 @@ def _method_sentence(rows: Sequence[CurationRow]) -> str:
     verdicts: dict[str, list[str]] = {"higher": [], "lower": [], "within noise": []}
     for metric in (m for m in METRICS if m in row.versus[FULL]):
         compared = row.outside_noise(FULL, metric)
-        side = "within noise" if compared is None else "higher" if compared.difference > 0 else "lower"
+        side = "within noise" if compared is None else "higher" if compared.low > 0 else "lower"
         verdicts[side].append(METRIC_LABELS[metric])
     said = [f"{side} on {', '.join(labels)}" for side, labels in verdicts.items() if labels]
     claim = f"The method's claim, {REWARD_TOPK} against {FULL} at {row.kept_fraction:.0%} of the pairs"
