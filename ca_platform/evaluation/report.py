@@ -11,6 +11,7 @@ a ranking into differences the evaluation cannot tell apart.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -129,7 +130,8 @@ def curation_text(rows: Sequence[CurationRow]) -> str:
     cells = [list(COLUMNS)] + [[str(c) for c in _row_cells(row)] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *_notes(rows)])
+    notes = [textwrap.fill(note, width=120) for note in _notes(rows)]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *notes])
 
 
 def _notes(rows: Sequence[CurationRow]) -> list[str]:
