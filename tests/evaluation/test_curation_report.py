@@ -5,6 +5,7 @@ lineage does; the intervals and verdicts reach the JSON, the markdown, the termi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,14 @@ from dagster import materialize
 from ca_platform import layout
 from ca_platform.assets.evaluation import curation_report
 from ca_platform.evaluation.captions import bleu4
-from ca_platform.evaluation.intervals import BLEU4, RATIO
-from ca_platform.evaluation.report import CurationRow, curation_text
+from ca_platform.evaluation.intervals import BLEU4, RATIO, BootstrapSettings
+from ca_platform.evaluation.report import (
+    CurationRow,
+    NotEvaluatedError,
+    curation_text,
+    variant_item_results,
+    with_intervals,
+)
 from ca_platform.resources import EvaluationConfig, PlatformStorage
 from ca_platform.schemas import CLIP_SCORE, REWARD_MODEL
 
@@ -152,3 +159,19 @@ def test_the_terminal_table_reads_the_json_back(report: tuple[Path, Any]) -> Non
     words = " ".join(text.split())  # the notes are wrapped for a terminal
     assert "▲" in text and "8 of 36 comparisons are outside noise" in words
     assert max(len(line) for line in text.splitlines()[len(curation) + 2 :]) <= 120
+
+
+def test_reports_without_per_item_results_or_on_other_items_are_named() -> None:
+    retrieval, captioning = VARIANTS["full"]
+    old = {k: v for k, v in retrieval.items() if k not in ("items", "per_item", "item_statistics")}
+    with pytest.raises(NotEvaluatedError, match="retrieval_eval report of variant full has no per-item results"):
+        variant_item_results("full", {"retrieval_eval": old})
+    full = variant_item_results("full", {"retrieval_eval": retrieval})
+    moved = variant_item_results("clipscore_topk", {"retrieval_eval": {**retrieval, "items": UIDS[::-1]}})
+    recall = {m: retrieval[m] for m in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5")}
+    rows = [CurationRow("full", 1.0, None, **recall, cider=0.0, bleu4=0.0, seeds=SEEDS)]
+    rows.append(replace(rows[0], variant="clipscore_topk"))
+    with pytest.raises(ValueError, match="i2t_r1 of full and of clipscore_topk cover different evaluation items"):
+        with_intervals(rows, {"full": full, "clipscore_topk": moved}, BootstrapSettings(resamples=10))
+    with pytest.raises(ValueError, match="the per-item results give i2t_r1"):
+        with_intervals([replace(rows[0], i2t_r1=0.9)], {"full": full}, BootstrapSettings(resamples=10))
