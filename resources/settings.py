@@ -15,6 +15,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION
+from ca_platform.evaluation.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, BootstrapSettings
 from ca_platform.ingest.download_guard import DEFAULT_DEADLINE_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
 from ca_platform.ingest.quality import QualityThresholds
 from ca_platform.schemas import POOL_BLIP_BACKBONE
@@ -22,7 +23,6 @@ from ca_platform.schemas import POOL_BLIP_BACKBONE
 if TYPE_CHECKING:
     from ca_platform.captioning.shards import CaptionerSettings
     from ca_platform.dedup.groups import DedupSettings
-    from ca_platform.evaluation.intervals import BootstrapSettings
     from ca_platform.ingest.download import DownloadSettings
     from ca_platform.scoring.reward.model import RewardModelSpec
     from ca_platform.scoring.reward.train import TrainConfig
@@ -233,14 +233,14 @@ class EvaluationConfig(ConfigurableResource):
     max_new_tokens: int = 24
     device: str | None = None
     bootstrap_resamples: int = Field(
-        default=1000, ge=1, description="Resamples of the evaluation items behind each interval of the report."
+        default=DEFAULT_RESAMPLES, ge=1, description="Resamples of the evaluation items behind each interval."
     )
-    confidence: float = Field(default=0.95, gt=0, lt=1, description="The level of the report's intervals.")
-    bootstrap_seed: int = Field(default=0, description="Seed of the resampling: the same report for the same figures.")
+    confidence: float = Field(default=DEFAULT_CONFIDENCE, gt=0, lt=1, description="The level of the intervals.")
+    bootstrap_seed: int = Field(
+        default=DEFAULT_SEED, description="Seed of the resampling: the same report for the same figures."
+    )
 
     def bootstrap(self) -> BootstrapSettings:
-        from ca_platform.evaluation.intervals import BootstrapSettings
-
         return BootstrapSettings(self.bootstrap_resamples, self.confidence, self.bootstrap_seed)
 
 

@@ -79,6 +79,8 @@ class ItemTable:
             raise ValueError(f"statistic {self.statistic} takes {width} value(s) per item, got {values.shape[2]}")
         if not np.isfinite(values).all():
             raise ValueError("per-item values must be finite")
+        if self.statistic == RATIO and not (values[:, :, 1] > 0).all():
+            raise ValueError("a ratio's denominators must be positive on every item")
         object.__setattr__(self, "values", values)
 
     @property

@@ -144,6 +144,8 @@ def test_bad_tables_are_named() -> None:
         difference(HITS, ItemTable(HITS.values[:, :10, 0]))
     with pytest.raises(ValueError, match="ratio takes 2 value"):
         ItemTable(np.ones((1, 3)), RATIO)
+    with pytest.raises(ValueError, match="denominators must be positive"):
+        ItemTable(np.array([[[1, 2], [0, 0]]]), RATIO)
     with pytest.raises(ValueError, match="unknown item statistic"):
         ItemTable(np.ones((1, 3)), "median")
     with pytest.raises(ValueError, match="finite"):
