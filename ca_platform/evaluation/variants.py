@@ -77,7 +77,8 @@ def evaluate_retrieval(
 ) -> RetrievalEvaluation:
     """Image->text and text->image Recall@1/5/10 of the variant's CLIP of each seed on the current evaluation set
     (cosine of the normalised embeddings; an image counts as found by any of its references), written to its
-    report as the mean over seeds with each metric's spread and every seed's figures."""
+    report as the mean over seeds with each metric's spread, every seed's figures and each image's hits (for the
+    report's intervals over images)."""
     from ca_platform.evaluation.retrieval import cosine_similarity_matrix, retrieval_hits
     from ca_platform.models.clip import embed_pairs
     from ca_platform.training.clip import load_trained_clip
@@ -134,7 +135,8 @@ def evaluate_captioning(
 ) -> CaptioningEvaluation:
     """CIDEr-D and BLEU-4 (coco-caption's definitions, in Python) of the variant's BLIP of each seed, greedy
     decoding, against every reference of each evaluation image; written to its report as the mean over seeds
-    with the spread, every seed's scores and the first seed's captions."""
+    with the spread, every seed's scores with each image's share of them (for the report's intervals over images)
+    and the first seed's captions."""
     from ca_platform.models.blip import generate_captions
     from ca_platform.training.captioner import load_trained_captioner
 
