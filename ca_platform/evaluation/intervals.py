@@ -98,10 +98,10 @@ class ItemTable:
     def resampled(self, item_counts: np.ndarray) -> np.ndarray:
         """`[resample, seed]`: each seed's figure on each resample, `item_counts[resample, item]` the times an
         item was drawn."""
-        seeds, items, width = self.values.shape
-        flat = self.values.transpose(1, 0, 2).reshape(items, seeds * width)
-        sums = (item_counts.astype(np.float64) @ flat).reshape(len(item_counts), seeds, width)
-        return STATISTICS[self.statistic](sums, items)
+        # einsum's own loops rather than a BLAS product: the sums do not depend on the thread count, so a report
+        # repeats to the last digit in any process.
+        sums = np.einsum("ri,sik->rsk", item_counts.astype(np.float64), self.values)
+        return STATISTICS[self.statistic](sums, self.items)
 
 
 @dataclass(frozen=True)
