@@ -12,7 +12,7 @@ from ca_platform.assets.partitions import training_variants
 from ca_platform.assets.reward import preference_accuracy
 from ca_platform.assets.training import blip_checkpoint, clip_checkpoint
 from ca_platform.evaluation.evaluation_set import stage_evaluation_set
-from ca_platform.evaluation.report import write_curation_report
+from ca_platform.evaluation.report import measured_by_k, outside_noise, write_curation_report
 from ca_platform.evaluation.variants import RETRIEVAL_METRICS, evaluate_captioning, evaluate_retrieval
 from ca_platform.resources import DownloadConfig, EvaluationConfig, ModelTrainingConfig, PlatformStorage
 
@@ -128,20 +128,24 @@ def captioning_eval(
     group_name=GROUP,
     kinds={"json", "markdown"},
 )
-def curation_report(storage: PlatformStorage) -> MaterializeResult:
+def curation_report(storage: PlatformStorage, evaluation: EvaluationConfig) -> MaterializeResult:
     """Per training set (full, each variant at each keep fraction k): kept fraction, the scorer's held-out
-    preference accuracy, retrieval R@1/R@5 both ways and CIDEr-D/BLEU-4, as measured in this run: whichever
-    variant wins. A table per k, and the compression curve (each figure against k, one line per ranking, full as
-    the reference line). Written to reports/curation_report.json, .md and .png, and reports/curation_curve.png."""
+    preference accuracy, retrieval R@1/R@5 both ways and CIDEr-D/BLEU-4, each with its seed spread and bootstrap
+    interval over the evaluation images, and the differences from full and from clipscore_topk at the same k
+    outside noise marked, as measured in this run: whichever variant wins. A table per k, and the compression
+    curve (each figure against k, one line per ranking, full as the reference line). Written to
+    reports/curation_report.json, .md and .png, and reports/curation_curve.png."""
     data = storage.data_store()
     with storage.staging_dir("curation-report") as staging:
-        report = write_curation_report(data, staging)
+        report = write_curation_report(data, staging, evaluation.bootstrap())
         image = markdown_image(report.plot, "curation report")
         curve = markdown_image(report.curve, "compression curve")
     return MaterializeResult(
         metadata={
             "table": MetadataValue.md(report.table),
             "curve": MetadataValue.md(curve),
+            "measured": MetadataValue.text(measured_by_k(report.rows)),
+            "outside_noise": MetadataValue.json(outside_noise(report.rows)),
             "plot": MetadataValue.md(image),
             "report": MetadataValue.path(data.uri_of(layout.CURATION_REPORT_KEY)),
             "curve_plot": MetadataValue.path(data.uri_of(layout.CURATION_CURVE_PLOT_KEY)),

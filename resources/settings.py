@@ -15,6 +15,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION, keep_fractions
+from ca_platform.evaluation.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, BootstrapSettings
 from ca_platform.ingest.download_guard import DEFAULT_DEADLINE_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
 from ca_platform.ingest.quality import QualityThresholds
 from ca_platform.schemas import POOL_BLIP_BACKBONE
@@ -245,6 +246,16 @@ class EvaluationConfig(ConfigurableResource):
     batch_size: int = 64
     max_new_tokens: int = 24
     device: str | None = None
+    bootstrap_resamples: int = Field(
+        default=DEFAULT_RESAMPLES, ge=1, description="Resamples of the evaluation items behind each interval."
+    )
+    confidence: float = Field(default=DEFAULT_CONFIDENCE, gt=0, lt=1, description="The level of the intervals.")
+    bootstrap_seed: int = Field(
+        default=DEFAULT_SEED, description="Seed of the resampling: the same report for the same figures."
+    )
+
+    def bootstrap(self) -> BootstrapSettings:
+        return BootstrapSettings(self.bootstrap_resamples, self.confidence, self.bootstrap_seed)
 
 
 class ModelTrainingConfig(ConfigurableResource):

@@ -3,13 +3,18 @@
 It reports what was measured. The method's claim is that `reward_topk` matches or beats `full` at a
 fraction of the data, with `clipscore_topk` and `random_topk` as the baselines at the same size; whether it
 holds on a given pool is for the tables to say. The paper's result is a curve, so every ranking is trained at
-every keep fraction k of the compression curve: one table per k, and each figure drawn against k.
+every keep fraction k of the compression curve: one table per k, and each figure drawn against k. Each figure
+comes with its spread over training seeds and a bootstrap interval over the evaluation items, and each training
+set's difference from `full` and from `clipscore_topk` at the same k is marked when it is outside noise (see
+`intervals`), so the tables do not invite reading a ranking into differences the evaluation cannot tell apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import math
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +22,37 @@ import numpy as np
 
 from ca_platform import layout
 from ca_platform.analytics.plots import markdown_table, pyplot
+from ca_platform.evaluation import intervals
+from ca_platform.evaluation.intervals import BootstrapSettings, Difference, ItemTable
 from ca_platform.schemas import (
+    CLIPSCORE_TOPK,
     FULL,
     RAW_TOPK_PLUS_RECAP,
     RECAP_ALL,
     RECAP_MIX,
     REWARD_BEST_CAPTION,
+    REWARD_TOPK,
     TRAINING_VARIANTS,
+    UNCUT_VARIANTS,
     VARIANT_SCORERS,
 )
 from ca_platform.storage import DataStore, read_json, write_json
 
-METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider", "bleu4")  # the table's figures, in its column order
+# The table's figures, in its column order, with their headers.
+METRIC_LABELS = {
+    "i2t_r1": "I->T R@1",
+    "t2i_r1": "T->I R@1",
+    "i2t_r5": "I->T R@5",
+    "t2i_r5": "T->I R@5",
+    "cider": "CIDEr-D",
+    "bleu4": "BLEU-4",
+}
+METRICS = tuple(METRIC_LABELS)
 # The compression curve's panels: each figure against the keep fraction.
 CURVE_METRICS = {"I->T R@5": "i2t_r5", "T->I R@5": "t2i_r5", "CIDEr-D": "cider"}
+# What every training set is compared with (`clipscore_topk` at the set's own k), and the markers of a difference
+# outside noise (above, below).
+REFERENCE_MARKERS = {FULL: ("▲", "▼"), CLIPSCORE_TOPK: ("↑", "↓")}
 
 # Which captions each variant trains on.
 CAPTIONS = {
@@ -55,11 +77,24 @@ class CurationRow:
     seeds: int = 1
     spread: dict[str, float] = field(default_factory=dict)  # metric -> sample standard deviation over seeds
     keep_fraction: float | None = None  # the k it was cut at; None for full and the variants keeping every image
+    interval: dict[str, list[float]] = field(default_factory=dict)  # metric -> [low, high] over evaluation items
+    # reference training set (`full`, `clipscore_topk@<k>`) -> metric -> this set's difference from it
+    # (Difference.as_json); a set without a k is compared with clipscore_topk at every k of the report
+    versus: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    evaluation_items: int = 0  # the evaluation images the intervals resample
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # BootstrapSettings.as_json
 
     @property
     def ranking(self) -> str:
         """The variant, without its k: the line of the compression curve this row is a point of."""
         return layout.parse_training_set_key(self.variant)[0]
+
+    def outside_noise(self, reference: str, metric: str) -> Difference | None:
+        """The difference from the training set `reference` on `metric` when it is outside noise."""
+        compared = self.versus.get(reference, {}).get(metric)
+        if compared is None or not compared["outside_noise"]:
+            return None
+        return Difference(compared["difference"], compared["low"], compared["high"])
 
     def as_json(self) -> dict[str, Any]:
         document = asdict(self)
@@ -67,38 +102,58 @@ class CurationRow:
         return document
 
 
-COLUMNS = (
-    "variant",
-    "captions",
-    "kept fraction",
-    "scorer pref. acc.",
-    "I->T R@1",
-    "T->I R@1",
-    "I->T R@5",
-    "T->I R@5",
-    "CIDEr-D",
-    "BLEU-4",
-)
+COLUMNS = ("variant", "captions", "kept fraction", "scorer pref. acc.", *METRIC_LABELS.values())
 
 
-def _row_cells(row: CurationRow) -> list[Any]:
+def reference_key(reference: str, keep_fraction: float | None) -> str | None:
+    """The training set a row at keep fraction k is compared with for `reference`: `full` itself, a ranking at
+    the same k (None without a k: a table of the sets that keep every image has no clipscore_topk to compare)."""
+    if reference in UNCUT_VARIANTS:
+        return reference
+    return None if keep_fraction is None else layout.training_set_key(reference, keep_fraction)
+
+
+def _references(row: CurationRow, keep_fraction: float | None) -> list[tuple[str, str]]:
+    """(reference, its training-set key) for `row` in the table at `keep_fraction`: a cut row's own k wins."""
+    k = row.keep_fraction if row.keep_fraction is not None else keep_fraction
+    keys = [(reference, reference_key(reference, k)) for reference in REFERENCE_MARKERS]
+    return [(reference, key) for reference, key in keys if key is not None and key != row.variant]
+
+
+def figure_cell(row: CurationRow, metric: str, keep_fraction: float | None = None) -> str:
+    """`mean ± seed spread [low, high]` and the markers of the differences outside noise (from full and from
+    clipscore_topk at the table's k)."""
+    value = f"{getattr(row, metric):.3f}"
+    if row.seeds > 1:
+        value += f" ± {row.spread.get(metric, 0.0):.3f}"
+    if metric in row.interval:
+        low, high = row.interval[metric]
+        value += f" [{low:.3f}, {high:.3f}]"
+    markers = ""
+    for reference, key in _references(row, keep_fraction):
+        compared = row.outside_noise(key, metric)
+        if compared is not None:
+            above, below = REFERENCE_MARKERS[reference]
+            markers += above if compared.low > 0 else below
+    return f"{value} {markers}" if markers else value
+
+
+def _row_cells(row: CurationRow, keep_fraction: float | None) -> list[Any]:
     accuracy = "n/a" if row.scorer_preference_accuracy is None else f"{row.scorer_preference_accuracy:.3f}"
-
-    def figure(metric: str) -> str:
-        value = f"{getattr(row, metric):.3f}"
-        return f"{value} ± {row.spread.get(metric, 0.0):.3f}" if row.seeds > 1 else value
-
     return [
         row.variant,
         CAPTIONS.get(row.ranking, "raw"),
         f"{row.kept_fraction:.3f}",
         accuracy,
-        *(figure(metric) for metric in METRICS),
+        *(figure_cell(row, metric, keep_fraction) for metric in METRICS),
     ]
 
 
-def curation_markdown(rows: Sequence[CurationRow]) -> str:
-    return markdown_table(COLUMNS, [_row_cells(row) for row in rows])
+def curation_markdown(rows: Sequence[CurationRow], keep_fraction: float | None = None) -> str:
+    """One table of the given rows (the sets cut at `keep_fraction` and those without a k), its legend and what
+    it measured."""
+    table = markdown_table(COLUMNS, [_row_cells(row, keep_fraction) for row in rows])
+    return "\n\n".join([table, *_notes(rows, keep_fraction)])
 
 
 def curve_fractions(rows: Sequence[CurationRow]) -> list[float]:
@@ -112,23 +167,137 @@ def rows_at(rows: Sequence[CurationRow], keep_fraction: float) -> list[CurationR
     return [row for row in rows if row.keep_fraction in (None, keep_fraction)]
 
 
-def per_k_tables(rows: Sequence[CurationRow], table: Callable[[Sequence[CurationRow]], str], heading: str) -> str:
-    """One `table` per keep fraction, each under `heading` (formatted with k); the rows as one table when none
-    was cut."""
+def per_k_tables(
+    rows: Sequence[CurationRow], table: Callable[[Sequence[CurationRow], float | None], str], heading: str
+) -> str:
+    """One `table` per keep fraction (given the rows at k and k), each under `heading` (formatted with k); the
+    rows as one table when none was cut."""
     fractions = curve_fractions(rows)
     if not fractions:
-        return table(rows)
-    return "\n\n".join(f"{heading.format(k=k)}\n\n{table(rows_at(rows, k))}" for k in fractions)
+        return table(rows, None)
+    return "\n\n".join(f"{heading.format(k=k)}\n\n{table(rows_at(rows, k), k)}" for k in fractions)
 
 
-def curation_text(rows: Sequence[CurationRow]) -> str:
-    """The same table for a terminal, with a note on the spread when models of several seeds were trained."""
-    cells = [list(COLUMNS)] + [[str(c) for c in _row_cells(row)] for row in rows]
+def curation_text(rows: Sequence[CurationRow], keep_fraction: float | None = None) -> str:
+    """The same table for a terminal, with its legend and what it measured."""
+    cells = [list(COLUMNS)] + [[str(c) for c in _row_cells(row, keep_fraction)] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
-    seeds = max((row.seeds for row in rows), default=1)
-    note = [f"(mean ± sample standard deviation over {seeds} training seeds)"] if seeds > 1 else []
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *note])
+    notes = [textwrap.fill(note, width=120) for note in _notes(rows, keep_fraction)]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *notes])
+
+
+def _notes(rows: Sequence[CurationRow], keep_fraction: float | None) -> list[str]:
+    return [text for text in (curation_legend(rows, keep_fraction), measured_text(rows, keep_fraction)) if text]
+
+
+def curation_legend(rows: Sequence[CurationRow], keep_fraction: float | None = None) -> str:
+    """What a cell shows, from the settings the rows were computed with."""
+    if not rows:
+        return ""
+    seeds, settings = max(row.seeds for row in rows), rows[0].bootstrap
+    parts = [f"mean ± sample standard deviation over {seeds} training seeds"] if seeds > 1 else []
+    if settings:
+        parts.append(
+            f"[low, high]: {settings['confidence']:.0%} percentile bootstrap interval over the "
+            f"{rows[0].evaluation_items} evaluation images ({settings['resamples']} resamples, seed {settings['seed']})"
+        )
+    compared = {
+        reference: key
+        for row in rows
+        for reference, key in _references(row, keep_fraction)
+        if key in row.versus
+    }
+    if compared:
+        markers = ", ".join(
+            f"{above}/{below} above/below {compared[reference]}"
+            for reference, (above, below) in REFERENCE_MARKERS.items()
+            if reference in compared
+        )
+        parts.append(
+            f"{markers}, outside noise: the {settings['confidence']:.0%} paired bootstrap interval of the difference "
+            "(the same images and the same seeds resampled for both training sets) excludes 0"
+        )
+    return "; ".join(parts) + "." if parts else ""
+
+
+def measured_text(rows: Sequence[CurationRow], keep_fraction: float | None = None) -> str:
+    """What the table at `keep_fraction` measured, from its figures: each training set's differences outside
+    noise from each reference, how many of the comparisons those are, and how many chance alone would give."""
+    settings = rows[0].bootstrap if rows else {}
+    sentences = [f"At keep fraction k = {keep_fraction:g}:"] if keep_fraction is not None else []
+    method = _method_sentence(rows, keep_fraction)
+    sentences += [method] if method else []
+    compared = outside = 0
+    for reference in REFERENCE_MARKERS:
+        found, others = [], 0
+        for row in rows:
+            key = dict(_references(row, keep_fraction)).get(reference)
+            if key is None or key not in row.versus:
+                continue
+            others += 1
+            differences = [(m, row.outside_noise(key, m)) for m in METRICS if m in row.versus[key]]
+            compared += len(differences)
+            named = [
+                f"{'higher' if d.low > 0 else 'lower'} {METRIC_LABELS[m]} "
+                f"({d.difference:+.3f} [{d.low:+.3f}, {d.high:+.3f}])"
+                for m, d in differences
+                if d is not None
+            ]
+            outside += len(named)
+            if named:
+                found.append(f"{row.variant} {', '.join(named)}")
+        name = reference_key(reference, keep_fraction) or reference
+        if found:
+            sentences.append(f"Outside noise against {name}: {'; '.join(found)}.")
+        elif others:
+            sentences.append(f"No training set differs from {name} outside noise on any figure.")
+    if not compared:
+        return ""
+    expected = compared * (1 - settings["confidence"])
+    sentences.append(
+        f"{outside} of {compared} comparisons are outside noise; with no true difference anywhere about "
+        f"{expected:.1f} would be by chance at {settings['confidence']:.0%}. The other differences are within the "
+        "noise of the evaluation images and the training seeds: this run does not rank those training sets on "
+        "those figures."
+    )
+    return " ".join(sentences)
+
+
+def _method_sentence(rows: Sequence[CurationRow], keep_fraction: float | None) -> str:
+    """The method's claim as measured: reward_topk at k against full, figure by figure ("" when the table has
+    no reward_topk compared with full)."""
+    key = reference_key(REWARD_TOPK, keep_fraction)
+    row = next((r for r in rows if r.variant == key and FULL in r.versus), None)
+    if row is None:
+        return ""
+    verdicts: dict[str, list[str]] = {"higher": [], "lower": [], "within noise": []}
+    for metric in (m for m in METRICS if m in row.versus[FULL]):
+        compared = row.outside_noise(FULL, metric)
+        side = "within noise" if compared is None else "higher" if compared.low > 0 else "lower"
+        verdicts[side].append(METRIC_LABELS[metric])
+    said = [f"{side} on {', '.join(labels)}" for side, labels in verdicts.items() if labels]
+    claim = f"The method's claim, {row.variant} against {FULL} at {row.kept_fraction:.0%} of the pairs"
+    return f"{claim}: {'; '.join(said)}."
+
+
+def measured_by_k(rows: Sequence[CurationRow]) -> str:
+    """What every table measured, one paragraph per keep fraction (each says its k)."""
+    fractions = curve_fractions(rows) or [None]
+    texts = (measured_text(rows_at(rows, k) if k is not None else rows, k) for k in fractions)
+    return "\n\n".join(text for text in texts if text)
+
+
+def outside_noise(rows: Sequence[CurationRow]) -> dict[str, dict[str, dict[str, float]]]:
+    """training set -> reference training set -> metric -> difference, for the differences outside noise only."""
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        for reference in row.versus:
+            for metric in METRICS:
+                compared = row.outside_noise(reference, metric)
+                if compared is not None:
+                    found.setdefault(row.variant, {}).setdefault(reference, {})[metric] = compared.difference
+    return found
 
 
 def curve_text(rows: Sequence[CurationRow]) -> str:
@@ -153,8 +322,8 @@ def curve_text(rows: Sequence[CurationRow]) -> str:
 
 
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
-    """Retrieval recall (left) and captioning scores (right) per variant, bars side by side, with the spread over
-    seeds as error bars when several were trained."""
+    """Retrieval recall (left) and captioning scores (right) per variant, bars side by side, with the bootstrap
+    interval over the evaluation images as error bars (the spread over seeds where rows have no interval)."""
     variants = [row.variant for row in rows]
     x = np.arange(len(rows))
     plt = pyplot()
@@ -170,11 +339,16 @@ def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     for axes, title, metrics in panels:
         width = 0.8 / len(metrics)
         for offset, (label, metric) in enumerate(metrics.items()):
-            values = [getattr(r, metric) for r in rows]
-            spread = [r.spread.get(metric, 0.0) for r in rows] if any(r.seeds > 1 for r in rows) else None
+            values = np.array([getattr(r, metric) for r in rows])
+            if all(metric in r.interval for r in rows):
+                bounds = np.array([r.interval[metric] for r in rows])
+                error: np.ndarray | None = np.abs(np.stack([values - bounds[:, 0], bounds[:, 1] - values]))
+            else:
+                error = np.array([r.spread.get(metric, 0.0) for r in rows]) if any(r.seeds > 1 for r in rows) else None
             position = x + (offset - (len(metrics) - 1) / 2) * width
-            axes.bar(position, values, width, yerr=spread, capsize=2, label=label)
-        axes.set_title(title)
+            axes.bar(position, values, width, yerr=error, capsize=2, label=label)
+        confidence = rows[0].bootstrap.get("confidence") if rows else None
+        axes.set_title(f"{title}; bars: {confidence:.0%} interval over images" if confidence else title, fontsize=9)
         axes.set_xticks(x, [f"{v}\n({r.kept_fraction:.2f})" for v, r in zip(variants, rows)], fontsize=7, rotation=30)
         axes.legend(fontsize=7)
     left.set_ylim(0, 1)
@@ -236,12 +410,15 @@ class NotEvaluatedError(LookupError):
     """A variant lacks an evaluation or a threshold the report needs; the message says which to materialize."""
 
 
-def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
+def curation_rows(
+    store: DataStore, scratch: Path, settings: BootstrapSettings = BootstrapSettings()
+) -> list[CurationRow]:
     """Each training set's row (full, then every published cut: each variant at each k), from the
-    score-threshold, preference-accuracy and evaluation reports."""
+    score-threshold, preference-accuracy and evaluation reports, with the intervals and the differences from the
+    references computed from the evaluations' per-item results."""
     thresholds = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch) or {}
     accuracy = read_json(store, layout.PREFERENCE_ACCURACY_REPORT_KEY, scratch) or {}
-    rows = []
+    rows, per_item = [], {}
     for key in (FULL, *thresholds):
         retrieval = read_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, key), scratch)
         captioning = read_json(store, layout.variant_report_key(layout.CAPTIONING_REPORT, key), scratch)
@@ -256,6 +433,7 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
         else:
             kept_fraction = thresholds[key]["kept"] / thresholds[key]["total"]
         scorer = VARIANT_SCORERS.get(variant)
+        per_item[key] = variant_item_results(key, {"retrieval_eval": retrieval, "captioning_eval": captioning})
         rows.append(
             CurationRow(
                 variant=key,
@@ -272,7 +450,78 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
                 keep_fraction=keep_fraction,
             )
         )
-    return rows
+    return with_intervals(rows, per_item, settings)
+
+
+@dataclass(frozen=True)
+class ItemResults:
+    """One metric of one variant as evaluated item by item: the item ids, in the order of the table's items."""
+
+    items: tuple[str, ...]
+    table: ItemTable
+
+
+def variant_item_results(variant: str, documents: Mapping[str, Mapping[str, Any]]) -> dict[str, ItemResults]:
+    """Every metric's per-item results from a variant's evaluation reports, keyed by the asset that wrote each
+    (named when one predates per-item results)."""
+    results = {}
+    for asset, document in documents.items():
+        if "per_item" not in document:
+            raise NotEvaluatedError(
+                f"the {asset} report of training set {variant} has no per-item results (written by an older version): "
+                f"materialize {asset} for partition {variant} again"
+            )
+        items = tuple(document["items"])
+        results.update({metric: ItemResults(items, table) for metric, table in intervals.item_tables(document).items()})
+    return results
+
+
+def with_intervals(
+    rows: Sequence[CurationRow], per_item: Mapping[str, Mapping[str, ItemResults]], settings: BootstrapSettings
+) -> list[CurationRow]:
+    """The rows with each metric's interval over items and each training set's paired differences from the
+    references among them: `full`, and `clipscore_topk` at the set's own k (at every k of the rows for a set
+    without one), so a comparison never crosses keep fractions. `per_item` is keyed by training set."""
+    fractions = curve_fractions(rows) or [None]
+    updated = []
+    for row in rows:
+        results = per_item[row.variant]
+        interval = {}
+        for metric, result in results.items():
+            measured = intervals.figure(result.table, settings)
+            reported = getattr(row, metric, None)
+            if reported is not None and not math.isclose(measured.mean, reported, rel_tol=1e-9, abs_tol=1e-12):
+                raise ValueError(
+                    f"training set {row.variant}: the per-item results give {metric} {measured.mean!r}, the report "
+                    f"{reported!r}; evaluate it again"
+                )
+            interval[metric] = [measured.low, measured.high]
+        ks = [row.keep_fraction] if row.keep_fraction is not None else fractions
+        references = dict.fromkeys(key for k in ks for _, key in _references(row, k) if key in per_item)
+        versus = {}
+        for reference in references:
+            versus[reference] = {}
+            for metric, result in results.items():
+                base = per_item[reference].get(metric)
+                if base is None:
+                    continue
+                if base.items != result.items:
+                    raise ValueError(
+                        f"{metric} of {row.variant} and of {reference} cover different evaluation items: evaluate "
+                        "both on the current evaluation set"
+                    )
+                versus[reference][metric] = intervals.difference(result.table, base.table, settings).as_json()
+        first = next(iter(results.values()))
+        updated.append(
+            replace(
+                row,
+                interval=interval,
+                versus=versus,
+                evaluation_items=len(first.items),
+                bootstrap=settings.as_json(),
+            )
+        )
+    return updated
 
 
 @dataclass(frozen=True)
@@ -286,10 +535,12 @@ class CurationReport:
 MARKDOWN_HEADING = "### keep fraction k = {k:g}"
 
 
-def write_curation_report(store: DataStore, scratch: Path) -> CurationReport:
+def write_curation_report(
+    store: DataStore, scratch: Path, settings: BootstrapSettings = BootstrapSettings()
+) -> CurationReport:
     """The report across the training sets, published as JSON (one entry per training set), markdown (a table
     per keep fraction), the bar plot and the compression curve's plot."""
-    rows = curation_rows(store, scratch)
+    rows = curation_rows(store, scratch, settings)
     write_json(store, layout.CURATION_REPORT_KEY, {row.variant: row.as_json() for row in rows}, scratch)
     table = per_k_tables(rows, curation_markdown, MARKDOWN_HEADING)
     (scratch / "report.md").write_text(table + "\n")

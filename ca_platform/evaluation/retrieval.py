@@ -71,14 +71,42 @@ def _unit_rows(array: np.ndarray, name: str) -> np.ndarray:
     return array / norms
 
 
-def retrieval_recall(similarity: ArrayLike, caption_image: ArrayLike) -> RetrievalRecall:
-    """Recall@1/5/10 both ways; `caption_image[j]` is the index of the image caption j describes."""
+@dataclass(frozen=True)
+class RetrievalHits:
+    """Per image, what the recall figures are made of, so an interval can resample images: whether it found one
+    of its captions within K (image->text), and how many of its captions found it within K (text->image).
+
+    Text->image hits are counted per image rather than per caption because an image's captions share the image
+    and its embedding: resampling captions one by one would treat them as independent and narrow the interval.
+    """
+
+    i2t: dict[int, np.ndarray]  # K -> bool per image
+    t2i: dict[int, np.ndarray]  # K -> per image, its captions that ranked it within K
+    captions: np.ndarray  # per image, its caption count
+
+    def recall(self) -> RetrievalRecall:
+        i2t = [float(np.mean(self.i2t[k])) for k in RECALL_AT]
+        t2i = [float(self.t2i[k].sum() / self.captions.sum()) for k in RECALL_AT]
+        return RetrievalRecall(*i2t, *t2i, num_images=self.captions.size, num_captions=int(self.captions.sum()))
+
+
+def retrieval_hits(similarity: ArrayLike, caption_image: ArrayLike) -> RetrievalHits:
+    """Each image's hits at K = 1, 5, 10 both ways; `caption_image[j]` is the index of the image caption j
+    describes."""
     scores, owners = _checked(similarity, caption_image)
     i2t = _image_to_text_ranks(scores, owners)
     t2i = _text_to_image_ranks(scores, owners)
-    i2t_recall = [float(np.mean(i2t < k)) for k in RECALL_AT]
-    t2i_recall = [float(np.mean(t2i < k)) for k in RECALL_AT]
-    return RetrievalRecall(*i2t_recall, *t2i_recall, num_images=scores.shape[0], num_captions=scores.shape[1])
+    images = scores.shape[0]
+    return RetrievalHits(
+        i2t={k: i2t < k for k in RECALL_AT},
+        t2i={k: np.bincount(owners, weights=t2i < k, minlength=images).astype(np.int64) for k in RECALL_AT},
+        captions=np.bincount(owners, minlength=images),
+    )
+
+
+def retrieval_recall(similarity: ArrayLike, caption_image: ArrayLike) -> RetrievalRecall:
+    """Recall@1/5/10 both ways; `caption_image[j]` is the index of the image caption j describes."""
+    return retrieval_hits(similarity, caption_image).recall()
 
 
 def _checked(similarity: ArrayLike, caption_image: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

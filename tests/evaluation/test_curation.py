@@ -157,6 +157,14 @@ def test_the_report_lists_every_training_set_as_measured_with_an_equal_budget(de
         assert figures["cider"] >= 0.0
         retrieval = json.loads((reports / "retrieval" / f"{variant}.json").read_text())
         assert retrieval["i2t_r1"] == figures["i2t_r1"]  # the report shows what the evaluation measured
+        # with its interval over the evaluation images (per-image results stored by both evaluations) and verdicts
+        assert len(retrieval["items"]) == retrieval["num_images"] == figures["evaluation_items"] == 6
+        low, high = figures["interval"]["i2t_r1"]
+        assert low <= figures["i2t_r1"] <= high and figures["interval"].keys() >= CONTRACT_KEYS - {"kept_fraction"}
+        # compared with full and with clipscore_topk at its own k (at every k for a set without one)
+        cut_at = figures["keep_fraction"]
+        clipscore = {f"clipscore_topk@{c}" for c in ([cut_at] if cut_at is not None else CURVE)}
+        assert set(figures["versus"]) == ({"full"} | clipscore) - {variant}, variant
     assert curation["full"]["kept_fraction"] == 1.0
     assert curation["reward_topk@0.5"]["kept_fraction"] == pytest.approx(0.5)
     assert curation["reward_topk@0.1"]["kept_fraction"] < curation["reward_topk@0.3"]["kept_fraction"] < 0.5
