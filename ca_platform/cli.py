@@ -75,9 +75,14 @@ def _engine(args: argparse.Namespace) -> EngineSettings:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ca_platform import runner
+    from ca_platform.evaluation.classification import TemplateError
+    from ca_platform.evaluation.classification_set import ClassificationSetError
     from ca_platform.preferences.files import PreferenceFormatError
     from ca_platform.resources import ModelTrainingConfig, build_resources
 
+    if (args.eval_classes or args.eval_template) and not args.eval:
+        print("error: --eval-classes and --eval-template need --eval (models train only with it)", file=sys.stderr)
+        return 2
     resources = build_resources(
         args.pool,
         args.data,
@@ -87,6 +92,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         preference_image_root=args.preference_image_root,
         keep_fraction=args.keep,
         evaluation_uri=args.eval,
+        classes_uri=args.eval_classes,
+        class_templates=args.eval_template,
         model_training=ModelTrainingConfig(seeds=args.seeds),
         captioning=_captioning(args),
     )
@@ -98,7 +105,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             force=args.force,
             engine=_engine(args),
         )
-    except PreferenceFormatError as err:  # raised before anything ran: the list of problems is the whole story
+    except (PreferenceFormatError, ClassificationSetError, TemplateError) as err:  # raised before anything ran
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(runner.report(run))
@@ -347,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"held-out evaluation set (parquet url, caption): after the subsets (at --keep, default "
         f"{DEFAULT_KEEP_FRACTION}), train CLIP and BLIP on every variant, evaluate them and write "
         "reports/curation_report.json",
+    )
+    run.add_argument(
+        "--eval-classes",
+        metavar="FILE",
+        help="labelled set for zero-shot classification (parquet url, label, and optionally name: a readable class "
+        "name per label); with --eval, every variant's CLIP is also scored on top-1/top-5 accuracy in the report",
+    )
+    run.add_argument(
+        "--eval-template",
+        action="append",
+        metavar="TEMPLATE",
+        help="a prompt template for --eval-classes, '{}' standing for the class name (e.g. 'a photo of a {}.'); "
+        "repeatable, each class's text embedding is the mean over them (default: a handful of CLIP's)",
     )
     _add_recaption(run, default=False)
     _add_s3(run)

@@ -17,17 +17,6 @@ import numpy as np
 from ca_platform.evaluation.retrieval import ArrayLike, _as_numpy, cosine_similarity_matrix
 
 TOP_K = (1, 5)
-# A handful of CLIP's ImageNet templates (the seven its paper's ensemble settled on are for photos of objects;
-# these read for any labelled image). A user whose images are not photos passes their own.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a close-up photo of a {}.",
-    "a drawing of a {}.",
-    "itap of a {}.",
-)
 PLACEHOLDER = "{}"
 
 

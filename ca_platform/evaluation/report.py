@@ -28,6 +28,7 @@ from ca_platform.schemas import (
 from ca_platform.storage import DataStore, read_json, write_json
 
 METRICS = ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "cider", "bleu4")  # the table's figures, in its column order
+CLASSIFICATION_METRICS = ("top1", "top5")  # zero-shot classification's, after them when a labelled set was given
 
 # Which captions each variant trains on.
 CAPTIONS = {
@@ -49,6 +50,8 @@ class CurationRow:
     t2i_r5: float
     cider: float
     bleu4: float
+    top1: float | None = None  # zero-shot classification accuracy of the CLIP; None without a labelled set
+    top5: float | None = None
     seeds: int = 1
     spread: dict[str, float] = field(default_factory=dict)  # metric -> sample standard deviation over seeds
 
@@ -70,12 +73,27 @@ COLUMNS = (
     "CIDEr-D",
     "BLEU-4",
 )
+CLASSIFICATION_COLUMNS = ("top-1", "top-5")
 
 
-def _row_cells(row: CurationRow) -> list[Any]:
+def _classified(rows: Sequence[CurationRow]) -> bool:
+    return any(row.top1 is not None for row in rows)
+
+
+def _columns(rows: Sequence[CurationRow]) -> tuple[str, ...]:
+    return COLUMNS + (CLASSIFICATION_COLUMNS if _classified(rows) else ())
+
+
+def _metrics(rows: Sequence[CurationRow]) -> tuple[str, ...]:
+    return METRICS + (CLASSIFICATION_METRICS if _classified(rows) else ())
+
+
+def _row_cells(row: CurationRow, metrics: Sequence[str] = METRICS) -> list[Any]:
     accuracy = "n/a" if row.scorer_preference_accuracy is None else f"{row.scorer_preference_accuracy:.3f}"
 
     def figure(metric: str) -> str:
+        if getattr(row, metric) is None:
+            return "n/a"
         value = f"{getattr(row, metric):.3f}"
         return f"{value} ± {row.spread.get(metric, 0.0):.3f}" if row.seeds > 1 else value
 
@@ -84,18 +102,19 @@ def _row_cells(row: CurationRow) -> list[Any]:
         CAPTIONS.get(row.variant, "raw"),
         f"{row.kept_fraction:.3f}",
         accuracy,
-        *(figure(metric) for metric in METRICS),
+        *(figure(metric) for metric in metrics),
     ]
 
 
 def curation_markdown(rows: Sequence[CurationRow]) -> str:
-    return markdown_table(COLUMNS, [_row_cells(row) for row in rows])
+    return markdown_table(_columns(rows), [_row_cells(row, _metrics(rows)) for row in rows])
 
 
 def curation_text(rows: Sequence[CurationRow]) -> str:
     """The same table for a terminal, with a note on the spread when models of several seeds were trained."""
-    cells = [list(COLUMNS)] + [[str(c) for c in _row_cells(row)] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    columns = _columns(rows)
+    cells = [list(columns)] + [[str(c) for c in _row_cells(row, _metrics(rows))] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
     seeds = max((row.seeds for row in rows), default=1)
     note = [f"(mean ± sample standard deviation over {seeds} training seeds)"] if seeds > 1 else []
@@ -103,20 +122,26 @@ def curation_text(rows: Sequence[CurationRow]) -> str:
 
 
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
-    """Retrieval recall (left) and captioning scores (right) per variant, bars side by side, with the spread over
-    seeds as error bars when several were trained."""
+    """Retrieval recall (left), captioning scores and, with a labelled set, zero-shot classification accuracy per
+    variant, bars side by side, with the spread over seeds as error bars when several were trained."""
     variants = [row.variant for row in rows]
     x = np.arange(len(rows))
     plt = pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(max(10, 1.5 * len(rows)), 4.2), dpi=100)
-    panels = (
+    classified = _classified(rows)
+    width = max(10, 1.5 * len(rows)) * (1.4 if classified else 1.0)
+    figure, axes_row = plt.subplots(1, 3 if classified else 2, figsize=(width, 4.2), dpi=100)
+    left = axes_row[0]
+    panels = [
         (
             left,
             "retrieval (CLIP)",
             {"I->T R@1": "i2t_r1", "T->I R@1": "t2i_r1", "I->T R@5": "i2t_r5", "T->I R@5": "t2i_r5"},
         ),
-        (right, "captioning (BLIP)", {"CIDEr-D": "cider", "BLEU-4": "bleu4"}),
-    )
+        (axes_row[1], "captioning (BLIP)", {"CIDEr-D": "cider", "BLEU-4": "bleu4"}),
+    ]
+    if classified:
+        panels.append((axes_row[2], "zero-shot classification (CLIP)", {"top-1": "top1", "top-5": "top5"}))
+        axes_row[2].set_ylim(0, 1)
     for axes, title, metrics in panels:
         width = 0.8 / len(metrics)
         for offset, (label, metric) in enumerate(metrics.items()):
@@ -140,10 +165,13 @@ class NotEvaluatedError(LookupError):
     """A variant lacks an evaluation or a threshold the report needs; the message says which to materialize."""
 
 
-def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
-    """Each training variant's row, from the score-threshold, preference-accuracy and evaluation reports."""
+def curation_rows(store: DataStore, scratch: Path, classification: bool = False) -> list[CurationRow]:
+    """Each training variant's row, from the score-threshold, preference-accuracy and evaluation reports; with
+    `classification`, its zero-shot accuracy too (of the same CLIPs retrieval measured, on the current labelled
+    set)."""
     thresholds = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch) or {}
     accuracy = read_json(store, layout.PREFERENCE_ACCURACY_REPORT_KEY, scratch) or {}
+    labelled = read_json(store, layout.CURRENT_CLASSIFICATION_KEY, scratch) if classification else None
     rows = []
     for variant in (v for v in TRAINING_VARIANTS if v == FULL or v in thresholds):
         retrieval = read_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, variant), scratch)
@@ -153,6 +181,7 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
                 f"variant {variant} has not been evaluated: materialize retrieval_eval and "
                 f"captioning_eval for partition {variant} first"
             )
+        zero_shot = _classification(store, variant, retrieval, labelled, scratch) if classification else {}
         if variant == FULL:
             kept_fraction = 1.0
         else:
@@ -169,11 +198,37 @@ def curation_rows(store: DataStore, scratch: Path) -> list[CurationRow]:
                 t2i_r5=retrieval["t2i_r5"],
                 cider=captioning["cider"],
                 bleu4=captioning["bleu4"],
+                top1=zero_shot.get("top1"),
+                top5=zero_shot.get("top5"),
                 seeds=len(retrieval.get("per_seed", {})) or 1,
-                spread={**retrieval.get("spread", {}), **captioning.get("spread", {})},
+                spread={**retrieval.get("spread", {}), **captioning.get("spread", {}), **zero_shot.get("spread", {})},
             )
         )
     return rows
+
+
+def _classification(
+    store: DataStore, variant: str, retrieval: dict[str, Any], labelled: dict[str, Any] | None, scratch: Path
+) -> dict[str, Any]:
+    """The variant's classification report, refused when it measured other CLIPs than retrieval did or another
+    labelled set than the current one (a report of an earlier run)."""
+    document = read_json(store, layout.variant_report_key(layout.CLASSIFICATION_REPORT, variant), scratch)
+    if document is None or labelled is None:
+        raise NotEvaluatedError(
+            f"variant {variant} has no zero-shot classification: materialize classification_set, then "
+            f"classification_eval for partition {variant}"
+        )
+    if document["model_versions"] != retrieval["model_versions"]:
+        raise NotEvaluatedError(
+            f"variant {variant}: classification_eval measured CLIP versions {document['model_versions']}, "
+            f"retrieval_eval {retrieval['model_versions']}: materialize classification_eval for {variant} again"
+        )
+    if document["classification_version"] != labelled["version"]:
+        raise NotEvaluatedError(
+            f"variant {variant}: classification_eval measured labelled set {document['classification_version']}, "
+            f"the current one is {labelled['version']}: materialize classification_eval for {variant} again"
+        )
+    return document
 
 
 @dataclass(frozen=True)
@@ -183,9 +238,10 @@ class CurationReport:
     plot: Path
 
 
-def write_curation_report(store: DataStore, scratch: Path) -> CurationReport:
-    """The report across the training variants, published as JSON, markdown table and plot."""
-    rows = curation_rows(store, scratch)
+def write_curation_report(store: DataStore, scratch: Path, classification: bool = False) -> CurationReport:
+    """The report across the training variants, published as JSON, markdown table and plot; with
+    `classification`, each variant's zero-shot accuracy too."""
+    rows = curation_rows(store, scratch, classification)
     write_json(store, layout.CURATION_REPORT_KEY, {row.variant: row.as_json() for row in rows}, scratch)
     table = curation_markdown(rows)
     (scratch / "report.md").write_text(table + "\n")
