@@ -71,9 +71,7 @@ class ZeroShotAccuracy:
     num_classes: int
 
 
-def zero_shot_accuracy(
-    image_embeddings: ArrayLike, class_embedding: ArrayLike, labels: ArrayLike
-) -> ZeroShotAccuracy:
+def zero_shot_accuracy(image_embeddings: ArrayLike, class_embedding: ArrayLike, labels: ArrayLike) -> ZeroShotAccuracy:
     """Top-1 and top-5 accuracy of classifying each image as its most similar class; `labels[i]` is the index
     (into the classes' rows) of image i's class."""
     similarity = cosine_similarity_matrix(image_embeddings, class_embedding)
