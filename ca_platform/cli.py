@@ -254,10 +254,11 @@ def _cmd_instance(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
-    from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.demo.annotators import ShapesPreferenceConfig, preference_scene_keys, write_shapes_preferences
+    from ca_platform.demo.classification_set import DEMO_CLASS_TEMPLATES, write_shapes_classification_set
     from ca_platform.demo.evaluation_set import pool_images_to_leak, write_shapes_evaluation_set
     from ca_platform.demo.image_server import ImageServer
-    from ca_platform.demo.shapes_pool import generate_pool
+    from ca_platform.demo.shapes_pool import generate_pool, pool_scene_keys
     from ca_platform.resources import CompressionConfig, ModelTrainingConfig, build_resources
 
     log_level = _show_progress(args)
@@ -277,9 +278,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"pool: {world.pool_dir}  (Ctrl-C to stop serving)", flush=True)
             server.wait()
             return 0
-        preferences = write_shapes_preferences(
-            root / "preferences", ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
-        )
+        preference_config = ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
+        preferences = write_shapes_preferences(root / "preferences", preference_config)
         print(f"preferences: {preferences} (images disjoint from the pool)")
         leaked = pool_images_to_leak(world, args.leaked_eval_images)
         evaluation = write_shapes_evaluation_set(
@@ -289,6 +289,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"evaluation set: {evaluation} ({args.eval_images} held-out images, 2 references each, and "
             f"{len(leaked)} copies of pool images, which decontamination removes from the pool)"
         )
+        classes = None
+        if args.class_images:
+            avoid = pool_scene_keys(config) | preference_scene_keys(preference_config)
+            classes = write_shapes_classification_set(
+                world_dir, server.base_url, images=args.class_images, seed=args.seed, avoid=avoid
+            )
+            print(
+                f"labelled set: {classes} ({args.class_images} images, the class the colour and shape of the largest "
+                "object: zero-shot classification of every variant's CLIP)"
+            )
         resources = build_resources(
             str(world.pool_dir),
             str(root / "data"),
@@ -297,6 +307,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             preferences_uri=str(preferences),
             keep_fraction=args.keep,
             evaluation_uri=str(evaluation),
+            classes_uri=str(classes) if classes else None,
+            class_templates=DEMO_CLASS_TEMPLATES,
             model_training=ModelTrainingConfig(full_epochs=args.full_epochs, seeds=args.seeds),
             captioning=_captioning(args, pool_epochs=args.full_epochs),
             # the shapes world draws flat colours on flat grounds: too little low-frequency content for a pHash,
@@ -424,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", type=float, default=DEFAULT_KEEP_FRACTION, help="fraction of the pool to keep")
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--eval-images", type=int, default=300, help="held-out evaluation images")
+    demo.add_argument(
+        "--class-images",
+        type=int,
+        default=300,
+        metavar="N",
+        help="labelled images for zero-shot classification (class: colour and shape of the largest object); 0: none",
+    )
     demo.add_argument(
         "--duplicates",
         type=float,

@@ -13,6 +13,10 @@ from dagster import materialize
 
 from ca_platform import layout
 from ca_platform.assets import ALL_ASSETS, classification_eval, classification_set
+from ca_platform.demo.annotators import ShapesPreferenceConfig, preference_scene_keys
+from ca_platform.demo.classification_set import CLASS_NAMES, sample_labelled_scenes, write_shapes_classification_set
+from ca_platform.demo.image_server import ImageServer
+from ca_platform.demo.shapes_pool import ShapesWorldConfig, pool_scene_keys, scene_key
 from ca_platform.evaluation.classification import (
     TemplateError,
     class_embeddings,
@@ -263,3 +267,27 @@ def test_the_report_adds_zero_shot_columns_of_the_same_clips_only(tmp_path: Path
     write_variant_reports(data, {"0": "clip-b"}, classified={"0": "clip-a"})  # retrained since it was classified
     with pytest.raises(NotEvaluatedError, match=r"full: classification_eval measured CLIP versions .*clip-a"):
         curation_rows(store, tmp_path / "s3", classification=True)
+
+
+def test_the_demo_labelled_set_is_new_to_the_lineage_served_and_staged_whole(tmp_path: Path) -> None:
+    """Scenes with one largest object, none in the pool or the preference set, served by the demo's image server
+    and downloaded whole through the guard; the same seed gives the same file."""
+    pool = ShapesWorldConfig(shards=2, rows_per_shard=60)
+    avoid = pool_scene_keys(pool) | preference_scene_keys(ShapesPreferenceConfig(images=40, avoid_pool=pool))
+    scenes = sample_labelled_scenes(60, avoid=avoid)
+    assert not {scene_key(scene) for scene, _ in scenes} & avoid and len({scene_key(s) for s, _ in scenes}) == 60
+    for scene, name in scenes:
+        [large] = [obj for obj in scene.objects if obj.size == "large"]
+        assert name == f"{large.colour} {large.shape}"
+
+    world = tmp_path / "world"
+    world.mkdir()
+    with ImageServer(world) as server:
+        path = write_shapes_classification_set(world, server.base_url, images=40, avoid=avoid)
+        staged = stage_classification_set(LocalStore(tmp_path / "data"), path, SETTINGS, tmp_path / "scratch")
+    assert staged.downloaded == 40 and staged.ledger.height == 40
+    frame = read_classification_file(path)
+    assert frame["name"].to_list() == [name for _, name in scenes[:40]]  # the file holds the sampled scenes
+    assert all(CLASS_NAMES[int(label)] == name for label, name in zip(frame["label"], frame["name"]))
+    again = write_shapes_classification_set(tmp_path / "again", "http://127.0.0.1:1", images=40, avoid=avoid)
+    assert read_classification_file(again)["label"].to_list() == frame["label"].to_list()
