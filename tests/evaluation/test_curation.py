@@ -1,6 +1,7 @@
-"""The whole lineage with an evaluation set, as a user runs it: `ca-platform run ... --keep 0.5 --eval ...` on a
-pool where one shard's host is gone. Models on every training variant, evaluated, in one report for the healthy
-shards; the dead shard quarantined and named; a non-zero exit. One run serves the module's tests."""
+"""The whole lineage with an evaluation set, as a user runs it: `ca-platform run ... --keep 0.5 --eval ...
+--eval-classes ...` on a pool where one shard's host is gone. Models on every training variant, evaluated (zero-shot
+classification too), in one report for the healthy shards; the dead shard quarantined and named; a non-zero exit.
+One run serves the module's tests."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from tests.conftest import (
     RoutesServer,
     build_web_pool,
     cli_env,
+    png_bytes,
     run_timed,
     write_evaluation_file,
     write_pool,
@@ -45,6 +47,7 @@ class CliRun:
     pool: Path
     preferences: Path
     evaluation: Path
+    classes: Path
 
     @property
     def resources(self) -> dict[str, object]:
@@ -60,8 +63,22 @@ class CliRun:
             preferences_uri=str(self.preferences),
             keep_fraction=0.5,
             evaluation_uri=str(self.evaluation),
+            classes_uri=str(self.classes),
             captioning=CaptioningConfig(enabled=True),
         )
+
+
+def write_labelled_file(server: RoutesServer, path: Path) -> Path:
+    """A labelled set of 9 served images in 3 named classes and one image that is gone."""
+    urls = [
+        server.add(f"/classes/{i}.png", png_bytes(28, 28, seed=900 + i), Content_Type="image/png") for i in range(9)
+    ]
+    names = ["a circle", "a square", "a star"]
+    frame = pl.DataFrame(
+        {"url": [*urls, server.url("/classes/gone.png")], "label": [i % 3 for i in range(10)]}
+    ).with_columns(name=pl.col("label").map_elements(lambda label: names[label], return_dtype=pl.String))
+    frame.write_parquet(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +93,14 @@ def dead_shard_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]
         evaluation, urls = write_evaluation_file(server, root / "eval.parquet", images=6, seed=500)
         second_references = pl.DataFrame({"url": urls[:2], "caption": ["a first", "a second"]})
         pl.concat([pl.read_parquet(evaluation), second_references]).write_parquet(evaluation)
+        classes = write_labelled_file(server, root / "classes.parquet")
         preferences = write_shapes_preferences(root / "prefs", ShapesPreferenceConfig(images=40))
         data = root / "data"
         command = [str(BIN / "ca-platform"), "run", "--pool", str(pool), "--data", str(data)]
         command += ["--allow-host", "127.0.0.1", "--preferences", str(preferences), "--keep", "0.5"]
-        command += ["--eval", str(evaluation), "--recaption"]
+        command += ["--eval", str(evaluation), "--eval-classes", str(classes), "--recaption"]
         timed = run_timed(command, cli_env(root), root / "stderr.txt")
-        yield CliRun(data, timed.done, timed.lines, pool, preferences, evaluation)
+        yield CliRun(data, timed.done, timed.lines, pool, preferences, evaluation, classes)
     finally:
         server.server.shutdown()
         server.server.server_close()
@@ -149,6 +167,22 @@ def test_the_report_lists_every_variant_as_measured_with_an_equal_budget(dead_sh
         for v in TRAINING_VARIANTS
     }
     assert len(seen) == 1  # equal budget: every variant's models saw the same number of samples
+
+
+def test_the_report_gives_every_variant_its_clips_zero_shot_accuracy(dead_shard_run: CliRun) -> None:
+    reports = dead_shard_run.data / layout.REPORTS_DIR
+    curation = json.loads((reports / "curation_report.json").read_text())
+    for variant, figures in curation.items():
+        assert 0.0 <= figures["top1"] <= figures["top5"] <= 1.0, variant
+        classification = json.loads((reports / "classification" / f"{variant}.json").read_text())
+        retrieval = json.loads((reports / "retrieval" / f"{variant}.json").read_text())
+        assert classification["model_versions"] == retrieval["model_versions"]  # the same CLIPs
+        assert (classification["num_images"], classification["num_classes"]) == (9, 3)
+        assert classification["images_not_downloaded"] == 1
+        assert figures["top1"] == classification["top1"] == sum(classification["per_item"]["0"]["top1"]) / 9
+        assert figures["top5"] == 1.0  # three classes: every image is right at five
+    assert "| top-1 | top-5 |" in (reports / "curation_report.md").read_text()
+    assert "top-1" in dead_shard_run.done.stdout
 
 
 def test_tiny_models_learn_from_the_subset_tars(dead_shard_run: CliRun) -> None:
