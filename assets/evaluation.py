@@ -130,6 +130,8 @@ def classification_eval(
     """Zero-shot top-1 and top-5 accuracy of the variant's CLIP (each seed's) on the labelled set, each class the
     normalised mean of its name in every prompt template (CLIP's ensembling): the mean over seeds with its
     spread, and every image's outcome per seed in the report (for intervals over the images)."""
+    if not evaluation.classes_uri:  # the report leaves classification out then: so does this asset
+        raise Failure("no labelled classification set configured: pass --eval-classes FILE or set CA_EVAL_CLASSES_URI")
     variant = context.partition_key
     seeds = model_training.settings().training_seeds()
     with storage.staging_dir(f"classification-{variant}") as staging:

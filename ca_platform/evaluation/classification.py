@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ca_platform.evaluation.retrieval import ArrayLike, _as_numpy, cosine_similarity_matrix
+from ca_platform.evaluation.retrieval import ArrayLike, cosine_similarity_matrix
 
 TOP_K = (1, 5)
 PLACEHOLDER = "{}"
@@ -43,7 +43,7 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[
 def class_embeddings(prompt_embeddings: ArrayLike, classes: int) -> np.ndarray:
     """[classes, d]: per class the normalised mean of its templates' normalised prompt embeddings, from the
     [classes * templates, d] embeddings of `class_prompts`."""
-    prompts = _as_numpy(prompt_embeddings, "prompt_embeddings").astype(np.float64)
+    prompts = np.asarray(prompt_embeddings, dtype=np.float64)  # float32 CPU tensors, as embed_pairs gives
     if prompts.ndim != 2 or classes < 1 or prompts.shape[0] % classes:
         raise ValueError(f"{prompts.shape} prompt embeddings are not `templates` rows for each of {classes} classes")
     unit = prompts / _norms(prompts, "prompt_embeddings")
@@ -75,7 +75,7 @@ def zero_shot_accuracy(image_embeddings: ArrayLike, class_embedding: ArrayLike, 
     """Top-1 and top-5 accuracy of classifying each image as its most similar class; `labels[i]` is the index
     (into the classes' rows) of image i's class."""
     similarity = cosine_similarity_matrix(image_embeddings, class_embedding)
-    truth = _as_numpy(labels, "labels")
+    truth = np.asarray(labels)
     if truth.shape != (similarity.shape[0],) or not np.issubdtype(truth.dtype, np.integer):
         raise ValueError(f"labels must be one integer class index per image ({similarity.shape[0]}), got {truth.shape}")
     outside = np.flatnonzero((truth < 0) | (truth >= similarity.shape[1]))

@@ -234,6 +234,17 @@ def test_classification_eval_through_dagster_on_tiny_trained_clips(routes_server
     assert metadata["top1"].value == report["top1"]
 
 
+def test_without_a_labelled_set_the_assets_refuse_and_say_how_to_give_one(tmp_path: Path) -> None:
+    resources = build_resources("", str(tmp_path / "data"))
+    for asset, partition in ((classification_set, None), (classification_eval, FULL)):
+        result = materialize(
+            ALL_ASSETS, selection=[asset], partition_key=partition, resources=resources, raise_on_error=False
+        )
+        assert not result.success
+        (failure,) = [event for event in result.all_events if event.is_step_failure]
+        assert "--eval-classes FILE or set CA_EVAL_CLASSES_URI" in str(failure.step_failure_data.error.message)
+
+
 def write_variant_reports(data: Path, model_versions: dict[str, str], classified: dict[str, str] | None) -> None:
     """The full variant's retrieval and captioning reports as their assets write them, and (with `classified`,
     the CLIP versions it measured) its classification report on labelled set `v1`."""
