@@ -83,9 +83,14 @@ def _engine(args: argparse.Namespace) -> EngineSettings:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ca_platform import runner
+    from ca_platform.evaluation.classification import TemplateError
+    from ca_platform.evaluation.classification_set import ClassificationSetError
     from ca_platform.preferences.files import PreferenceFormatError
     from ca_platform.resources import ModelTrainingConfig, build_resources
 
+    if (args.eval_classes or args.eval_template) and not args.eval:
+        print("error: --eval-classes and --eval-template need --eval (models train only with it)", file=sys.stderr)
+        return 2
     resources = build_resources(
         args.pool,
         args.data,
@@ -95,6 +100,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         preference_image_root=args.preference_image_root,
         keep_fraction=args.keep,
         evaluation_uri=args.eval,
+        classes_uri=args.eval_classes,
+        class_templates=args.eval_template,
         model_training=ModelTrainingConfig(seeds=args.seeds),
         captioning=_captioning(args),
     )
@@ -106,7 +113,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             force=args.force,
             engine=_engine(args),
         )
-    except PreferenceFormatError as err:  # raised before anything ran: the list of problems is the whole story
+    except (PreferenceFormatError, ClassificationSetError, TemplateError) as err:  # raised before anything ran
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(runner.report(run))
@@ -255,10 +262,11 @@ def _cmd_instance(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
-    from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.demo.annotators import ShapesPreferenceConfig, preference_scene_keys, write_shapes_preferences
+    from ca_platform.demo.classification_set import DEMO_CLASS_TEMPLATES, write_shapes_classification_set
     from ca_platform.demo.evaluation_set import pool_images_to_leak, write_shapes_evaluation_set
     from ca_platform.demo.image_server import ImageServer
-    from ca_platform.demo.shapes_pool import generate_pool
+    from ca_platform.demo.shapes_pool import generate_pool, pool_scene_keys
     from ca_platform.resources import CompressionConfig, ModelTrainingConfig, build_resources
 
     log_level = _show_progress(args)
@@ -278,9 +286,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"pool: {world.pool_dir}  (Ctrl-C to stop serving)", flush=True)
             server.wait()
             return 0
-        preferences = write_shapes_preferences(
-            root / "preferences", ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
-        )
+        preference_config = ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
+        preferences = write_shapes_preferences(root / "preferences", preference_config)
         print(f"preferences: {preferences} (images disjoint from the pool)")
         leaked = pool_images_to_leak(world, args.leaked_eval_images)
         evaluation = write_shapes_evaluation_set(
@@ -290,6 +297,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"evaluation set: {evaluation} ({args.eval_images} held-out images, 2 references each, and "
             f"{len(leaked)} copies of pool images, which decontamination removes from the pool)"
         )
+        classes = None
+        if args.class_images:
+            avoid = pool_scene_keys(config) | preference_scene_keys(preference_config)
+            classes = write_shapes_classification_set(
+                world_dir, server.base_url, images=args.class_images, seed=args.seed, avoid=avoid
+            )
+            print(
+                f"labelled set: {classes} ({args.class_images} images, the class the colour and shape of the largest "
+                "object: zero-shot classification of every variant's CLIP)"
+            )
         resources = build_resources(
             str(world.pool_dir),
             str(root / "data"),
@@ -298,6 +315,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             preferences_uri=str(preferences),
             keep_fraction=args.keep,
             evaluation_uri=str(evaluation),
+            classes_uri=str(classes) if classes else None,
+            class_templates=DEMO_CLASS_TEMPLATES,
             model_training=ModelTrainingConfig(full_epochs=args.full_epochs, seeds=args.seeds),
             captioning=_captioning(args, pool_epochs=args.full_epochs),
             # the shapes world draws flat colours on flat grounds: too little low-frequency content for a pHash,
@@ -356,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"held-out evaluation set (parquet url, caption): after the subsets (at --keep, default "
         f"{DEFAULT_KEEP_FRACTION}), train CLIP and BLIP on every variant, evaluate them and write "
         "reports/curation_report.json",
+    )
+    run.add_argument(
+        "--eval-classes",
+        metavar="FILE",
+        help="labelled set for zero-shot classification (parquet url, label, and optionally name: a readable class "
+        "name per label); with --eval, every variant's CLIP is also scored on top-1/top-5 accuracy in the report",
+    )
+    run.add_argument(
+        "--eval-template",
+        action="append",
+        metavar="TEMPLATE",
+        help="a prompt template for --eval-classes, '{}' standing for the class name (e.g. 'a photo of a {}.'); "
+        "repeatable, each class's text embedding is the mean over them (default: a handful of CLIP's)",
     )
     _add_recaption(run, default=False)
     _add_s3(run)
@@ -419,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--eval-images", type=int, default=300, help="held-out evaluation images")
+    demo.add_argument(
+        "--class-images",
+        type=int,
+        default=300,
+        metavar="N",
+        help="labelled images for zero-shot classification (class: colour and shape of the largest object); 0: none",
+    )
     demo.add_argument(
         "--duplicates",
         type=float,

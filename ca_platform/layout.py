@@ -250,6 +250,15 @@ def evaluation_prefix(version: str) -> str:
     return f"{EVALUATION_DIR}/{version}"
 
 
+CLASSIFICATION_DIR = "classification"
+CURRENT_CLASSIFICATION_KEY = f"{CLASSIFICATION_DIR}/{CURRENT_FILE}"  # which labelled classification set is current
+
+
+def classification_prefix(version: str) -> str:
+    """A downloaded labelled classification set (tars, ledger, labels), named by the content hash of its file."""
+    return f"{CLASSIFICATION_DIR}/{version}"
+
+
 # The models trained on each training-set variant (and the assets that train them).
 CLIP_CHECKPOINT = "clip_checkpoint"
 BLIP_CHECKPOINT = "blip_checkpoint"
@@ -261,13 +270,14 @@ def trained_model_kind(model: str, training_set: str, seed: int) -> str:
     return f"{model}/{training_set}/seed-{seed}"
 
 
-# Each variant's evaluations: retrieval_eval (of its CLIP) and captioning_eval (of its BLIP).
+# Each variant's evaluations: retrieval_eval and classification_eval (of its CLIP), captioning_eval (of its BLIP).
 RETRIEVAL_REPORT = "retrieval"
 CAPTIONING_REPORT = "captioning"
+CLASSIFICATION_REPORT = "classification"
 
 
 def variant_report_key(report: str, training_set: str) -> str:
-    """One training set's evaluation report (RETRIEVAL_REPORT or CAPTIONING_REPORT), e.g.
+    """One training set's evaluation report (RETRIEVAL_REPORT, CAPTIONING_REPORT or CLASSIFICATION_REPORT), e.g.
     reports/retrieval/reward_topk@0.3.json."""
     return f"{REPORTS_DIR}/{report}/{training_set}.json"
 

@@ -18,6 +18,8 @@ ROW_INDEX = "row_index"
 STATUS = "status"
 ERROR = "error"
 SKIP_REASON = "skip_reason"  # why a raw row is not sent to download; null for rows that are
+LABEL = "label"  # a labelled classification set's class of an image (ca_platform.evaluation.classification_set)
+CLASS_NAME = "name"  # its optional readable class name, what the prompts say; default: the label as text
 
 # A validated pool shard: every input row, in input order, with the reason it will not be downloaded. Its parquet
 # file carries the pool file's fingerprint under this metadata key, so the download knows what it was made from.
@@ -29,6 +31,14 @@ RAW_SHARD: Mapping[str, pl.DataType] = {
     URL: pl.String(),
     CAPTION: pl.String(),
     SKIP_REASON: pl.String(),
+}
+
+# One row per distinct image of a labelled classification set, as staged beside its download ledger.
+CLASSIFICATION_LABELS: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    URL: pl.String(),
+    LABEL: pl.String(),
+    CLASS_NAME: pl.String(),
 }
 
 # One row per input row of a shard after download: the per-row ledger that proves nothing was lost.

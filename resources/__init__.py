@@ -68,6 +68,8 @@ def build_resources(
     scoring: ScoringConfig | None = None,
     keep_fraction: float | Sequence[float] | None = None,
     evaluation_uri: str | None = None,
+    classes_uri: str | None = None,
+    class_templates: Sequence[str] | None = None,
     model_training: ModelTrainingConfig | None = None,
     captioning: CaptioningConfig | None = None,
     compression: CompressionConfig | None = None,
@@ -76,7 +78,8 @@ def build_resources(
 
     `pool_uri` and `data_uri` may be `EnvVar`s (read when Dagster runs); `download_options` are DownloadConfig
     fields; `keep_fraction` is one fraction or the compression curve's several, None meaning `compression`'s (by
-    default DEFAULT_KEEP_FRACTION); `compression`, when given, sets the other compression settings.
+    default DEFAULT_KEEP_FRACTION); `compression`, when given, sets the other compression settings; `classes_uri`
+    is the labelled set of zero-shot classification and `class_templates` its prompts (None: the default set).
     """
     compression = compression or CompressionConfig()
     if keep_fraction is None:
@@ -94,7 +97,11 @@ def build_resources(
         "baselines": baselines or BaselineConfig(),
         "scoring": scoring or ScoringConfig(),
         "compression": CompressionConfig(**{**compression.model_dump(), "keep_fractions": list(curve)}),
-        "evaluation": EvaluationConfig(uri=evaluation_uri),
+        "evaluation": EvaluationConfig(
+            uri=evaluation_uri,
+            classes_uri=classes_uri,
+            **({"class_templates": list(class_templates)} if class_templates is not None else {}),
+        ),
         "model_training": model_training or ModelTrainingConfig(),
         "captioning": captioning or CaptioningConfig(),
     }
@@ -123,9 +130,9 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
     """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI, the rest optional.
 
     CA_ALLOW_HOSTS (comma-separated), CA_ANALYTICS_DIR, CA_PREFERENCES_URI, CA_PREFERENCE_IMAGE_ROOT,
-    CA_KEEP_FRACTION (one fraction or a comma list: the compression curve), CA_EVAL_URI, CA_CLIP_DIR, CA_BLIP_DIR,
-    CA_RECAPTION (1: recaptioning on) and CA_CAPTIONER_DIR (a local pretrained captioner); unset or empty means
-    the default. S3 credentials,
+    CA_KEEP_FRACTION (one fraction or a comma list: the compression curve), CA_EVAL_URI, CA_EVAL_CLASSES_URI (a
+    labelled set for zero-shot classification), CA_CLIP_DIR, CA_BLIP_DIR, CA_RECAPTION (1: recaptioning on) and
+    CA_CAPTIONER_DIR (a local pretrained captioner); unset or empty means the default. S3 credentials,
     region and endpoint come from boto3's usual environment (AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL, ...).
     """
     return build_resources(
@@ -140,6 +147,7 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
         ),
         keep_fraction=_keep_fraction_from_env(),
         evaluation_uri=os.environ.get("CA_EVAL_URI"),
+        classes_uri=os.environ.get("CA_EVAL_CLASSES_URI") or None,
         captioning=CaptioningConfig(
             enabled=os.environ.get("CA_RECAPTION", "").strip().lower() in ("1", "true", "yes"),
             pretrained_dir=os.environ.get("CA_CAPTIONER_DIR") or None,

@@ -15,6 +15,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from ca_platform.compression import DEFAULT_KEEP_FRACTION, keep_fractions
+from ca_platform.evaluation import DEFAULT_CLASS_TEMPLATES
 from ca_platform.evaluation.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, BootstrapSettings
 from ca_platform.ingest.download_guard import DEFAULT_DEADLINE_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
 from ca_platform.ingest.quality import QualityThresholds
@@ -240,9 +241,20 @@ class CaptioningConfig(ConfigurableResource):
 
 class EvaluationConfig(ConfigurableResource):
     """The held-out clean evaluation set: parquet `url, caption` (rows sharing a URL: one image, several
-    references)."""
+    references), and optionally a labelled set for zero-shot classification: parquet `url, label[, name]`."""
 
     uri: str | None = Field(default=None, description="Local parquet file with url, caption columns.")
+    classes_uri: str | None = Field(
+        default=None,
+        description="Local parquet file with url, label and optionally name (a readable class name per label): "
+        "each variant's CLIP is then also scored on zero-shot top-1/top-5 accuracy (classification_eval). "
+        "Unset: no classification.",
+    )
+    class_templates: list[str] = Field(
+        default=list(DEFAULT_CLASS_TEMPLATES),
+        description="Prompt templates, each with '{}' where the class name goes; a class's text embedding is the "
+        "normalised mean of its prompts' normalised embeddings.",
+    )
     batch_size: int = 64
     max_new_tokens: int = 24
     device: str | None = None

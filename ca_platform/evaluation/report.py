@@ -38,7 +38,8 @@ from ca_platform.schemas import (
 )
 from ca_platform.storage import DataStore, read_json, write_json
 
-# The table's figures, in its column order, with their headers.
+# The table's figures, in its column order, with their headers; zero-shot classification's last, shown when a
+# labelled set was given.
 METRIC_LABELS = {
     "i2t_r1": "I->T R@1",
     "t2i_r1": "T->I R@1",
@@ -46,10 +47,13 @@ METRIC_LABELS = {
     "t2i_r5": "T->I R@5",
     "cider": "CIDEr-D",
     "bleu4": "BLEU-4",
+    "top1": "top-1",
+    "top5": "top-5",
 }
 METRICS = tuple(METRIC_LABELS)
-# The compression curve's panels: each figure against the keep fraction.
-CURVE_METRICS = {"I->T R@5": "i2t_r5", "T->I R@5": "t2i_r5", "CIDEr-D": "cider"}
+CLASSIFICATION_METRICS = ("top1", "top5")
+# The compression curve's panels: each figure against the keep fraction (zero-shot top-1 too with a labelled set).
+CURVE_METRICS = {"I->T R@5": "i2t_r5", "T->I R@5": "t2i_r5", "CIDEr-D": "cider", "zero-shot top-1": "top1"}
 # What every training set is compared with (`clipscore_topk` at the set's own k), and the markers of a difference
 # outside noise (above, below).
 REFERENCE_MARKERS = {FULL: ("▲", "▼"), CLIPSCORE_TOPK: ("↑", "↓")}
@@ -74,6 +78,8 @@ class CurationRow:
     t2i_r5: float
     cider: float
     bleu4: float
+    top1: float | None = None  # zero-shot classification accuracy of the CLIP; None without a labelled set
+    top5: float | None = None
     seeds: int = 1
     spread: dict[str, float] = field(default_factory=dict)  # metric -> sample standard deviation over seeds
     keep_fraction: float | None = None  # the k it was cut at; None for full and the variants keeping every image
@@ -82,6 +88,7 @@ class CurationRow:
     # (Difference.as_json); a set without a k is compared with clipscore_topk at every k of the report
     versus: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     evaluation_items: int = 0  # the evaluation images the intervals resample
+    labelled_items: int = 0  # the labelled images zero-shot top-1/top-5's intervals resample (0 without a set)
     bootstrap: dict[str, Any] = field(default_factory=dict)  # BootstrapSettings.as_json
 
     @property
@@ -102,7 +109,22 @@ class CurationRow:
         return document
 
 
-COLUMNS = ("variant", "captions", "kept fraction", "scorer pref. acc.", *METRIC_LABELS.values())
+def _classified(rows: Sequence[CurationRow]) -> bool:
+    return any(row.top1 is not None for row in rows)
+
+
+def _metrics(rows: Sequence[CurationRow]) -> tuple[str, ...]:
+    """The table's figures: without a labelled set, no zero-shot columns."""
+    return METRICS if _classified(rows) else tuple(m for m in METRICS if m not in CLASSIFICATION_METRICS)
+
+
+def _columns(rows: Sequence[CurationRow]) -> tuple[str, ...]:
+    return ("variant", "captions", "kept fraction", "scorer pref. acc.", *(METRIC_LABELS[m] for m in _metrics(rows)))
+
+
+def curve_metrics(rows: Sequence[CurationRow]) -> dict[str, str]:
+    """CURVE_METRICS the rows have: zero-shot top-1 only with a labelled set."""
+    return {label: m for label, m in CURVE_METRICS.items() if m not in CLASSIFICATION_METRICS or _classified(rows)}
 
 
 def reference_key(reference: str, keep_fraction: float | None) -> str | None:
@@ -122,7 +144,9 @@ def _references(row: CurationRow, keep_fraction: float | None) -> list[tuple[str
 
 def figure_cell(row: CurationRow, metric: str, keep_fraction: float | None = None) -> str:
     """`mean ± seed spread [low, high]` and the markers of the differences outside noise (from full and from
-    clipscore_topk at the table's k)."""
+    clipscore_topk at the table's k); "n/a" for a figure the row lacks."""
+    if getattr(row, metric) is None:
+        return "n/a"
     value = f"{getattr(row, metric):.3f}"
     if row.seeds > 1:
         value += f" ± {row.spread.get(metric, 0.0):.3f}"
@@ -138,21 +162,21 @@ def figure_cell(row: CurationRow, metric: str, keep_fraction: float | None = Non
     return f"{value} {markers}" if markers else value
 
 
-def _row_cells(row: CurationRow, keep_fraction: float | None) -> list[Any]:
+def _row_cells(row: CurationRow, metrics: Sequence[str], keep_fraction: float | None) -> list[Any]:
     accuracy = "n/a" if row.scorer_preference_accuracy is None else f"{row.scorer_preference_accuracy:.3f}"
     return [
         row.variant,
         CAPTIONS.get(row.ranking, "raw"),
         f"{row.kept_fraction:.3f}",
         accuracy,
-        *(figure_cell(row, metric, keep_fraction) for metric in METRICS),
+        *(figure_cell(row, metric, keep_fraction) for metric in metrics),
     ]
 
 
 def curation_markdown(rows: Sequence[CurationRow], keep_fraction: float | None = None) -> str:
     """One table of the given rows (the sets cut at `keep_fraction` and those without a k), its legend and what
     it measured."""
-    table = markdown_table(COLUMNS, [_row_cells(row, keep_fraction) for row in rows])
+    table = markdown_table(_columns(rows), [_row_cells(row, _metrics(rows), keep_fraction) for row in rows])
     return "\n\n".join([table, *_notes(rows, keep_fraction)])
 
 
@@ -180,8 +204,9 @@ def per_k_tables(
 
 def curation_text(rows: Sequence[CurationRow], keep_fraction: float | None = None) -> str:
     """The same table for a terminal, with its legend and what it measured."""
-    cells = [list(COLUMNS)] + [[str(c) for c in _row_cells(row, keep_fraction)] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    columns = _columns(rows)
+    cells = [list(columns)] + [[str(c) for c in _row_cells(row, _metrics(rows), keep_fraction)] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
     notes = [textwrap.fill(note, width=120) for note in _notes(rows, keep_fraction)]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:], *notes])
@@ -200,7 +225,9 @@ def curation_legend(rows: Sequence[CurationRow], keep_fraction: float | None = N
     if settings:
         parts.append(
             f"[low, high]: {settings['confidence']:.0%} percentile bootstrap interval over the "
-            f"{rows[0].evaluation_items} evaluation images ({settings['resamples']} resamples, seed {settings['seed']})"
+            f"{rows[0].evaluation_items} evaluation images"
+            + (f" (top-1/top-5: the {rows[0].labelled_items} labelled images)" if rows[0].labelled_items else "")
+            + f" ({settings['resamples']} resamples, seed {settings['seed']})"
         )
     compared = {
         reference: key
@@ -303,11 +330,11 @@ def outside_noise(rows: Sequence[CurationRow]) -> dict[str, dict[str, dict[str, 
 def curve_text(rows: Sequence[CurationRow]) -> str:
     """The compression curve for a terminal: per ranking, CURVE_METRICS' means at each k (the sets without a k,
     full first, as one reference column); the spreads are in the tables."""
-    fractions = curve_fractions(rows)
+    fractions, metrics = curve_fractions(rows), curve_metrics(rows)
     rankings = [v for v in TRAINING_VARIANTS if any(r.ranking == v and r.keep_fraction is not None for r in rows)]
 
     def cell(row: CurationRow | None) -> str:
-        return "" if row is None else " / ".join(f"{getattr(row, metric):.3f}" for metric in CURVE_METRICS.values())
+        return "" if row is None else " / ".join(f"{getattr(row, metric):.3f}" for metric in metrics.values())
 
     by_key = {row.variant: row for row in rows}
     header = ["ranking", *(f"k = {k:g}" for k in fractions)]
@@ -318,24 +345,31 @@ def curve_text(rows: Sequence[CurationRow]) -> str:
     cells += [[f"{row.variant} (no k)", cell(row), *[""] * (len(fractions) - 1)] for row in uncut]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
-    return "\n".join([f"({' / '.join(CURVE_METRICS)} at each keep fraction)", *lines])
+    return "\n".join([f"({' / '.join(metrics)} at each keep fraction)", *lines])
 
 
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
-    """Retrieval recall (left) and captioning scores (right) per variant, bars side by side, with the bootstrap
-    interval over the evaluation images as error bars (the spread over seeds where rows have no interval)."""
+    """Retrieval recall (left), captioning scores and, with a labelled set, zero-shot classification accuracy per
+    training set, bars side by side, with the bootstrap interval over the evaluation (or labelled) images as error
+    bars (the spread over seeds where rows have no interval)."""
     variants = [row.variant for row in rows]
     x = np.arange(len(rows))
     plt = pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(max(10, 1.5 * len(rows)), 4.2), dpi=100)
-    panels = (
+    classified = _classified(rows)
+    width = max(10, 1.5 * len(rows)) * (1.4 if classified else 1.0)
+    figure, axes_row = plt.subplots(1, 3 if classified else 2, figsize=(width, 4.2), dpi=100)
+    left = axes_row[0]
+    panels = [
         (
             left,
             "retrieval (CLIP)",
             {"I->T R@1": "i2t_r1", "T->I R@1": "t2i_r1", "I->T R@5": "i2t_r5", "T->I R@5": "t2i_r5"},
         ),
-        (right, "captioning (BLIP)", {"CIDEr-D": "cider", "BLEU-4": "bleu4"}),
-    )
+        (axes_row[1], "captioning (BLIP)", {"CIDEr-D": "cider", "BLEU-4": "bleu4"}),
+    ]
+    if classified:
+        panels.append((axes_row[2], "zero-shot classification (CLIP)", {"top-1": "top1", "top-5": "top5"}))
+        axes_row[2].set_ylim(0, 1)
     for axes, title, metrics in panels:
         width = 0.8 / len(metrics)
         for offset, (label, metric) in enumerate(metrics.items()):
@@ -366,12 +400,13 @@ def curation_curve_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     variant keeping every image) as a horizontal reference line. x is the k a set was cut at (raw_topk_plus_recap
     keeps its recaptions on top: the tables give the kept fraction)."""
     plt = pyplot()
-    figure, panels = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 4.2), dpi=100)
+    metrics = curve_metrics(rows)
+    figure, panels = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), dpi=100)
     banded = any(row.seeds > 1 for row in rows)
     lines = [v for v in TRAINING_VARIANTS if any(r.ranking == v and r.keep_fraction is not None for r in rows)]
     references = sorted((row for row in rows if row.keep_fraction is None), key=lambda row: row.ranking != FULL)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axes, (title, metric) in zip(panels, CURVE_METRICS.items()):
+    for axes, (title, metric) in zip(panels, metrics.items()):
         for reference, style in zip(references, ("-", ":", "-.", "--")):
             value, spread = getattr(reference, metric), reference.spread.get(metric, 0.0)
             full = reference.ranking == FULL
@@ -411,13 +446,16 @@ class NotEvaluatedError(LookupError):
 
 
 def curation_rows(
-    store: DataStore, scratch: Path, settings: BootstrapSettings = BootstrapSettings()
+    store: DataStore, scratch: Path, settings: BootstrapSettings = BootstrapSettings(), classification: bool = False
 ) -> list[CurationRow]:
     """Each training set's row (full, then every published cut: each variant at each k), from the
     score-threshold, preference-accuracy and evaluation reports, with the intervals and the differences from the
-    references computed from the evaluations' per-item results."""
+    references computed from the evaluations' per-item results; with `classification`, its zero-shot accuracy
+    too (of the same CLIPs retrieval measured, on the current labelled set), bootstrapped over the labelled
+    images the same way."""
     thresholds = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch) or {}
     accuracy = read_json(store, layout.PREFERENCE_ACCURACY_REPORT_KEY, scratch) or {}
+    labelled = read_json(store, layout.CURRENT_CLASSIFICATION_KEY, scratch) if classification else None
     rows, per_item = [], {}
     for key in (FULL, *thresholds):
         retrieval = read_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, key), scratch)
@@ -427,13 +465,17 @@ def curation_rows(
                 f"training set {key} has not been evaluated: materialize retrieval_eval and "
                 f"captioning_eval for partition {key} first"
             )
+        documents = {"retrieval_eval": retrieval, "captioning_eval": captioning}
+        if classification:
+            documents["classification_eval"] = _classification(store, key, retrieval, labelled, scratch)
+        zero_shot = documents.get("classification_eval", {})
         variant, keep_fraction = layout.parse_training_set_key(key)
         if key == FULL:
             kept_fraction = 1.0
         else:
             kept_fraction = thresholds[key]["kept"] / thresholds[key]["total"]
         scorer = VARIANT_SCORERS.get(variant)
-        per_item[key] = variant_item_results(key, {"retrieval_eval": retrieval, "captioning_eval": captioning})
+        per_item[key] = variant_item_results(key, documents)
         rows.append(
             CurationRow(
                 variant=key,
@@ -445,8 +487,10 @@ def curation_rows(
                 t2i_r5=retrieval["t2i_r5"],
                 cider=captioning["cider"],
                 bleu4=captioning["bleu4"],
+                top1=zero_shot.get("top1"),
+                top5=zero_shot.get("top5"),
                 seeds=len(retrieval.get("per_seed", {})) or 1,
-                spread={**retrieval.get("spread", {}), **captioning.get("spread", {})},
+                spread={**retrieval.get("spread", {}), **captioning.get("spread", {}), **zero_shot.get("spread", {})},
                 keep_fraction=keep_fraction,
             )
         )
@@ -511,17 +555,43 @@ def with_intervals(
                         "both on the current evaluation set"
                     )
                 versus[reference][metric] = intervals.difference(result.table, base.table, settings).as_json()
-        first = next(iter(results.values()))
+        evaluated = [result.items for metric, result in results.items() if metric not in CLASSIFICATION_METRICS]
+        labelled = [results[metric].items for metric in CLASSIFICATION_METRICS if metric in results]
         updated.append(
             replace(
                 row,
                 interval=interval,
                 versus=versus,
-                evaluation_items=len(first.items),
+                evaluation_items=len(evaluated[0]) if evaluated else 0,
+                labelled_items=len(labelled[0]) if labelled else 0,
                 bootstrap=settings.as_json(),
             )
         )
     return updated
+
+
+def _classification(
+    store: DataStore, variant: str, retrieval: dict[str, Any], labelled: dict[str, Any] | None, scratch: Path
+) -> dict[str, Any]:
+    """The training set's classification report, refused when it measured other CLIPs than retrieval did or
+    another labelled set than the current one (a report of an earlier run)."""
+    document = read_json(store, layout.variant_report_key(layout.CLASSIFICATION_REPORT, variant), scratch)
+    if document is None or labelled is None:
+        raise NotEvaluatedError(
+            f"training set {variant} has no zero-shot classification: materialize classification_set, then "
+            f"classification_eval for partition {variant}"
+        )
+    if document["model_versions"] != retrieval["model_versions"]:
+        raise NotEvaluatedError(
+            f"training set {variant}: classification_eval measured CLIP versions {document['model_versions']}, "
+            f"retrieval_eval {retrieval['model_versions']}: materialize classification_eval for {variant} again"
+        )
+    if document["classification_version"] != labelled["version"]:
+        raise NotEvaluatedError(
+            f"training set {variant}: classification_eval measured labelled set {document['classification_version']}, "
+            f"the current one is {labelled['version']}: materialize classification_eval for {variant} again"
+        )
+    return document
 
 
 @dataclass(frozen=True)
@@ -536,11 +606,12 @@ MARKDOWN_HEADING = "### keep fraction k = {k:g}"
 
 
 def write_curation_report(
-    store: DataStore, scratch: Path, settings: BootstrapSettings = BootstrapSettings()
+    store: DataStore, scratch: Path, settings: BootstrapSettings = BootstrapSettings(), classification: bool = False
 ) -> CurationReport:
     """The report across the training sets, published as JSON (one entry per training set), markdown (a table
-    per keep fraction), the bar plot and the compression curve's plot."""
-    rows = curation_rows(store, scratch, settings)
+    per keep fraction), the bar plot and the compression curve's plot; with `classification`, each training
+    set's zero-shot accuracy too."""
+    rows = curation_rows(store, scratch, settings, classification)
     write_json(store, layout.CURATION_REPORT_KEY, {row.variant: row.as_json() for row in rows}, scratch)
     table = per_k_tables(rows, curation_markdown, MARKDOWN_HEADING)
     (scratch / "report.md").write_text(table + "\n")

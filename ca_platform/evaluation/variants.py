@@ -175,3 +175,66 @@ def evaluate_captioning(
     write_json(store, layout.variant_report_key(layout.CAPTIONING_REPORT, variant), document, scratch)
     examples = [(refs[0], first[uid]) for uid, refs in list(references.items())[:5]]
     return CaptioningEvaluation(versions, mean["cider"], mean["bleu4"], examples, document)
+
+
+@dataclass(frozen=True)
+class ClassificationEvaluation:
+    model_versions: dict[int, str]  # seed -> the CLIP evaluated
+    document: dict[str, Any]  # as written to the variant's classification report
+
+
+def evaluate_classification(
+    store: DataStore,
+    variant: str,
+    seeds: Sequence[int],
+    templates: Sequence[str],
+    batch_size: int,
+    device: str | None,
+    cache: Path,
+    scratch: Path,
+) -> ClassificationEvaluation:
+    """Zero-shot top-1 and top-5 accuracy of the variant's CLIP of each seed on the current labelled set (each
+    class the normalised mean of its names in every template), written to its report as the mean over seeds
+    with the spread, every seed's figures, each class's top-1 and every image's outcome per seed (`items`,
+    `per_item`: what an interval over the images is computed from)."""
+    from ca_platform.evaluation.classification import class_embeddings, class_prompts, zero_shot_accuracy
+    from ca_platform.evaluation.classification_set import current_classification_set
+    from ca_platform.models.clip import embed_pairs
+    from ca_platform.training.clip import load_trained_clip
+
+    classification_version, dataset = current_classification_set(store, cache, scratch)
+    prompts = class_prompts(dataset.class_names, templates)
+    versions, per_seed, per_item, right = {}, {}, {}, {}
+    for seed in seeds:
+        versions[seed], folder = _checkpoint_folder(store, layout.CLIP_CHECKPOINT, variant, seed, cache, scratch)
+        model, preprocessor = load_trained_clip(folder, device=device)
+        images, texts = embed_pairs(model, preprocessor, dataset.images, prompts, batch_size=batch_size, device=device)
+        accuracy = zero_shot_accuracy(images, class_embeddings(texts, len(dataset.class_names)), dataset.classes)
+        per_seed[seed] = {"top1": accuracy.top1, "top5": accuracy.top5}
+        per_item[str(seed)] = {f"top{k}": correct.astype(int).tolist() for k, correct in accuracy.correct.items()}
+        right[seed] = accuracy.correct[1]
+    mean, spread = across_seeds(per_seed)
+    classes = np.asarray(dataset.classes)
+    top1 = np.mean([right[seed] for seed in seeds], axis=0)  # per image, over seeds
+    document = {
+        "variant": variant,
+        "model_version": versions[seeds[0]],
+        "model_versions": {str(seed): version for seed, version in versions.items()},
+        "classification_version": classification_version,
+        "images_not_downloaded": dataset.not_downloaded,
+        "num_images": len(dataset.uids),
+        "num_classes": len(dataset.class_names),
+        "templates": list(templates),
+        **mean,
+        "spread": spread,
+        "per_seed": {str(seed): metrics for seed, metrics in per_seed.items()},
+        "per_class": {
+            name: {"images": int((classes == c).sum()), "top1": float(top1[classes == c].mean())}
+            for c, name in enumerate(dataset.class_names)
+            if (classes == c).any()
+        },
+        "items": dataset.uids,
+        "per_item": per_item,
+    }
+    write_json(store, layout.variant_report_key(layout.CLASSIFICATION_REPORT, variant), document, scratch)
+    return ClassificationEvaluation(versions, document)

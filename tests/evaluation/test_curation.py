@@ -1,7 +1,8 @@
-"""The whole lineage with an evaluation set, as a user runs it: `ca-platform run ... --keep 0.1,0.3,0.5 --eval ...`
-on a pool where one shard's host is gone. Models on every training set (each variant at each k of the compression
-curve), evaluated, in one report for the healthy shards with a table per k and the curve; the dead shard
-quarantined and named; a non-zero exit. One run serves the module's tests."""
+"""The whole lineage with an evaluation set, as a user runs it: `ca-platform run ... --keep 0.1,0.3,0.5 --eval ...
+--eval-classes ...` on a pool where one shard's host is gone. Models on every training set (each variant at each k
+of the compression curve), evaluated (zero-shot classification too), in one report for the healthy shards with a
+table per k and the curve; the dead shard quarantined and named; a non-zero exit. One run serves the module's
+tests."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from ca_platform import analytics, layout
-from ca_platform.assets import ALL_ASSETS, VARIANT_MODEL_ASSETS
+from ca_platform.assets import ALL_ASSETS, VARIANT_CLASSIFICATION_ASSETS, VARIANT_MODEL_ASSETS
 from ca_platform.assets.partitions import TRAINING_VARIANTS
 from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
 from ca_platform.resources import CaptioningConfig
@@ -34,6 +35,7 @@ from tests.conftest import (
     RoutesServer,
     build_web_pool,
     cli_env,
+    png_bytes,
     run_timed,
     write_evaluation_file,
     write_pool,
@@ -59,6 +61,7 @@ class CliRun:
     preferences: Path
     evaluation: Path
     dagster_home: Path  # the instance the command recorded its runs on
+    classes: Path
 
     @property
     def resources(self) -> dict[str, object]:
@@ -74,8 +77,22 @@ class CliRun:
             preferences_uri=str(self.preferences),
             keep_fraction=CURVE,
             evaluation_uri=str(self.evaluation),
+            classes_uri=str(self.classes),
             captioning=CaptioningConfig(enabled=True),
         )
+
+
+def write_labelled_file(server: RoutesServer, path: Path) -> Path:
+    """A labelled set of 9 served images in 3 named classes and one image that is gone."""
+    urls = [
+        server.add(f"/classes/{i}.png", png_bytes(28, 28, seed=900 + i), Content_Type="image/png") for i in range(9)
+    ]
+    names = ["a circle", "a square", "a star"]
+    frame = pl.DataFrame(
+        {"url": [*urls, server.url("/classes/gone.png")], "label": [i % 3 for i in range(10)]}
+    ).with_columns(name=pl.col("label").map_elements(lambda label: names[label], return_dtype=pl.String))
+    frame.write_parquet(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +107,14 @@ def dead_shard_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliRun]
         evaluation, urls = write_evaluation_file(server, root / "eval.parquet", images=6, seed=500)
         second_references = pl.DataFrame({"url": urls[:2], "caption": ["a first", "a second"]})
         pl.concat([pl.read_parquet(evaluation), second_references]).write_parquet(evaluation)
+        classes = write_labelled_file(server, root / "classes.parquet")
         preferences = write_shapes_preferences(root / "prefs", ShapesPreferenceConfig(images=40))
         data = root / "data"
         command = [str(BIN / "ca-platform"), "run", "--pool", str(pool), "--data", str(data)]
         command += ["--allow-host", "127.0.0.1", "--preferences", str(preferences), "--keep", "0.1,0.3,0.5"]
-        command += ["--eval", str(evaluation), "--recaption"]
+        command += ["--eval", str(evaluation), "--eval-classes", str(classes), "--recaption"]
         timed = run_timed(command, cli_env(root), root / "stderr.txt")
-        yield CliRun(data, timed.done, timed.lines, pool, preferences, evaluation, root / "dagster_home")
+        yield CliRun(data, timed.done, timed.lines, pool, preferences, evaluation, root / "dagster_home", classes)
     finally:
         server.server.shutdown()
         server.server.server_close()
@@ -178,9 +196,9 @@ def test_the_report_lists_every_training_set_as_measured_with_an_equal_budget(de
         assert shown - {"variant", "---"} == {key for key in TRAINING_SETS if "@" not in key or key.endswith(f"@{k}")}
     assert "keep fraction k = 0.3:" in dead_shard_run.done.stdout  # the terminal's tables too, and the curve
     curve = dead_shard_run.done.stdout.split(f"the compression curve ({layout.CURATION_CURVE_PLOT_KEY}):\n")[1]
-    assert curve.startswith("(I->T R@5 / T->I R@5 / CIDEr-D at each keep fraction)\nranking ")
+    assert curve.startswith("(I->T R@5 / T->I R@5 / CIDEr-D / zero-shot top-1 at each keep fraction)\nranking ")
     assert re.match(r".*\nranking +k = 0\.1 +k = 0\.3 +k = 0\.5\n", curve)
-    assert re.search(r"^reward_topk( +[\d.]+ / [\d.]+ / [\d.]+){3}$", curve, re.MULTILINE)
+    assert re.search(r"^reward_topk( +[\d.]+ / [\d.]+ / [\d.]+ / [\d.]+){3}$", curve, re.MULTILINE)
     seen = {
         json.loads((dead_shard_run.data / layout.current_model_key(layout.trained_model_kind(m, v, 0))).read_text())[
             "metrics"
@@ -191,6 +209,27 @@ def test_the_report_lists_every_training_set_as_measured_with_an_equal_budget(de
     # equal budget: every training set's models saw the same number of samples at every k, 3 passes over the pool
     pool = thresholds["reward_topk@0.1"]["total"] + thresholds["reward_topk@0.1"]["removed"]
     assert seen == {3 * pool}
+
+
+def test_the_report_gives_every_training_set_its_clips_zero_shot_accuracy(dead_shard_run: CliRun) -> None:
+    reports = dead_shard_run.data / layout.REPORTS_DIR
+    curation = json.loads((reports / "curation_report.json").read_text())
+    for variant, figures in curation.items():
+        assert 0.0 <= figures["top1"] <= figures["top5"] <= 1.0, variant
+        classification = json.loads((reports / "classification" / f"{variant}.json").read_text())
+        retrieval = json.loads((reports / "retrieval" / f"{variant}.json").read_text())
+        assert classification["model_versions"] == retrieval["model_versions"]  # the same CLIPs
+        assert (classification["num_images"], classification["num_classes"]) == (9, 3)
+        assert classification["images_not_downloaded"] == 1
+        assert figures["top1"] == classification["top1"] == sum(classification["per_item"]["0"]["top1"]) / 9
+        assert figures["top5"] == 1.0  # three classes: every image is right at five
+        # bootstrapped over the labelled images, and compared within the training set's k as the other figures
+        assert figures["labelled_items"] == 9 and figures["evaluation_items"] == 6
+        low, high = figures["interval"]["top1"]
+        assert low <= figures["top1"] <= high
+        assert all("top1" in compared for compared in figures["versus"].values()), variant
+    assert "| top-1 | top-5 |" in (reports / "curation_report.md").read_text()
+    assert "top-1" in dead_shard_run.done.stdout
 
 
 def test_tiny_models_learn_from_the_subset_tars(dead_shard_run: CliRun) -> None:
@@ -250,6 +289,7 @@ def test_the_ui_shows_the_curve_and_backfills_one_point_of_it_by_its_partition_k
     evaluated = json.loads(retrieval.read_text())
     retrieval.unlink()
     untouched = {p: p.stat().st_mtime_ns for p in (data / layout.MODELS_DIR).rglob("current.json")}
+    point_assets = [*VARIANT_MODEL_ASSETS, *VARIANT_CLASSIFICATION_ASSETS]  # with the run's labelled set
 
     with DagsterInstance.from_config(str(dead_shard_run.dagster_home)) as instance:
         assert set(instance.get_dynamic_partitions(TRAINING_VARIANTS)) == TRAINING_SETS
@@ -258,7 +298,7 @@ def test_the_ui_shows_the_curve_and_backfills_one_point_of_it_by_its_partition_k
         assert "### keep fraction k = 0.5" in shown["table"].value
         result = materialize(
             ALL_ASSETS,
-            selection=VARIANT_MODEL_ASSETS,
+            selection=point_assets,
             partition_key=point,
             instance=instance,
             resources=dead_shard_run.resources_into(data),
@@ -266,7 +306,7 @@ def test_the_ui_shows_the_curve_and_backfills_one_point_of_it_by_its_partition_k
         )
     assert result.success
     done = {(e.asset_key.to_user_string(), e.partition) for e in result.get_asset_materialization_events()}
-    assert done == {(asset.key.to_user_string(), point) for asset in VARIANT_MODEL_ASSETS}
+    assert done == {(asset.key.to_user_string(), point) for asset in point_assets}
     for model in models:
         again = json.loads((data / layout.current_model_key(layout.trained_model_kind(model, point, 0))).read_text())
         assert again["version"] == before[model]["version"]  # the same recipe trains the same checkpoint
