@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -267,6 +268,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform.demo.evaluation_set import pool_images_to_leak, write_shapes_evaluation_set
     from ca_platform.demo.image_server import ImageServer
     from ca_platform.demo.shapes_pool import generate_pool, pool_scene_keys
+    from ca_platform.demo.truth_audit import write_truth_audit
     from ca_platform.resources import CompressionConfig, ModelTrainingConfig, build_resources
 
     log_level = _show_progress(args)
@@ -325,6 +327,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         run = runner.run_lineage(resources, log_level=log_level, compress=True, engine=_engine(args))
     print(runner.report(run))
+    if run.success:
+        with tempfile.TemporaryDirectory(prefix="ca-demo-truth-") as scratch:
+            audit = write_truth_audit(root / "data", world.truth_dir, Path(scratch))
+        print("\n" + "\n".join(audit.lines()))
     return 0 if run.success else 1
 
 

@@ -21,6 +21,7 @@ CURATION_PLOT_KEY = f"{REPORTS_DIR}/curation_report.png"
 CURATION_CURVE_PLOT_KEY = f"{REPORTS_DIR}/curation_curve.png"  # the figures against the keep fraction
 CAPTION_ANALYTICS_KEY = f"{REPORTS_DIR}/caption_analytics.json"  # caption_analytics: per caption source
 CAPTION_ANALYTICS_PLOT_KEY = f"{REPORTS_DIR}/caption_analytics.png"
+DEMO_TRUTH_REPORT_KEY = f"{REPORTS_DIR}/demo_truth.json"  # the demo only: scorers and cuts against its truth files
 
 
 def raw_shard_key(shard: str) -> str:

@@ -113,7 +113,7 @@ class RewardModelConfig(ConfigurableResource):
     calibration: str = Field(
         default="cross_image",
         description='"cross_image": rewards comparable across images, for a top-k cut over the pool (each image\'s '
-        'mean reward anchored, and an image\'s best caption ranked over another image\'s worst); "within_image": '
+        "mean reward anchored, and an image's best caption ranked over another image's worst); \"within_image\": "
         "the pairwise loss alone (ImageReward's recipe), which leaves every image a free offset.",
     )
     seed: int = 0

@@ -247,9 +247,7 @@ def claim_of_caption(caption: str) -> _Claim:
         background = (background_match["colour"], pattern)
         text = text[: background_match.start()] + text[background_match.end() :]
     objects = tuple(
-        _ObjectClaim(
-            match["shape"], match["size"], match["colour"], _POSITION_OF_PHRASE.get(match["position"] or "")
-        )
+        _ObjectClaim(match["shape"], match["size"], match["colour"], _POSITION_OF_PHRASE.get(match["position"] or ""))
         for match in _OBJECT_PHRASE.finditer(text)
     )
     return _Claim(objects, background)

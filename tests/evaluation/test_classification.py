@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from dagster import materialize
+from dagster import DagsterInstance, materialize
 
 from ca_platform import layout
 from ca_platform.assets import ALL_ASSETS, classification_eval, classification_set
+from ca_platform.assets.partitions import register_training_sets
 from ca_platform.demo.annotators import ShapesPreferenceConfig, preference_scene_keys
 from ca_platform.demo.classification_set import CLASS_NAMES, sample_labelled_scenes, write_shapes_classification_set
 from ca_platform.demo.image_server import ImageServer
@@ -215,9 +216,13 @@ def test_classification_eval_through_dagster_on_tiny_trained_clips(routes_server
         class_templates=templates,
         model_training=ModelTrainingConfig(seeds=2),
     )
-    staged = materialize(ALL_ASSETS, selection=[classification_set], resources=resources)
+    instance = DagsterInstance.ephemeral()
+    register_training_sets(instance, [])  # `full`: a partition of the training sets, as score_threshold adds them
+    staged = materialize(ALL_ASSETS, selection=[classification_set], resources=resources, instance=instance)
     assert staged.success
-    result = materialize(ALL_ASSETS, selection=[classification_eval], partition_key=FULL, resources=resources)
+    result = materialize(
+        ALL_ASSETS, selection=[classification_eval], partition_key=FULL, resources=resources, instance=instance
+    )
     assert result.success
     metadata = result.asset_materializations_for_node("classification_eval")[0].metadata
     assert metadata["classes"].value == 4 and metadata["images"].value == 6 and metadata["seeds"].value == 2
@@ -236,9 +241,16 @@ def test_classification_eval_through_dagster_on_tiny_trained_clips(routes_server
 
 def test_without_a_labelled_set_the_assets_refuse_and_say_how_to_give_one(tmp_path: Path) -> None:
     resources = build_resources("", str(tmp_path / "data"))
+    instance = DagsterInstance.ephemeral()
+    register_training_sets(instance, [])
     for asset, partition in ((classification_set, None), (classification_eval, FULL)):
         result = materialize(
-            ALL_ASSETS, selection=[asset], partition_key=partition, resources=resources, raise_on_error=False
+            ALL_ASSETS,
+            selection=[asset],
+            partition_key=partition,
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
         )
         assert not result.success
         (failure,) = [event for event in result.all_events if event.is_step_failure]

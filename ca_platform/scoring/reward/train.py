@@ -108,8 +108,8 @@ class TrainConfig:
     # "cross_image" (default): rewards comparable across images, for a cut over a pool (`calibration_loss`);
     # "within_image": the pairwise loss alone, as ImageReward trains (rewards compare captions of one image).
     calibration: Calibration = "cross_image"
-    anchor_weight: float = 1.0  # weight of image_mean_anchor
-    cross_image_weight: float = 1.0  # weight of the loss over cross_image_pairs
+    anchor_weight: float = 0.1  # weight of image_mean_anchor
+    cross_image_weight: float = 0.3  # weight of the loss over cross_image_pairs
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.images_per_batch < 1:
