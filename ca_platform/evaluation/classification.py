@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ca_platform.evaluation.retrieval import ArrayLike, cosine_similarity_matrix
+from ca_platform.evaluation.retrieval import ArrayLike, cosine_similarity_matrix, unit_rows
 
 TOP_K = (1, 5)
 PLACEHOLDER = "{}"
@@ -46,17 +46,9 @@ def class_embeddings(prompt_embeddings: ArrayLike, classes: int) -> np.ndarray:
     prompts = np.asarray(prompt_embeddings, dtype=np.float64)  # float32 CPU tensors, as embed_pairs gives
     if prompts.ndim != 2 or classes < 1 or prompts.shape[0] % classes:
         raise ValueError(f"{prompts.shape} prompt embeddings are not `templates` rows for each of {classes} classes")
-    unit = prompts / _norms(prompts, "prompt_embeddings")
+    unit = unit_rows(prompts, "prompt_embeddings")
     mean = unit.reshape(classes, prompts.shape[0] // classes, prompts.shape[1]).mean(axis=1)
-    return mean / _norms(mean, "class embeddings (templates' mean)")
-
-
-def _norms(array: np.ndarray, name: str) -> np.ndarray:
-    norms = np.linalg.norm(array, axis=1, keepdims=True)
-    bad = np.flatnonzero(~(np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)))
-    if bad.size:
-        raise ValueError(f"{name} rows {bad[:10].tolist()} have zero or non-finite norm")
-    return norms
+    return unit_rows(mean, "class embeddings (templates' mean)")
 
 
 @dataclass(frozen=True)

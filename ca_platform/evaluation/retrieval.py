@@ -60,10 +60,12 @@ def cosine_similarity_matrix(image_embeddings: ArrayLike, text_embeddings: Array
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"embedding widths differ: images {images.shape[1]}, texts {texts.shape[1]}")
     dtype = np.result_type(images.dtype, texts.dtype, np.float32)
-    return _unit_rows(images.astype(dtype), "image_embeddings") @ _unit_rows(texts.astype(dtype), "text_embeddings").T
+    return unit_rows(images.astype(dtype), "image_embeddings") @ unit_rows(texts.astype(dtype), "text_embeddings").T
 
 
-def _unit_rows(array: np.ndarray, name: str) -> np.ndarray:
+def unit_rows(array: np.ndarray, name: str) -> np.ndarray:
+    """Each row L2-normalised; a row of zero or non-finite norm (no direction to compare) is an error naming
+    `name` and the rows."""
     norms = np.linalg.norm(array, axis=1, keepdims=True)
     bad = np.flatnonzero(~(np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)))
     if bad.size:
