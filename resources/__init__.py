@@ -15,7 +15,6 @@ from typing import Any
 from dagster import ConfigurableResource, EnvVar
 
 from ca_platform.compression import keep_fractions, parse_keep_fractions
-
 from ca_platform.resources.settings import (
     DEFAULT_KEEP_FRACTION,
     BaselineConfig,

@@ -230,10 +230,7 @@ def curation_legend(rows: Sequence[CurationRow], keep_fraction: float | None = N
             + f" ({settings['resamples']} resamples, seed {settings['seed']})"
         )
     compared = {
-        reference: key
-        for row in rows
-        for reference, key in _references(row, keep_fraction)
-        if key in row.versus
+        reference: key for row in rows for reference, key in _references(row, keep_fraction) if key in row.versus
     }
     if compared:
         markers = ", ".join(

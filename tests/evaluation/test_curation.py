@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from dagster import AssetKey, DagsterInstance, materialize
 
 from ca_platform import analytics, layout

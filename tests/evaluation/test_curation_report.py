@@ -171,9 +171,7 @@ def test_the_table_marks_the_cells_and_says_what_was_measured(report: tuple[Path
     assert all(paragraph in tables[k] for paragraph, k in zip(paragraphs, tables))
     at_03 = paragraphs[1]
     against_full = at_03.split("Outside noise against full: ")[1].split("Outside noise against clipscore")[0]
-    assert against_full.startswith(
-        "clipscore_topk@0.3 higher CIDEr-D (+0.500 [+0.500, +0.500]); random_topk@0.3 lower"
-    )
+    assert against_full.startswith("clipscore_topk@0.3 higher CIDEr-D (+0.500 [+0.500, +0.500]); random_topk@0.3 lower")
     assert "reward_topk" not in against_full  # identical to full: never named
     assert "clipscore_topk@0.1" not in at_03  # nothing of another k
     assert "I->T R@1" in at_03
