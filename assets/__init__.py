@@ -9,7 +9,14 @@ from ca_platform.assets.baselines import blip_score_model, clip_score_model
 from ca_platform.assets.captions import caption_analytics, captioner_model, synthetic_caption_scores, synthetic_captions
 from ca_platform.assets.compression import compressed_subset, score_threshold
 from ca_platform.assets.dedup import duplicate_groups, image_fingerprints
-from ca_platform.assets.evaluation import captioning_eval, curation_report, evaluation_set, retrieval_eval
+from ca_platform.assets.evaluation import (
+    captioning_eval,
+    classification_eval,
+    classification_set,
+    curation_report,
+    evaluation_set,
+    retrieval_eval,
+)
 from ca_platform.assets.ingest import downloaded_shard, raw_pool_shard
 from ca_platform.assets.reward import preference_accuracy, preference_data, registered_reward_checkpoint, reward_model
 from ca_platform.assets.scores import clip_scores, reward_scores
@@ -27,7 +34,9 @@ CAPTION_ANALYTICS_ASSETS = [caption_analytics]
 THRESHOLD_ASSETS = [score_threshold]
 SHARD_SUBSET_ASSETS = [compressed_subset]
 EVALUATION_SET_ASSETS = [evaluation_set]
+CLASSIFICATION_SET_ASSETS = [classification_set]  # with a labelled set only
 VARIANT_MODEL_ASSETS = [clip_checkpoint, blip_checkpoint, retrieval_eval, captioning_eval]  # per training variant
+VARIANT_CLASSIFICATION_ASSETS = [classification_eval]  # per training set, with a labelled set only
 REPORT_ASSETS = [curation_report]
 ALL_ASSETS = (
     SOURCE_ASSETS
@@ -41,6 +50,8 @@ ALL_ASSETS = (
     + THRESHOLD_ASSETS
     + SHARD_SUBSET_ASSETS
     + EVALUATION_SET_ASSETS
+    + CLASSIFICATION_SET_ASSETS
     + VARIANT_MODEL_ASSETS
+    + VARIANT_CLASSIFICATION_ASSETS
     + REPORT_ASSETS
 )

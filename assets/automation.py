@@ -21,6 +21,7 @@ SCORE_THRESHOLD = AssetKey("score_threshold")
 SYNTHETIC_CAPTIONS = AssetKey("synthetic_captions")
 SYNTHETIC_CAPTION_SCORES = AssetKey("synthetic_caption_scores")
 EVALUATION_SET = AssetKey("evaluation_set")
+CLASSIFICATION_SET = AssetKey("classification_set")
 
 # Any dependency has a data version the previous evaluation had not seen (a new model, a new download).
 _DEPS_NEW_VERSION = AutomationCondition.any_deps_match(AutomationCondition.data_version_changed()).with_label(
@@ -37,12 +38,12 @@ ON_NEW_REGISTERED_CHECKPOINT = (
     & ~AutomationCondition.in_progress()
 ).with_label("new_registered_checkpoint")
 
-# Recaptioning and the evaluation set are optional: a pool never captioned has no synthetic captions, and one
-# with no evaluation set nothing to decontaminate against, which must not hold back what the raw pairs alone
-# decide (dedup, the cut of the raw variants, their subsets).
+# Recaptioning and the held-out sets are optional: a pool never captioned has no synthetic captions, and one
+# with no evaluation or labelled set nothing to decontaminate against, which must not hold back what the raw
+# pairs alone decide (dedup, the cut of the raw variants, their subsets).
 _DEPS_MISSING_BUT_CAPTIONS = (
     AutomationCondition.any_deps_missing()
-    .ignore(AssetSelection.assets(SYNTHETIC_CAPTIONS, SYNTHETIC_CAPTION_SCORES, EVALUATION_SET))
+    .ignore(AssetSelection.assets(SYNTHETIC_CAPTIONS, SYNTHETIC_CAPTION_SCORES, EVALUATION_SET, CLASSIFICATION_SET))
     .with_label("any_deps_missing_but_optional")
 )
 

@@ -15,7 +15,7 @@ from dagster import (
 
 from ca_platform import layout
 from ca_platform.analytics.plots import bar_png, markdown_image, markdown_table
-from ca_platform.assets.automation import EVALUATION_SET, ON_NEW_MODEL_VERSION, ON_SCORES_UPDATE
+from ca_platform.assets.automation import CLASSIFICATION_SET, EVALUATION_SET, ON_NEW_MODEL_VERSION, ON_SCORES_UPDATE
 from ca_platform.assets.baselines import clip_score_model
 from ca_platform.assets.ingest import downloaded_shard
 from ca_platform.assets.partitions import pool_shards
@@ -65,8 +65,8 @@ def image_fingerprints(
 
 
 @asset(
-    # evaluation_set by key: its module imports compression's, which imports this one
-    deps=[image_fingerprints, reward_scores, EVALUATION_SET],
+    # the held-out sets by key: their module imports compression's, which imports this one
+    deps=[image_fingerprints, reward_scores, EVALUATION_SET, CLASSIFICATION_SET],
     automation_condition=ON_SCORES_UPDATE,
     group_name=GROUP,
     kinds={"polars", "parquet"},
@@ -77,8 +77,8 @@ def duplicate_groups(
     """The healthy shards' duplicate groups (same pixels, pHash within `near_duplicate_bits`, embeddings at
     `semantic_duplicate_cosine`), each kept through the image whose raw caption the reward model scores highest
     (ties by uid), the others removed as `duplicate_of:<uid>`; before that, every image matching an evaluation
-    image is removed as `eval_contamination:<eval uid>`. Every cut and training set comes after it (views
-    `duplicates` and `dedup_removals`)."""
+    image (or an image of the labelled classification set) is removed as `eval_contamination:<eval uid>`. Every
+    cut and training set comes after it (views `duplicates` and `dedup_removals`)."""
     from ca_platform.dedup.pool import deduplicate_pool
 
     data = storage.data_store()

@@ -1,5 +1,5 @@
-"""Training: clip_checkpoint and blip_checkpoint, the same models trained on each training-set variant at an
-equal budget."""
+"""Training: clip_checkpoint and blip_checkpoint, the same models trained on each training set (full, and each
+variant at each keep fraction k: partitions such as `reward_topk@0.3`) at an equal budget."""
 
 from dagster import (
     AllPartitionMapping,
@@ -36,8 +36,9 @@ def checkpoint_asset(model: str) -> AssetsDefinition:
     def checkpoint(
         context: AssetExecutionContext, storage: PlatformStorage, model_training: ModelTrainingConfig
     ) -> MaterializeResult:
-        """Trained on the variant's webdataset tars with fixed seeds (one model per seed of `model_training.seeds`)
-        and the budget held equal across variants; saved as safetensors with its training metrics, versioned by
+        """Trained on the training set's webdataset tars with fixed seeds (one model per seed of
+        `model_training.seeds`) and the budget held equal across training sets (samples seen: passes over the full
+        pool, whatever k); saved as safetensors with its training metrics, versioned by
         content hash. Not retrained while the variant's pairs and the settings are unchanged."""
         variant = context.partition_key
         data = storage.data_store()

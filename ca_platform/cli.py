@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ca_platform.compression import DEFAULT_KEEP_FRACTION
+from ca_platform.compression import DEFAULT_KEEP_FRACTION, DEMO_KEEP_FRACTIONS, parse_keep_fractions
 from ca_platform.demo.shapes_pool import ShapesWorldConfig
 from ca_platform.instance import (
     PG_URL_ENV,
@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from ca_platform.resources import CaptioningConfig
 
 DEMO_HOST = "127.0.0.1"
+
+
+def _keep_fractions(text: str) -> tuple[float, ...]:
+    """`--keep 0.1,0.3,0.5` (or one number): the compression curve, with the reason when it is not one."""
+    try:
+        return parse_keep_fractions(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_s3(parser: argparse.ArgumentParser) -> None:
@@ -76,9 +84,14 @@ def _engine(args: argparse.Namespace) -> EngineSettings:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from ca_platform import runner
+    from ca_platform.evaluation.classification import TemplateError
+    from ca_platform.evaluation.classification_set import ClassificationSetError
     from ca_platform.preferences.files import PreferenceFormatError
     from ca_platform.resources import ModelTrainingConfig, build_resources
 
+    if (args.eval_classes or args.eval_template) and not args.eval:
+        print("error: --eval-classes and --eval-template need --eval (models train only with it)", file=sys.stderr)
+        return 2
     resources = build_resources(
         args.pool,
         args.data,
@@ -88,6 +101,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         preference_image_root=args.preference_image_root,
         keep_fraction=args.keep,
         evaluation_uri=args.eval,
+        classes_uri=args.eval_classes,
+        class_templates=args.eval_template,
         model_training=ModelTrainingConfig(seeds=args.seeds),
         captioning=_captioning(args),
     )
@@ -99,7 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             force=args.force,
             engine=_engine(args),
         )
-    except PreferenceFormatError as err:  # raised before anything ran: the list of problems is the whole story
+    except (PreferenceFormatError, ClassificationSetError, TemplateError) as err:  # raised before anything ran
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(runner.report(run))
@@ -248,10 +263,11 @@ def _cmd_instance(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ca_platform import runner
-    from ca_platform.demo.annotators import ShapesPreferenceConfig, write_shapes_preferences
+    from ca_platform.demo.annotators import ShapesPreferenceConfig, preference_scene_keys, write_shapes_preferences
+    from ca_platform.demo.classification_set import DEMO_CLASS_TEMPLATES, write_shapes_classification_set
     from ca_platform.demo.evaluation_set import pool_images_to_leak, write_shapes_evaluation_set
     from ca_platform.demo.image_server import ImageServer
-    from ca_platform.demo.shapes_pool import generate_pool
+    from ca_platform.demo.shapes_pool import generate_pool, pool_scene_keys
     from ca_platform.demo.truth_audit import write_truth_audit
     from ca_platform.resources import CompressionConfig, ModelTrainingConfig, build_resources
 
@@ -272,9 +288,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"pool: {world.pool_dir}  (Ctrl-C to stop serving)", flush=True)
             server.wait()
             return 0
-        preferences = write_shapes_preferences(
-            root / "preferences", ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
-        )
+        preference_config = ShapesPreferenceConfig(images=args.preference_images, avoid_pool=config)
+        preferences = write_shapes_preferences(root / "preferences", preference_config)
         print(f"preferences: {preferences} (images disjoint from the pool)")
         leaked = pool_images_to_leak(world, args.leaked_eval_images)
         evaluation = write_shapes_evaluation_set(
@@ -284,6 +299,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"evaluation set: {evaluation} ({args.eval_images} held-out images, 2 references each, and "
             f"{len(leaked)} copies of pool images, which decontamination removes from the pool)"
         )
+        classes = None
+        if args.class_images:
+            avoid = pool_scene_keys(config) | preference_scene_keys(preference_config)
+            classes = write_shapes_classification_set(
+                world_dir, server.base_url, images=args.class_images, seed=args.seed, avoid=avoid
+            )
+            print(
+                f"labelled set: {classes} ({args.class_images} images, the class the colour and shape of the largest "
+                "object: zero-shot classification of every variant's CLIP)"
+            )
         resources = build_resources(
             str(world.pool_dir),
             str(root / "data"),
@@ -292,6 +317,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             preferences_uri=str(preferences),
             keep_fraction=args.keep,
             evaluation_uri=str(evaluation),
+            classes_uri=str(classes) if classes else None,
+            class_templates=DEMO_CLASS_TEMPLATES,
             model_training=ModelTrainingConfig(full_epochs=args.full_epochs, seeds=args.seeds),
             captioning=_captioning(args, pool_epochs=args.full_epochs),
             # the shapes world draws flat colours on flat grounds: too little low-frequency content for a pHash,
@@ -342,10 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--keep",
-        type=float,
-        metavar="K",
-        help=f"keep this fraction of the scored pool (e.g. {DEFAULT_KEEP_FRACTION}): the cut and subsets of every "
-        "variant",
+        type=_keep_fractions,
+        metavar="K[,K...]",
+        help=f"keep this fraction of the scored pool (e.g. {DEFAULT_KEEP_FRACTION}), or each of several for the "
+        "compression curve (e.g. 0.1,0.2,0.3,0.5): the cut and subsets of every variant at every k, and with "
+        "--eval models trained on each",
     )
     run.add_argument(
         "--eval",
@@ -353,6 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"held-out evaluation set (parquet url, caption): after the subsets (at --keep, default "
         f"{DEFAULT_KEEP_FRACTION}), train CLIP and BLIP on every variant, evaluate them and write "
         "reports/curation_report.json",
+    )
+    run.add_argument(
+        "--eval-classes",
+        metavar="FILE",
+        help="labelled set for zero-shot classification (parquet url, label, and optionally name: a readable class "
+        "name per label); with --eval, every variant's CLIP is also scored on top-1/top-5 accuracy in the report",
+    )
+    run.add_argument(
+        "--eval-template",
+        action="append",
+        metavar="TEMPLATE",
+        help="a prompt template for --eval-classes, '{}' standing for the class name (e.g. 'a photo of a {}.'); "
+        "repeatable, each class's text embedding is the mean over them (default: a handful of CLIP's)",
     )
     _add_recaption(run, default=False)
     _add_s3(run)
@@ -407,9 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=ShapesWorldConfig.shards)
     demo.add_argument("--rows", type=int, default=ShapesWorldConfig.rows_per_shard, help="rows per shard")
     demo.add_argument("--seed", type=int, default=ShapesWorldConfig.seed)
-    demo.add_argument("--keep", type=float, default=DEFAULT_KEEP_FRACTION, help="fraction of the pool to keep")
+    demo.add_argument(
+        "--keep",
+        type=_keep_fractions,
+        default=",".join(map(str, DEMO_KEEP_FRACTIONS)),
+        metavar="K[,K...]",
+        help="fractions of the pool to keep: the compression curve's points (default: %(default)s)",
+    )
     demo.add_argument("--preference-images", type=int, default=2000, help="images with ranked captions")
     demo.add_argument("--eval-images", type=int, default=300, help="held-out evaluation images")
+    demo.add_argument(
+        "--class-images",
+        type=int,
+        default=300,
+        metavar="N",
+        help="labelled images for zero-shot classification (class: colour and shape of the largest object); 0: none",
+    )
     demo.add_argument(
         "--duplicates",
         type=float,

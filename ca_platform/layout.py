@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+from ca_platform.schemas import TRAINING_VARIANTS, UNCUT_VARIANTS
+
 RAW_DIR = "raw"
 DOWNLOADS_DIR = "downloads"
 ROWS_FILE = "rows.parquet"
@@ -14,6 +18,7 @@ SCORE_THRESHOLD_PLOT_KEY = f"{REPORTS_DIR}/score_threshold.png"
 CURATION_REPORT_KEY = f"{REPORTS_DIR}/curation_report.json"  # curation_report: the figures per variant
 CURATION_TABLE_KEY = f"{REPORTS_DIR}/curation_report.md"
 CURATION_PLOT_KEY = f"{REPORTS_DIR}/curation_report.png"
+CURATION_CURVE_PLOT_KEY = f"{REPORTS_DIR}/curation_curve.png"  # the figures against the keep fraction
 CAPTION_ANALYTICS_KEY = f"{REPORTS_DIR}/caption_analytics.json"  # caption_analytics: per caption source
 CAPTION_ANALYTICS_PLOT_KEY = f"{REPORTS_DIR}/caption_analytics.png"
 DEMO_TRUTH_REPORT_KEY = f"{REPORTS_DIR}/demo_truth.json"  # the demo only: scorers and cuts against its truth files
@@ -169,15 +174,57 @@ DEDUP_REPORT_KEY = f"{REPORTS_DIR}/duplicate_groups.json"  # counts, settings an
 DEDUP_PLOT_KEY = f"{REPORTS_DIR}/duplicate_groups.png"
 
 
+# A training set: what one CLIP and BLIP are trained on, and one Dagster partition of the models and their
+# evaluations. `<variant>@<k>` for a variant cut at keep fraction k (`reward_topk@0.3`), the bare variant for
+# those that keep every pair (`full`, `recap_all`, `recap_mix_p`): one point of the compression curve each. The
+# key also names the subset's folder, the models' kinds and the evaluation reports.
+KEEP_FRACTION_SEPARATOR = "@"
+
+
+def training_set_key(variant: str, keep_fraction: float | None) -> str:
+    """The key of `variant` cut at `keep_fraction` (ignored for the variants that keep every pair); k is written
+    as the shortest decimal that reads back as the same float (0.3 -> "0.3")."""
+    if variant not in TRAINING_VARIANTS:
+        raise ValueError(f"unknown training variant {variant!r}; expected one of {TRAINING_VARIANTS}")
+    if variant in UNCUT_VARIANTS:
+        return variant
+    if keep_fraction is None:
+        raise ValueError(f"{variant} is cut at a keep fraction k: its training sets are {variant}@<k>")
+    return f"{variant}{KEEP_FRACTION_SEPARATOR}{float(keep_fraction)!r}"
+
+
+def parse_training_set_key(key: str) -> tuple[str, float | None]:
+    """(variant, keep fraction) of a training-set key; the fraction is None for the variants that keep every
+    pair. A key that `training_set_key` would not write is an error naming it."""
+    variant, separator, fraction = key.partition(KEEP_FRACTION_SEPARATOR)
+    keep_fraction = None
+    if separator:
+        try:
+            keep_fraction = float(fraction)
+        except ValueError:
+            keep_fraction = math.nan
+    try:
+        canonical = training_set_key(variant, keep_fraction)
+    except ValueError as error:
+        raise ValueError(f"training set {key!r}: {error}") from error
+    if canonical != key or (keep_fraction is not None and not 0.0 < keep_fraction <= 1.0):
+        raise ValueError(
+            f"training set {key!r} is not a key: expected `full`, `recap_all`, `recap_mix_p` or "
+            f"`<variant>{KEEP_FRACTION_SEPARATOR}<k>` with k in (0, 1], e.g. reward_topk@0.3"
+        )
+    return variant, keep_fraction
+
+
 SUBSETS_DIR = "subsets"
 SUBSET_MEMBERSHIP_FILE = "membership.parquet"
 SUBSET_UIDS_FILE = "uids.txt"
 SUBSET_MANIFEST_FILE = "manifest.json"
 
 
-def subset_prefix(variant: str, shard: str) -> str:
-    """One shard's part of a compressed subset: its tar, uid list, manifest and membership table."""
-    return f"{SUBSETS_DIR}/{variant}/{shard}"
+def subset_prefix(training_set: str, shard: str) -> str:
+    """One shard's part of a compressed subset (a `training_set_key`): its tar, uid list, manifest and membership
+    table."""
+    return f"{SUBSETS_DIR}/{training_set}/{shard}"
 
 
 def subset_tar_name(shard: str, token: str = "") -> str:
@@ -185,14 +232,14 @@ def subset_tar_name(shard: str, token: str = "") -> str:
     return f"{shard}.{token}.tar" if token else f"{shard}.tar"
 
 
-def subset_manifest_key(variant: str, shard: str) -> str:
+def subset_manifest_key(training_set: str, shard: str) -> str:
     """Counts and the tar's name; published last, it marks the shard's subset complete."""
-    return f"{subset_prefix(variant, shard)}/{SUBSET_MANIFEST_FILE}"
+    return f"{subset_prefix(training_set, shard)}/{SUBSET_MANIFEST_FILE}"
 
 
-def subset_membership_key(variant: str, shard: str) -> str:
+def subset_membership_key(training_set: str, shard: str) -> str:
     """Every downloaded pair of the shard, kept or not (what the DuckDB view `subsets` reads)."""
-    return f"{subset_prefix(variant, shard)}/{SUBSET_MEMBERSHIP_FILE}"
+    return f"{subset_prefix(training_set, shard)}/{SUBSET_MEMBERSHIP_FILE}"
 
 
 EVALUATION_DIR = "evaluation"
@@ -204,25 +251,36 @@ def evaluation_prefix(version: str) -> str:
     return f"{EVALUATION_DIR}/{version}"
 
 
+CLASSIFICATION_DIR = "classification"
+CURRENT_CLASSIFICATION_KEY = f"{CLASSIFICATION_DIR}/{CURRENT_FILE}"  # which labelled classification set is current
+
+
+def classification_prefix(version: str) -> str:
+    """A downloaded labelled classification set (tars, ledger, labels), named by the content hash of its file."""
+    return f"{CLASSIFICATION_DIR}/{version}"
+
+
 # The models trained on each training-set variant (and the assets that train them).
 CLIP_CHECKPOINT = "clip_checkpoint"
 BLIP_CHECKPOINT = "blip_checkpoint"
 
 
-def trained_model_kind(model: str, variant: str, seed: int) -> str:
-    """Checkpoints of one model (CLIP_CHECKPOINT, BLIP_CHECKPOINT) trained on one training-set variant with one
-    training seed (a report over several seeds trains one model per seed)."""
-    return f"{model}/{variant}/seed-{seed}"
+def trained_model_kind(model: str, training_set: str, seed: int) -> str:
+    """Checkpoints of one model (CLIP_CHECKPOINT, BLIP_CHECKPOINT) trained on one training set (a
+    `training_set_key`) with one training seed (a report over several seeds trains one model per seed)."""
+    return f"{model}/{training_set}/seed-{seed}"
 
 
-# Each variant's evaluations: retrieval_eval (of its CLIP) and captioning_eval (of its BLIP).
+# Each variant's evaluations: retrieval_eval and classification_eval (of its CLIP), captioning_eval (of its BLIP).
 RETRIEVAL_REPORT = "retrieval"
 CAPTIONING_REPORT = "captioning"
+CLASSIFICATION_REPORT = "classification"
 
 
-def variant_report_key(report: str, variant: str) -> str:
-    """One variant's evaluation report (RETRIEVAL_REPORT or CAPTIONING_REPORT), e.g. reports/retrieval/full.json."""
-    return f"{REPORTS_DIR}/{report}/{variant}.json"
+def variant_report_key(report: str, training_set: str) -> str:
+    """One training set's evaluation report (RETRIEVAL_REPORT, CAPTIONING_REPORT or CLASSIFICATION_REPORT), e.g.
+    reports/retrieval/reward_topk@0.3.json."""
+    return f"{REPORTS_DIR}/{report}/{training_set}.json"
 
 
 # DuckDB view name -> glob of the parquet files it reads, relative to the data root (or its local mirror).

@@ -26,6 +26,7 @@ from ca_platform.assets import (
     ALL_ASSETS,
     CAPTION_ANALYTICS_ASSETS,
     CAPTIONER_ASSETS,
+    CLASSIFICATION_SET_ASSETS,
     DEDUP_ASSETS,
     EVALUATION_SET_ASSETS,
     PINNED_REWARD_ASSETS,
@@ -37,11 +38,13 @@ from ca_platform.assets import (
     SOURCE_ASSETS,
     SPINE_ASSETS,
     THRESHOLD_ASSETS,
+    VARIANT_CLASSIFICATION_ASSETS,
     VARIANT_MODEL_ASSETS,
 )
-from ca_platform.assets.partitions import POOL_SHARDS
+from ca_platform.assets.partitions import POOL_SHARDS, register_training_sets
 from ca_platform.engine import Engine, EngineSettings, InlineEngine, Work, WorkerLost, current_placement, open_engine
-from ca_platform.evaluation.report import CurationRow, curation_text
+from ca_platform.evaluation.classification_set import read_classification_file
+from ca_platform.evaluation.report import CurationRow, curation_text, curve_fractions, curve_text, per_k_tables
 from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import PoolShard, discover_shards
 from ca_platform.preferences.files import validate_preference_file
@@ -82,8 +85,10 @@ SHARD_STAGES = {
     "scores": ShardStage(SHARD_SCORE_ASSETS, "scorer", layout.scores_step(schemas.REWARD_MODEL)),
     "captions": ShardStage(SHARD_CAPTION_ASSETS, "scorer", layout.CAPTION_STEP),
     "subsets": ShardStage(SHARD_SUBSET_ASSETS, "task", layout.SUBSET_STEP),
-    # per training variant: its CLIP and BLIP and their evaluations, variants side by side
+    # per training set (full, each variant at each k): its CLIP and BLIP and their evaluations, side by side
     "models": ShardStage(VARIANT_MODEL_ASSETS, "trainer", None),
+    # the same with a labelled set: its CLIP's zero-shot classification too, in the same run
+    "models+classification": ShardStage([*VARIANT_MODEL_ASSETS, *VARIANT_CLASSIFICATION_ASSETS], "trainer", None),
 }
 
 
@@ -226,7 +231,8 @@ def run_lineage(
     `success` stays False while any shard is quarantined.
 
     The preference file is validated whole first (format and every image), so a bad one raises
-    PreferenceFormatError listing every problem within seconds, before any shard is registered or downloaded.
+    PreferenceFormatError listing every problem within seconds, before any shard is registered or downloaded;
+    so is a labelled classification set's file (ClassificationSetError) and its templates (TemplateError).
     """
     storage, downloader = resources["storage"], resources["downloader"]
     preferences, evaluation = resources["preferences"], resources["evaluation"]
@@ -236,6 +242,11 @@ def run_lineage(
         with tempfile.TemporaryDirectory(prefix="ca-preferences-") as fetched:
             policy = downloader.settings().policy
             validate_preference_file(Path(preferences.uri), policy, Path(fetched), image_root=preferences.image_root)
+    if evaluation.classes_uri:  # a bad labelled set or template fails now, not after the models have trained
+        from ca_platform.evaluation.classification import check_templates  # torch, through retrieval's metrics
+
+        check_templates(evaluation.class_templates)
+        read_classification_file(Path(evaluation.classes_uri))
     settings = engine or EngineSettings.from_env()
     with lineage_instance(instance, settings) as dagster_instance:
         driver = _StageDriver(open_engine(settings), resources, dagster_instance, log_level)
@@ -268,16 +279,18 @@ class _StageDriver:
     log_level: str
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def per_shard(self, stage: str, shards: Sequence[str]) -> list[StageRun]:
+    def per_shard(self, stage: str, shards: Sequence[str], label: str | None = None) -> list[StageRun]:
         """One run per shard of `stage`, through the engine (concurrently on Ray); results in the shards' order.
-        A shard whose worker was lost for good fails here and is quarantined; the others go on."""
+        A shard whose worker was lost for good fails here and is quarantined; the others go on. `label` names the
+        stage in progress lines and wall times (default: `stage`)."""
         spec = SHARD_STAGES[stage]
+        stage_key, stage = stage, label or stage
         if isinstance(self.engine, InlineEngine):  # same process: the resources and instance as they are
             run: Callable[[str], StageRun] = lambda key: _materialize(  # noqa: E731
                 spec.assets, self.resources, self.instance, key, self.log_level
             )
         else:
-            run = ShardStageRun(stage, recipe_of(self.resources), self.instance.get_ref(), self.log_level)
+            run = ShardStageRun(stage_key, recipe_of(self.resources), self.instance.get_ref(), self.log_level)
         storage = self.resources["storage"]
         assert isinstance(storage, PlatformStorage)
         started = time.monotonic()
@@ -338,6 +351,10 @@ class _StageDriver:
             runs.append(self.pool_wide("evaluation set", EVALUATION_SET_ASSETS))
             if not runs[-1].success:
                 return runs
+            if evaluation.classes_uri:
+                runs.append(self.pool_wide("classification set", CLASSIFICATION_SET_ASSETS))
+                if not runs[-1].success:
+                    return runs
         runs.append(self.pool_wide("dedup", DEDUP_ASSETS))
         if not runs[-1].success:
             return runs
@@ -365,13 +382,16 @@ class _StageDriver:
         return runs
 
     def _train_and_evaluate(self) -> list[StageRun]:
-        """Per training variant (full and every variant cut) its CLIP and BLIP and their evaluations, the
-        variants side by side on the engine, then the report."""
-        storage = self.resources["storage"]
-        assert isinstance(storage, PlatformStorage)
+        """Per training set (full, and every cut: each variant at each keep fraction) its CLIP and BLIP and their
+        evaluations (zero-shot classification too with a labelled set), side by side on the engine, then the
+        report."""
+        storage, evaluation = self.resources["storage"], self.resources["evaluation"]
+        assert isinstance(storage, PlatformStorage) and isinstance(evaluation, EvaluationConfig)
         cut = _read_report(storage, layout.SCORE_THRESHOLD_REPORT_KEY) or {}
-        variants = [v for v in schemas.TRAINING_VARIANTS if v == schemas.FULL or v in cut]
-        runs = self.per_shard("models", variants)
+        # score_threshold registered them on this instance; again here, for a cut published by another one
+        training_sets = register_training_sets(self.instance, cut)
+        stage = "models+classification" if evaluation.classes_uri else "models"
+        runs = self.per_shard(stage, training_sets, label="models")
         if all(run.success for run in runs):
             runs.append(self.pool_wide("report", REPORT_ASSETS))
         return runs
@@ -420,21 +440,24 @@ def report(run: LineageRun) -> str:
     thresholds = _read_report(run.storage, layout.SCORE_THRESHOLD_REPORT_KEY)
     if thresholds:
         lines += ["", "compressed subsets (DuckDB view `subsets`; every cut comes after dedup):"]
-        for variant in (v for v in schemas.SUBSET_VARIANTS if v in thresholds):
-            threshold = thresholds[variant]
+        width = max(map(len, thresholds))
+        for key, threshold in thresholds.items():
             kept, total = threshold["kept"], threshold["total"]
             ratio = total / kept if kept else float("inf")
             lines.append(
-                f"  {variant:15s} keep {threshold['keep_fraction']}: kept {kept} of {total} pairs, dropped "
+                f"  {key:{width}s} keep {threshold['keep_fraction']}: kept {kept} of {total} pairs, dropped "
                 f"{total - kept} ({ratio:.1f}x smaller), ranked by {threshold['model_version']}"
             )
-        cut = [v for v in schemas.SUBSET_VARIANTS if v in thresholds]
+        # one column per training set: its variant's membership rows at its k (the keys are written by the
+        # platform, and quoted as identifiers; the values are parameters)
+        cuts = [(t["variant"], t["keep_fraction"]) for t in thresholds.values()]
+        kept_at = 'count(*) FILTER (variant = ? AND keep_fraction = ? AND kept) AS "{}"'
+        columns = ", ".join(kept_at.format(key) for key in thresholds)
         per_shard = analytics.query(
             db,
-            "SELECT shard, count(*) FILTER (variant = ?) AS pairs, "
-            + ", ".join(f"count(*) FILTER (variant = '{v}' AND kept) AS {v}" for v in cut)
-            + " FROM subsets GROUP BY shard ORDER BY shard",
-            [schemas.REWARD_TOPK],
+            f"SELECT shard, count(*) FILTER (variant = ? AND keep_fraction = ?) AS pairs, {columns} "
+            "FROM subsets GROUP BY shard ORDER BY shard",
+            [*cuts[0], *(value for cut in cuts for value in cut)],
         )
         lines += [per_shard.as_text()]
     lines += _caption_lines(run.storage)
@@ -464,12 +487,15 @@ def report(run: LineageRun) -> str:
     lines.append(f'\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} "SELECT ...")')
     curation = _read_report(run.storage, layout.CURATION_REPORT_KEY)
     if curation:
-        rows = [CurationRow(variant=v, **curation[v]) for v in schemas.TRAINING_VARIANTS if v in curation]
+        rows = [CurationRow(variant=key, **figures) for key, figures in curation.items()]
         lines += [
             "",
-            f"curation report ({layout.CURATION_TABLE_KEY}; models trained on each variant, equal samples seen):",
-            curation_text(rows),
+            f"curation report ({layout.CURATION_TABLE_KEY}; models trained on each training set, equal samples seen; "
+            f"the compression curve: {layout.CURATION_CURVE_PLOT_KEY}):",
+            per_k_tables(rows, curation_text, "keep fraction k = {k:g}:"),
         ]
+        if curve_fractions(rows):
+            lines += ["", f"the compression curve ({layout.CURATION_CURVE_PLOT_KEY}):", curve_text(rows)]
     return "\n".join(lines)
 
 

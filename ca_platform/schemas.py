@@ -18,6 +18,8 @@ ROW_INDEX = "row_index"
 STATUS = "status"
 ERROR = "error"
 SKIP_REASON = "skip_reason"  # why a raw row is not sent to download; null for rows that are
+LABEL = "label"  # a labelled classification set's class of an image (ca_platform.evaluation.classification_set)
+CLASS_NAME = "name"  # its optional readable class name, what the prompts say; default: the label as text
 
 # A validated pool shard: every input row, in input order, with the reason it will not be downloaded. Its parquet
 # file carries the pool file's fingerprint under this metadata key, so the download knows what it was made from.
@@ -29,6 +31,14 @@ RAW_SHARD: Mapping[str, pl.DataType] = {
     URL: pl.String(),
     CAPTION: pl.String(),
     SKIP_REASON: pl.String(),
+}
+
+# One row per distinct image of a labelled classification set, as staged beside its download ledger.
+CLASSIFICATION_LABELS: Mapping[str, pl.DataType] = {
+    UID: pl.String(),
+    URL: pl.String(),
+    LABEL: pl.String(),
+    CLASS_NAME: pl.String(),
 }
 
 # One row per input row of a shard after download: the per-row ledger that proves nothing was lost.
@@ -108,6 +118,10 @@ FILTER_VARIANTS = (REWARD_TOPK, CLIPSCORE_TOPK, RANDOM_TOPK)  # keep or drop pai
 SUBSET_VARIANTS = (*FILTER_VARIANTS, *RECAPTION_VARIANTS)
 FULL = "full"  # every downloaded pair: what compression is measured against
 TRAINING_VARIANTS = (FULL, *SUBSET_VARIANTS)
+# Caption variants that keep every image (they change captions, not the count): like `full`, they have no keep
+# fraction, so the compression curve has one point of each, not one per k.
+KEEP_EVERY_IMAGE = (RECAP_ALL, RECAP_MIX)
+UNCUT_VARIANTS = (FULL, *KEEP_EVERY_IMAGE)
 # The scorer whose ranking each scored variant keeps the top of (random_topk ranks by a seeded key).
 VARIANT_SCORERS: Mapping[str, str] = {
     REWARD_TOPK: REWARD_MODEL,

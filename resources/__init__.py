@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from numbers import Real
 from typing import Any
 
 from dagster import ConfigurableResource, EnvVar
 
+from ca_platform.compression import keep_fractions, parse_keep_fractions
 from ca_platform.resources.settings import (
     DEFAULT_KEEP_FRACTION,
     BaselineConfig,
@@ -63,8 +65,10 @@ def build_resources(
     reward_training: RewardModelConfig | None = None,
     baselines: BaselineConfig | None = None,
     scoring: ScoringConfig | None = None,
-    keep_fraction: float | None = None,
+    keep_fraction: float | Sequence[float] | None = None,
     evaluation_uri: str | None = None,
+    classes_uri: str | None = None,
+    class_templates: Sequence[str] | None = None,
     model_training: ModelTrainingConfig | None = None,
     captioning: CaptioningConfig | None = None,
     compression: CompressionConfig | None = None,
@@ -72,10 +76,15 @@ def build_resources(
     """Every resource the assets ask for, by key; what is not given takes the resource's defaults.
 
     `pool_uri` and `data_uri` may be `EnvVar`s (read when Dagster runs); `download_options` are DownloadConfig
-    fields; `keep_fraction` None means DEFAULT_KEEP_FRACTION (`compression`, when given, sets the other compression
-    settings; `keep_fraction` still wins).
+    fields; `keep_fraction` is one fraction or the compression curve's several, None meaning `compression`'s (by
+    default DEFAULT_KEEP_FRACTION); `compression`, when given, sets the other compression settings; `classes_uri`
+    is the labelled set of zero-shot classification and `class_templates` its prompts (None: the default set).
     """
     compression = compression or CompressionConfig()
+    if keep_fraction is None:
+        curve = compression.curve()
+    else:
+        curve = keep_fractions([keep_fraction] if isinstance(keep_fraction, Real) else keep_fraction)
     return {
         "storage": PlatformStorage(
             pool_uri=pool_uri, data_uri=data_uri, s3=s3_resource(s3_endpoint_url), analytics_dir=analytics_dir
@@ -86,13 +95,12 @@ def build_resources(
         "reward_training": reward_training or RewardModelConfig(),
         "baselines": baselines or BaselineConfig(),
         "scoring": scoring or ScoringConfig(),
-        "compression": CompressionConfig(
-            **{
-                **compression.model_dump(),
-                "keep_fraction": DEFAULT_KEEP_FRACTION if keep_fraction is None else keep_fraction,
-            }
+        "compression": CompressionConfig(**{**compression.model_dump(), "keep_fractions": list(curve)}),
+        "evaluation": EvaluationConfig(
+            uri=evaluation_uri,
+            classes_uri=classes_uri,
+            **({"class_templates": list(class_templates)} if class_templates is not None else {}),
         ),
-        "evaluation": EvaluationConfig(uri=evaluation_uri),
         "model_training": model_training or ModelTrainingConfig(),
         "captioning": captioning or CaptioningConfig(),
     }
@@ -121,8 +129,9 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
     """The resources `dagster dev` uses: required locations from CA_POOL_URI / CA_DATA_URI, the rest optional.
 
     CA_ALLOW_HOSTS (comma-separated), CA_ANALYTICS_DIR, CA_PREFERENCES_URI, CA_PREFERENCE_IMAGE_ROOT,
-    CA_KEEP_FRACTION, CA_EVAL_URI, CA_CLIP_DIR, CA_BLIP_DIR, CA_RECAPTION (1: recaptioning on) and CA_CAPTIONER_DIR
-    (a local pretrained captioner); unset or empty means the default. S3 credentials,
+    CA_KEEP_FRACTION (one fraction or a comma list: the compression curve), CA_EVAL_URI, CA_EVAL_CLASSES_URI (a
+    labelled set for zero-shot classification), CA_CLIP_DIR, CA_BLIP_DIR, CA_RECAPTION (1: recaptioning on) and
+    CA_CAPTIONER_DIR (a local pretrained captioner); unset or empty means the default. S3 credentials,
     region and endpoint come from boto3's usual environment (AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL, ...).
     """
     return build_resources(
@@ -137,6 +146,7 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
         ),
         keep_fraction=_keep_fraction_from_env(),
         evaluation_uri=os.environ.get("CA_EVAL_URI"),
+        classes_uri=os.environ.get("CA_EVAL_CLASSES_URI") or None,
         captioning=CaptioningConfig(
             enabled=os.environ.get("CA_RECAPTION", "").strip().lower() in ("1", "true", "yes"),
             pretrained_dir=os.environ.get("CA_CAPTIONER_DIR") or None,
@@ -144,11 +154,12 @@ def resources_from_env() -> dict[str, ConfigurableResource]:
     )
 
 
-def _keep_fraction_from_env() -> float | None:
+def _keep_fraction_from_env() -> tuple[float, ...] | None:
+    """CA_KEEP_FRACTION: one keep fraction, or the compression curve's as a comma list (0.1,0.3,0.5)."""
     value = os.environ.get("CA_KEEP_FRACTION", "").strip()
     if not value:
         return None
     try:
-        return float(value)
+        return parse_keep_fractions(value)
     except ValueError as error:
-        raise ValueError(f"CA_KEEP_FRACTION must be a number in [0, 1], got {value!r}") from error
+        raise ValueError(f"CA_KEEP_FRACTION: {error}") from error

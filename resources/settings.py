@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ca_platform.compression import DEFAULT_KEEP_FRACTION
+from ca_platform.compression import DEFAULT_KEEP_FRACTION, keep_fractions
+from ca_platform.evaluation import DEFAULT_CLASS_TEMPLATES
+from ca_platform.evaluation.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, BootstrapSettings
 from ca_platform.ingest.download_guard import DEFAULT_DEADLINE_S, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, GuardPolicy
 from ca_platform.ingest.quality import QualityThresholds
 from ca_platform.schemas import POOL_BLIP_BACKBONE
@@ -153,9 +155,13 @@ class BaselineConfig(ConfigurableResource):
 
 
 class CompressionConfig(ConfigurableResource):
-    """How hard to compress: the fraction of the pool the reward model keeps (the paper goes down to ~0.12)."""
+    """How hard to compress: the fractions of the pool every ranking keeps (the paper goes down to ~0.12)."""
 
-    keep_fraction: float = Field(default=DEFAULT_KEEP_FRACTION, ge=0.0, le=1.0)
+    keep_fractions: list[float] = Field(
+        default=[DEFAULT_KEEP_FRACTION],
+        description="The compression curve: every subset variant is cut at each of these fractions of the scored "
+        "pool, each in (0, 1], and models are trained on every cut.",
+    )
     random_seed: int = Field(default=0, description="Seed of the random_topk baseline's uniform sample.")
     recap_mix_probability: float = Field(
         default=0.8,
@@ -180,6 +186,10 @@ class CompressionConfig(ConfigurableResource):
     semantic_cluster_size: int = Field(
         default=1024, ge=2, description="Largest embedding cluster semantic dedup compares pairwise within."
     )
+
+    def curve(self) -> tuple[float, ...]:
+        """The keep fractions, checked, ascending, each once."""
+        return keep_fractions(self.keep_fractions)
 
     def dedup_settings(self) -> DedupSettings:
         from ca_platform.dedup.groups import DedupSettings  # scipy: imported where dedup runs
@@ -231,12 +241,33 @@ class CaptioningConfig(ConfigurableResource):
 
 class EvaluationConfig(ConfigurableResource):
     """The held-out clean evaluation set: parquet `url, caption` (rows sharing a URL: one image, several
-    references)."""
+    references), and optionally a labelled set for zero-shot classification: parquet `url, label[, name]`."""
 
     uri: str | None = Field(default=None, description="Local parquet file with url, caption columns.")
+    classes_uri: str | None = Field(
+        default=None,
+        description="Local parquet file with url, label and optionally name (a readable class name per label): "
+        "each variant's CLIP is then also scored on zero-shot top-1/top-5 accuracy (classification_eval). "
+        "Unset: no classification.",
+    )
+    class_templates: list[str] = Field(
+        default=list(DEFAULT_CLASS_TEMPLATES),
+        description="Prompt templates, each with '{}' where the class name goes; a class's text embedding is the "
+        "normalised mean of its prompts' normalised embeddings.",
+    )
     batch_size: int = 64
     max_new_tokens: int = 24
     device: str | None = None
+    bootstrap_resamples: int = Field(
+        default=DEFAULT_RESAMPLES, ge=1, description="Resamples of the evaluation items behind each interval."
+    )
+    confidence: float = Field(default=DEFAULT_CONFIDENCE, gt=0, lt=1, description="The level of the intervals.")
+    bootstrap_seed: int = Field(
+        default=DEFAULT_SEED, description="Seed of the resampling: the same report for the same figures."
+    )
+
+    def bootstrap(self) -> BootstrapSettings:
+        return BootstrapSettings(self.bootstrap_resamples, self.confidence, self.bootstrap_seed)
 
 
 class ModelTrainingConfig(ConfigurableResource):

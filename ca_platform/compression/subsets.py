@@ -25,7 +25,7 @@ from ca_platform import layout, schemas
 from ca_platform.analytics.plots import histogram_png
 from ca_platform.audit import AuditFailed, StagedOutput, audit_and_publish, reject
 from ca_platform.captioning.shards import read_synthetic_captions
-from ca_platform.compression.threshold import mirror_if_remote, published_thresholds, shard_membership
+from ca_platform.compression.threshold import histogram_cut, mirror_if_remote, published_thresholds, shard_membership
 from ca_platform.ingest.download import downloaded_rows, fetch_downloaded_tars, read_download_ledger
 from ca_platform.ingest.quality import CheckOutcome, check_subsets
 from ca_platform.ingest.webdataset_io import iter_samples
@@ -39,8 +39,8 @@ class SubsetError(RuntimeError):
 
 @dataclass(frozen=True)
 class WrittenSubsets:
-    manifests: dict[str, dict[str, Any]]  # variant -> its manifest
-    written: dict[str, list[str]]  # variant -> the uids written to its tar, in order
+    manifests: dict[str, dict[str, Any]]  # training set (`<variant>@<k>`, ...) -> its manifest
+    written: dict[str, list[str]]  # training set -> the uids written to its tar, in order
 
 
 def _kept_captions(membership: pl.DataFrame) -> dict[str, tuple[str, int | None]]:
@@ -57,8 +57,9 @@ def write_shard_subsets(
     token: str = "",
     synthetic: Mapping[tuple[str, int], str] | None = None,
 ) -> WrittenSubsets:
-    """Write each variant's tar, uid list, manifest and membership of one shard into `out_root/<variant>`, in
-    one pass over the download tars. `token` goes into the tar's name (see layout.subset_tar_name).
+    """Write each training set's tar, uid list, manifest and membership of one shard into
+    `out_root/<training set>` (`memberships` is keyed by training set: a variant at each k), in one pass over
+    the download tars. `token` goes into the tar's name (see layout.subset_tar_name).
 
     The samples are copied byte for byte (image, json) in canonical order, each with the caption its membership
     names: its own, the synthetic candidate of `synthetic` ((uid, rank) -> caption), or (recap_mix_p) its own
@@ -97,8 +98,8 @@ def write_shard_subsets(
                 written[variant].append(uid)
                 sizes[variant] += len(sample.image)
     manifests = {
-        variant: _write_beside_tar(membership, written[variant], sizes[variant], out_root / variant, shard, token)
-        for variant, membership in memberships.items()
+        key: _write_beside_tar(membership, key, written[key], sizes[key], out_root / key, shard, token)
+        for key, membership in memberships.items()
     }
     return WrittenSubsets(manifests, written)
 
@@ -124,12 +125,13 @@ def _caption_and_meta(
 
 
 def _write_beside_tar(
-    membership: pl.DataFrame, written: list[str], size: int, out_dir: Path, shard: str, token: str
+    membership: pl.DataFrame, training_set: str, written: list[str], size: int, out_dir: Path, shard: str, token: str
 ) -> dict[str, Any]:
     (out_dir / layout.SUBSET_UIDS_FILE).write_text("".join(f"{uid}\n" for uid in written))
     first = membership.row(0, named=True) if membership.height else {}
     manifest = {
         "shard": shard,
+        "training_set": training_set,
         "variant": first.get("variant"),
         "model_version": first.get("model_version"),
         "keep_fraction": first.get("keep_fraction"),
@@ -146,7 +148,7 @@ def _write_beside_tar(
 
 @dataclass(frozen=True)
 class ShardSubsets:
-    manifests: list[dict[str, Any]]  # one per variant, in the score-threshold report's order
+    manifests: list[dict[str, Any]]  # one per training set, in the score-threshold report's order
     outcomes: list[CheckOutcome]  # the audit that let them be published
     plot: Path  # the shard's reward scores, kept and dropped
 
@@ -159,7 +161,8 @@ def compress_shard(
     scratch: Path,
     refresh: Callable[[list[str]], None],
 ) -> ShardSubsets:
-    """Apply every variant's published cut to one shard, audit the result and publish its subsets if it passes
+    """Apply every published cut (each variant at each k) to one shard, audit the result and publish its subsets
+    if it passes
     (AuditFailed otherwise, the attempt kept under rejected/); `refresh(keys)` makes the memberships visible
     to the DuckDB views.
 
@@ -190,7 +193,7 @@ def compress_shard(
         }
     )
     mirror_if_remote(store, files_root, [layout.download_rows_key(shard), *scored])
-    memberships = {t.variant: shard_membership(files_root, t, shard) for t in thresholds}
+    memberships = {t.key: shard_membership(files_root, t, shard) for t in thresholds}
     captioners = {t.captioner_version for t in thresholds if t.captioner_version}
     synthetic = {
         (uid, rank): caption
@@ -213,7 +216,7 @@ def compress_shard(
         for stale in previous - {*output.files, output.index_key}:
             store.delete(stale)
     refresh([layout.subset_membership_key(variant, shard) for variant in memberships])
-    plot = shard_score_plot(memberships[REWARD_TOPK], scratch / "plot.png", shard)
+    plot = shard_score_plot(memberships[histogram_cut(thresholds).key], scratch / "plot.png", shard)
     return ShardSubsets([written.manifests[v] for v in memberships], outcomes, plot)
 
 

@@ -3,14 +3,15 @@
 A variant ranks the downloaded pairs by a score: the reward model's (`reward_topk`, the method), CLIP
 score's (`clipscore_topk`, DataComp's baseline) or a seeded uniform key (`random_topk`). Exactly
 `keep_count(k, N)` pairs are kept: the best scores first, ties broken by uid and then shard (ascending), so
-the same scores always give the same cut whatever order the files are read in.
+the same scores always give the same cut whatever order the files are read in. Every variant is cut at every
+keep fraction k of the compression curve, each cut one training set (`layout.training_set_key`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ca_platform.ingest.download import downloaded_shards
 from ca_platform.schemas import (
     CLIP_SCORE,
     CLIPSCORE_TOPK,
+    KEEP_EVERY_IMAGE,
     MIXED_CAPTION,
     RANDOM_TOPK,
     RAW_CAPTION,
@@ -60,6 +62,11 @@ class ScoreThreshold:
     removed: int = 0  # pairs of the healthy shards dedup and decontamination removed before the cut
     captioner_version: str | None = None  # the synthetic captions a caption variant chose among
     synthetic_caption_probability: float | None = None  # recap_mix_p: how often training draws the synthetic one
+
+    @property
+    def key(self) -> str:
+        """The training set this cut makes (`reward_topk@0.3`; `recap_all` for a variant keeping every image)."""
+        return layout.training_set_key(self.variant, self.keep_fraction)
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "excluded": list(self.excluded)}
@@ -198,39 +205,60 @@ def score_threshold(
     excluded: Sequence[str] = (),
     captioner_version: str | None = None,
 ) -> ScoreThreshold:
-    """The cut of `variant` over all shards under `files_root` (a local data root or its mirror) but the
-    `excluded` (quarantined) ones.
+    """The cut of `variant` at one keep fraction (see `score_thresholds`)."""
+    return score_thresholds(files_root, variant, model_version, [keep_fraction], excluded, captioner_version)[0]
 
-    Found by selection rather than by sorting every pair with its strings: the kept-th best score by one
-    `quantile_disc` pass over the score column, then its place among the pairs tied at that score, the only
-    rows whose uid and shard are read. random_topk computes its key from every uid at each pass, so its cut is
-    looked for in one pass first, among the few pairs whose uniform keys lie near where the cut must fall.
+
+def score_thresholds(
+    files_root: Path,
+    variant: str,
+    model_version: str,
+    keep_fractions: Iterable[float],
+    excluded: Sequence[str] = (),
+    captioner_version: str | None = None,
+) -> list[ScoreThreshold]:
+    """The cuts of `variant` at each of `keep_fractions` over all shards under `files_root` (a local data root or
+    its mirror) but the `excluded` (quarantined) ones, in the fractions' order.
+
+    Found by selection rather than by sorting every pair with its strings: the kept-th best score of every cut
+    by one `quantile_disc` pass over the score column, then each cut's place among the pairs tied at its score,
+    the only rows whose uid and shard are read. random_topk computes its key from every uid at each pass, so its
+    cuts are looked for in one pass first, among the few pairs whose uniform keys lie near where each must fall.
     """
+    fractions = list(keep_fractions)
     relation, params = ranked_pairs(
         files_root, variant, model_version, excluded=excluded, captioner_version=captioner_version
     )
     with duckdb.connect() as con:
         total = con.execute(f"SELECT count(*) FROM ({relation})", params).fetchone()[0]
-        kept = keep_count(keep_fraction, total)
-        last = None
-        if kept and variant == RANDOM_TOPK:
-            last = _cut_near_uniform_rank(con, relation, params, total, kept)
-        if kept and last is None:
-            last = _cut_by_selection(con, relation, params, total, kept)
-    score, uid, shard = last if last else (None, None, None)
-    return ScoreThreshold(
-        variant,
-        model_version,
-        keep_fraction,
-        total,
-        kept,
-        score,
-        uid,
-        shard,
-        tuple(excluded),
-        removed_before_cut(files_root, excluded),
-        captioner_version,
-    )
+        counts = [keep_count(fraction, total) for fraction in fractions]
+        wanted = sorted({kept for kept in counts if kept})
+        lasts: dict[int, tuple[float, str, str] | None] = dict.fromkeys(wanted)
+        if wanted and variant == RANDOM_TOPK:
+            lasts.update(_cuts_near_uniform_rank(con, relation, params, total, wanted))
+        missing = [kept for kept, last in lasts.items() if last is None]
+        if missing:
+            lasts.update(_cuts_by_selection(con, relation, params, total, missing))
+    removed = removed_before_cut(files_root, excluded)
+    cuts = []
+    for fraction, kept in zip(fractions, counts):
+        score, uid, shard = lasts[kept] if kept else (None, None, None)
+        cuts.append(
+            ScoreThreshold(
+                variant,
+                model_version,
+                fraction,
+                total,
+                kept,
+                score,
+                uid,
+                shard,
+                tuple(excluded),
+                removed,
+                captioner_version,
+            )
+        )
+    return cuts
 
 
 def removed_before_cut(files_root: Path, excluded: Sequence[str] = ()) -> int:
@@ -263,58 +291,74 @@ def _selection_fraction(values: int, kept: int) -> float:
     return (values - kept + 0.5) / values
 
 
-def _cut_by_selection(
-    con: duckdb.DuckDBPyConnection, relation: str, params: list[Any], total: int, kept: int
-) -> tuple[float, str, str]:
-    """(score, uid, shard) of the kept-th pair in rank order: its score by selection, then its place in the ties."""
-    scored, score = con.execute(
-        f"SELECT count(score), quantile_disc(score, ?) FROM ({relation})", [_selection_fraction(total, kept), *params]
+def _cuts_by_selection(
+    con: duckdb.DuckDBPyConnection, relation: str, params: list[Any], total: int, kepts: Sequence[int]
+) -> dict[int, tuple[float, str, str]]:
+    """kept -> (score, uid, shard) of the kept-th pair in rank order, for each of `kepts`: every cut's score by
+    one selection pass, then each one's place in its ties."""
+    fractions = [_selection_fraction(total, kept) for kept in kepts]
+    scored, scores = con.execute(
+        f"SELECT count(score), quantile_disc(score, ?::DOUBLE[]) FROM ({relation})", [fractions, *params]
     ).fetchone()
     if scored < total:
-        # ORDER BY ranks pairs without a score last: the cut is among the scored ones, or it is no cut at all
-        if kept > scored:
+        # ORDER BY ranks pairs without a score last: each cut is among the scored ones, or it is no cut at all
+        if max(kepts) > scored:
             shard, uid = con.execute(
                 f"SELECT shard, uid FROM ({relation}) WHERE score IS NULL ORDER BY shard, uid LIMIT 1", params
             ).fetchone()
             raise ValueError(
                 f"{total - scored} of {total} pairs have no score (first: shard {shard}, uid {uid}) and keeping "
-                f"{kept} would reach them: rescore them or lower the keep fraction"
+                f"{max(kepts)} would reach them: rescore them or lower the keep fraction"
             )
-        score = con.execute(
-            f"SELECT quantile_disc(score, ?) FROM ({relation})", [_selection_fraction(scored, kept), *params]
+        scores = con.execute(
+            f"SELECT quantile_disc(score, ?::DOUBLE[]) FROM ({relation})",
+            [[_selection_fraction(scored, kept) for kept in kepts], *params],
         ).fetchone()[0]
     # the offset among the ties is kept - 1 - (pairs scoring above them); both scans read the score column
     # and DuckDB pushes `score = ?` into the parquet reader, so only the tied rows' strings are decoded
-    return con.execute(
-        f"SELECT score, uid, shard FROM ({relation}) WHERE score = ? ORDER BY uid, shard LIMIT 1 "
-        f"OFFSET ? - 1 - (SELECT count(*) FROM ({relation}) WHERE score > ?)",
-        [*params, score, kept, *params, score],
-    ).fetchone()
+    return {
+        kept: con.execute(
+            f"SELECT score, uid, shard FROM ({relation}) WHERE score = ? ORDER BY uid, shard LIMIT 1 "
+            f"OFFSET ? - 1 - (SELECT count(*) FROM ({relation}) WHERE score > ?)",
+            [*params, score, kept, *params, score],
+        ).fetchone()
+        for kept, score in zip(kepts, scores)
+    }
 
 
-def _cut_near_uniform_rank(
-    con: duckdb.DuckDBPyConnection, relation: str, params: list[Any], total: int, kept: int
-) -> tuple[float, str, str] | None:
-    """(score, uid, shard) of the kept-th pair when keys are uniform on [0, 1), in one pass; None if it is not
-    where they put it (then the selection decides).
+def _cuts_near_uniform_rank(
+    con: duckdb.DuckDBPyConnection, relation: str, params: list[Any], total: int, kepts: Sequence[int]
+) -> dict[int, tuple[float, str, str] | None]:
+    """kept -> (score, uid, shard) of the kept-th pair when keys are uniform on [0, 1), for each of `kepts` in
+    one pass; None for a cut that is not where they put it (then the selection decides).
 
     The kept-th largest of n uniform keys lies within a few sqrt(p(1 - p) / n) of 1 - p, p = kept / n; the pass
     counts the keys above a band of 8 of those (plus 16 / n, for p near 0 or 1) either side and ranks the pairs
     inside it, about 16 sqrt(n p (1 - p)) of them. The count says whether the kept-th pair is among them, so
     the result is exact either way.
     """
-    share = kept / total
-    spread = 8 * math.sqrt(share * (1 - share) / total) + 16 / total
-    low, high = 1 - share - spread, 1 - share + spread
-    above, near = con.execute(
-        f"SELECT count(*) FILTER (WHERE score > ?), list(struct_pack(score, uid, shard) "
-        f"ORDER BY score DESC, uid, shard) FILTER (WHERE score >= ? AND score <= ?) FROM ({relation})",
-        [high, low, high, *params],
+    bands = []
+    for kept in kepts:
+        share = kept / total
+        spread = 8 * math.sqrt(share * (1 - share) / total) + 16 / total
+        bands.append((1 - share - spread, 1 - share + spread))
+    aggregates = ", ".join(
+        "count(*) FILTER (WHERE score > ?), list(struct_pack(score, uid, shard) ORDER BY score DESC, uid, shard) "
+        "FILTER (WHERE score >= ? AND score <= ?)"
+        for _ in bands
+    )
+    row = con.execute(
+        f"SELECT {aggregates} FROM ({relation})", [*(v for low, high in bands for v in (high, low, high)), *params]
     ).fetchone()
-    place = kept - above - 1
-    if near is None or not 0 <= place < len(near):
-        return None
-    return near[place]["score"], near[place]["uid"], near[place]["shard"]
+    found: dict[int, tuple[float, str, str] | None] = {}
+    for index, kept in enumerate(kepts):
+        above, near = row[2 * index], row[2 * index + 1]
+        place = kept - above - 1
+        if near is None or not 0 <= place < len(near):
+            found[kept] = None
+        else:
+            found[kept] = (near[place]["score"], near[place]["uid"], near[place]["shard"])
+    return found
 
 
 def kept_condition(threshold: ScoreThreshold) -> tuple[str, list[Any]]:
@@ -483,74 +527,79 @@ def require_scored(
 
 @dataclass(frozen=True)
 class VariantCuts:
-    thresholds: dict[str, ScoreThreshold]  # variant -> its cut
-    plot: Path  # the reward model's score histogram with its cut
+    thresholds: dict[str, ScoreThreshold]  # training-set key -> its cut, in the variants' order, then by k
+    plot: Path  # the reward model's score histogram with its cuts
     held: dict[str, list[quarantine.QuarantinedShard]]  # the quarantined shards the cut left out, with why
 
 
-# Caption variants that keep every image (they change captions, not the count).
-KEEP_EVERY_IMAGE = (RECAP_ALL, RECAP_MIX)
+def histogram_cut(thresholds: Iterable[ScoreThreshold]) -> ScoreThreshold:
+    """The reward_topk cut a kept/dropped histogram colours: the largest k's (the others are lines on it)."""
+    return max((t for t in thresholds if t.variant == REWARD_TOPK), key=lambda t: t.keep_fraction)
 
 
 def cut_variants(
     store: DataStore,
     files_root: Path,
-    keep_fraction: float,
+    keep_fractions: Sequence[float],
     random_seed: int,
     scratch: Path,
     captioner_version: str | None = None,
     mix_probability: float = 0.8,
 ) -> VariantCuts:
-    """The cut of every subset variant at `keep_fraction` over the healthy shards' score files (read by DuckDB
-    under `files_root`, the data root or its local mirror), published as the score-threshold report and plot.
-    With `captioner_version` (the pool recaptioned), the caption variants too: recap_all and recap_mix_p keep
-    every image, raw_topk_plus_recap adds to clipscore_topk the recaptions above its threshold, and
-    reward_best_caption cuts at `keep_fraction` by each image's best reward; recap_mix_p's cut records
-    `mix_probability`, the chance that training draws an image's synthetic caption. Shards quarantined before the cut
-    (ca_platform.quarantine) are left out and listed in each cut."""
+    """The cut of every subset variant at each of `keep_fractions` (the compression curve) over the healthy
+    shards' score files (read by DuckDB under `files_root`, the data root or its local mirror), published as the
+    score-threshold report (keyed by training set) and plot. With `captioner_version` (the pool recaptioned), the
+    caption variants too: recap_all and recap_mix_p keep every image (one cut, whatever k), raw_topk_plus_recap
+    adds to clipscore_topk's cut at each k the recaptions above its threshold, and reward_best_caption cuts at
+    each k by each image's best reward; recap_mix_p's cut records `mix_probability`, the chance that training
+    draws an image's synthetic caption. Shards quarantined before the cut (ca_platform.quarantine) are left out
+    and listed in each cut."""
     versions = variant_rankings(store, random_seed, scratch, recaptioned=captioner_version is not None)
     held = quarantine.held_from_cut(store)
     excluded = sorted(held)
     require_scored(store, versions, excluded, captioner_version)
     mirror_if_remote(store, files_root)
-    thresholds = {
-        v: score_threshold(
+    curve = sorted(set(keep_fractions))
+    cuts: list[ScoreThreshold] = []
+    for v in versions:
+        if v == RAW_TOPK_PLUS_RECAP:
+            continue
+        cuts += score_thresholds(
             files_root,
             v,
             versions[v],
-            1.0 if v in KEEP_EVERY_IMAGE else keep_fraction,
+            [1.0] if v in KEEP_EVERY_IMAGE else curve,
             excluded,
             captioner_version if v in RECAPTION_VARIANTS else None,
         )
-        for v in versions
-        if v != RAW_TOPK_PLUS_RECAP
-    }
     if RAW_TOPK_PLUS_RECAP in versions:
         assert captioner_version is not None
-        thresholds[RAW_TOPK_PLUS_RECAP] = raw_plus_recap_threshold(
-            files_root, thresholds[CLIPSCORE_TOPK], captioner_version
-        )
-    if RECAP_MIX in thresholds:
-        thresholds[RECAP_MIX] = dataclasses.replace(
-            thresholds[RECAP_MIX], synthetic_caption_probability=mix_probability
-        )
-    thresholds = {v: thresholds[v] for v in schemas.SUBSET_VARIANTS if v in thresholds}  # in the variants' order
-    write_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, {v: t.as_json() for v, t in thresholds.items()}, scratch)
-    reward = thresholds[REWARD_TOPK]
+        clip_cuts = [t for t in cuts if t.variant == CLIPSCORE_TOPK]
+        cuts += [raw_plus_recap_threshold(files_root, clip_cut, captioner_version) for clip_cut in clip_cuts]
+    cuts = [
+        dataclasses.replace(t, synthetic_caption_probability=mix_probability) if t.variant == RECAP_MIX else t
+        for t in cuts
+    ]
+    order = {variant: index for index, variant in enumerate(schemas.SUBSET_VARIANTS)}
+    cuts.sort(key=lambda t: (order[t.variant], t.keep_fraction))
+    thresholds = {t.key: t for t in cuts}
+    write_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, {key: t.as_json() for key, t in thresholds.items()}, scratch)
+    reward = histogram_cut(cuts)
     histogram = score_histogram(files_root, reward)
+    lines = {f"k = {t.keep_fraction:g}": t.score for t in cuts if t.variant == REWARD_TOPK and t.score is not None}
     plot = histogram_png(
         histogram.edges,
-        {"kept": histogram.kept, "dropped": histogram.dropped},
+        {f"kept at k = {reward.keep_fraction:g}": histogram.kept, "dropped": histogram.dropped},
         scratch / "plot" / Path(layout.SCORE_THRESHOLD_PLOT_KEY).name,
-        f"reward model {reward.model_version}: keep {reward.keep_fraction}",
-        {"threshold": reward.score} if reward.score is not None else None,
+        f"reward model {reward.model_version}: the cut at each keep fraction",
+        lines or None,
     )
     store.put_file(plot, layout.SCORE_THRESHOLD_PLOT_KEY, consume=False)
     return VariantCuts(thresholds, plot, held)
 
 
 def published_thresholds(store: DataStore, scratch: Path) -> list[ScoreThreshold]:
-    """The cuts of the score-threshold report, in its order."""
+    """The cuts of the score-threshold report, in its order (each one training set: `ScoreThreshold.key`)."""
     document = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch)
     if document is None:
         raise LookupError("no score threshold yet: materialize score_threshold first")

@@ -5,8 +5,8 @@ Fingerprints are per shard and per CLIP-score model version (the embedding is th
 model fingerprints every shard again, and the pool-wide step groups them again; the pixel and perceptual hashes
 are recomputed with them (cheap beside the embedding). The pool-wide step reads every healthy shard's
 fingerprints, the current reward model's raw-caption scores (which pick each group's representative) and, when
-there is an evaluation set, its images fingerprinted the same way; it writes the groups (view `duplicates`) and
-the removals (view `dedup_removals`), replacing the previous ones whole.
+there is an evaluation set or a labelled classification set, their images fingerprinted the same way; it writes
+the groups (view `duplicates`) and the removals (view `dedup_removals`), replacing the previous ones whole.
 """
 
 from __future__ import annotations
@@ -154,28 +154,30 @@ def deduplicate_pool(
     scratch: Path,
     device: str | None = None,
 ) -> tuple[Deduplication, dict[str, Any]]:
-    """Group the shards' images, decontaminate them against the current evaluation set (when there is one),
-    publish the groups, removals and report; returns the outcome and the report."""
+    """Group the shards' images, decontaminate them against the current evaluation set and labelled
+    classification set (those there are), publish the groups, removals and report; returns the outcome and the
+    report."""
     from ca_platform.dedup.groups import deduplicate
+    from ca_platform.evaluation.classification_set import NoClassificationSetError, current_classification_set
     from ca_platform.evaluation.evaluation_set import NoEvaluationSetError, current_evaluation_set
 
     scorer = _clip_scorer(store, cache, scratch, device)
     embedding_version = scorer.version if scorer is not None else NO_EMBEDDING
     pool = read_fingerprints(store, embedding_version, shards, scratch)
     reward_version, scores = _reward_scores(store, shards, scratch)
-    evaluation, evaluation_version = None, None
-    try:
-        evaluation_version, images = current_evaluation_set(store, cache, scratch)
-    except NoEvaluationSetError:
-        pass
-    else:
-        embed = clip_image_embedder(scorer) if scorer is not None else None
-        version = scorer.version if scorer is not None else None
-        evaluation = fingerprint_images(images.uids, "evaluation", images.images, embed, version)
+    embed = clip_image_embedder(scorer) if scorer is not None else None
+    held_out, versions = [], {"embedding": embedding_version, "reward_model": reward_version}
+    for name, current, missing in (
+        ("evaluation", current_evaluation_set, NoEvaluationSetError),
+        ("classification", current_classification_set, NoClassificationSetError),
+    ):
+        try:
+            versions[f"{name}_set"], images = current(store, cache, scratch)
+        except missing:
+            versions[f"{name}_set"] = None
+        else:
+            version = scorer.version if scorer is not None else None
+            held_out.append(fingerprint_images(images.uids, name, images.images, embed, version))
+    evaluation = pl.concat(held_out) if held_out else None
     result = deduplicate(pool, scores, evaluation, settings)
-    versions = {
-        "embedding": embedding_version,
-        "reward_model": reward_version,
-        "evaluation_set": evaluation_version,
-    }
     return result, publish_deduplication(store, result, versions, settings, scratch)

@@ -374,3 +374,8 @@ def write_shapes_preferences(out_dir: Path, config: ShapesPreferenceConfig = Sha
         render_scene(row.scene, config.image_size).save(out_dir / name, format="PNG")
         items.append(PreferenceItem(image=name, captions=row.captions, ranking=row.ranking, row=number + 1))
     return write_preferences(items, out_dir / "preferences.jsonl", [{"sources": list(row.sources)} for row in rows])
+
+
+def preference_scene_keys(config: ShapesPreferenceConfig) -> set[tuple[str, str, frozenset]]:
+    """The scenes a preference set of `config` shows, without rendering it: what other held-out sets avoid."""
+    return {scene_key(row.scene) for row in sample_shapes_preferences(config)}

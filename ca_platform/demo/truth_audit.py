@@ -109,8 +109,8 @@ def audit_against_truth(data_root: Path, truth_dir: Path, versions: dict[str, st
     )
     kept = {schemas.FULL: kept_summary(pairs)}
     for (variant, keep_fraction), rows in sorted(subsets.group_by(["variant", "keep_fraction"]), key=lambda g: g[0]):
-        name = variant if "@" in variant else f"{variant}@{keep_fraction:g}"
-        kept[name] = kept_summary(pairs.join(rows, on=[schemas.UID, schemas.SHARD], how="semi"))
+        kept_pairs = pairs.join(rows, on=[schemas.UID, schemas.SHARD], how="semi")
+        kept[layout.training_set_key(variant, keep_fraction)] = kept_summary(kept_pairs)
     return TruthAudit(separation, kept)
 
 

@@ -13,11 +13,16 @@ import math
 import re
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import numpy as np
 
 MAX_N = 4
 CIDER_SIGMA = 6.0
+# What corpus BLEU-4 pools per item: matched n-grams of orders 1..4, guessed n-grams of orders 1..4, the
+# candidate's length and its effective reference length.
+BLEU_STATISTICS = 2 * MAX_N + 2
 
 ItemId = TypeVar("ItemId", bound=Hashable)
 NGram = tuple[str, ...]
@@ -38,10 +43,13 @@ _SMALL = 1e-9
 
 @dataclass(frozen=True)
 class CorpusScore:
-    """The corpus score coco-caption reports, and each item's own score."""
+    """The corpus score coco-caption reports, and each item's own score; where the corpus score pools counts
+    over items rather than averaging their scores (BLEU), each item's counts too, so the corpus score can be
+    recomputed on any resample of the items."""
 
     score: float
     per_item: dict[Hashable, float]
+    statistics: dict[Hashable, tuple[int, ...]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {"score": self.score, "per_item": {str(item): value for item, value in self.per_item.items()}}
@@ -120,9 +128,7 @@ def bleu4(candidates: Mapping[ItemId, str], references: Mapping[ItemId, Sequence
     is its reference closest in length to the candidate (the shorter one on a tie).
     """
     items = _checked_items(candidates, references)
-    correct, guessed = [0] * MAX_N, [0] * MAX_N
-    candidate_length = reference_length = 0
-    per_item = {}
+    statistics: dict[Hashable, tuple[int, ...]] = {}
     for item in items:
         tokens = caption_tokens(candidates[item])
         max_reference_counts: Counter[NGram] = Counter()
@@ -136,21 +142,22 @@ def bleu4(candidates: Mapping[ItemId, str], references: Mapping[ItemId, Sequence
             item_correct[len(ngram) - 1] += min(count, max_reference_counts[ngram])
         item_guessed = [max(0, len(tokens) - k) for k in range(MAX_N)]
         closest = min((abs(length - len(tokens)), length) for length in lengths)[1]
-        per_item[item] = _bleu(item_correct, item_guessed, len(tokens), closest)
-        correct = [a + b for a, b in zip(correct, item_correct)]
-        guessed = [a + b for a, b in zip(guessed, item_guessed)]
-        candidate_length += len(tokens)
-        reference_length += closest
-    return CorpusScore(_bleu(correct, guessed, candidate_length, reference_length), per_item)
+        statistics[item] = (*item_correct, *item_guessed, len(tokens), closest)
+    rows = np.asarray(list(statistics.values()), dtype=np.float64)
+    per_item = dict(zip(statistics, bleu4_of_statistics(rows).tolist()))
+    return CorpusScore(float(bleu4_of_statistics(rows.sum(axis=0))), per_item, statistics)
 
 
-def _bleu(correct: list[int], guessed: list[int], candidate_length: int, reference_length: int) -> float:
-    precision_product = 1.0
-    for matched, total in zip(correct, guessed):
-        precision_product *= (matched + _TINY) / (total + _SMALL)
-    score = precision_product ** (1.0 / MAX_N)
-    ratio = (candidate_length + _TINY) / (reference_length + _SMALL)
-    return score * math.exp(1 - 1 / ratio) if ratio < 1 else score
+def bleu4_of_statistics(statistics: np.ndarray) -> np.ndarray:
+    """BLEU-4 of pooled counts `[..., BLEU_STATISTICS]` (see the constant): the geometric mean of the clipped
+    n-gram precisions times the brevity penalty, with bleu_scorer.py's division guards."""
+    statistics = np.asarray(statistics, dtype=np.float64)
+    if statistics.shape[-1:] != (BLEU_STATISTICS,):
+        raise ValueError(f"BLEU-4 statistics must end in {BLEU_STATISTICS} counts, got shape {statistics.shape}")
+    correct, guessed = statistics[..., :MAX_N], statistics[..., MAX_N : 2 * MAX_N]
+    score = np.prod((correct + _TINY) / (guessed + _SMALL), axis=-1) ** (1.0 / MAX_N)
+    ratio = (statistics[..., -2] + _TINY) / (statistics[..., -1] + _SMALL)
+    return np.where(ratio < 1, score * np.exp(1 - 1 / ratio), score)
 
 
 def _ngram_counts(tokens: Sequence[str]) -> Counter[NGram]:

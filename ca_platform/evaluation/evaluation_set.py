@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,17 +59,25 @@ def read_evaluation_file(path: Path) -> pl.DataFrame:
         raise EvaluationSetError(f"{path}: empty url or caption at rows {(bad['row'] + 1).head(5).to_list()}")
     if frame.is_empty():
         raise EvaluationSetError(f"{path}: no rows")
-    uids = pl.Series(UID, [hashlib.sha1(url.encode("utf-8")).hexdigest()[:24] for url in frame[URL]])
-    return frame.with_columns(uids).select(UID, URL, CAPTION)
+    return frame.with_columns(url_uids(frame[URL])).select(UID, URL, CAPTION)
 
 
-def download_evaluation_set(path: Path, out_dir: Path, settings: DownloadSettings) -> pl.DataFrame:
-    """Download each distinct image of the file into `out_dir` (tars + ledger) beside the references;
-    returns the ledger (one row per distinct image)."""
-    frame = read_evaluation_file(path)
-    images = frame.unique(UID, keep="first", maintain_order=True)
+def url_uids(urls: pl.Series) -> pl.Series:
+    """The uid of each held-out image: the sha1 of its URL, so rows sharing a URL are one image."""
+    return pl.Series(UID, [hashlib.sha1(url.encode("utf-8")).hexdigest()[:24] for url in urls], dtype=pl.String)
+
+
+def download_images(images: pl.DataFrame, out_dir: Path, settings: DownloadSettings) -> pl.DataFrame:
+    """Download the images of a held-out set (`uid, url, caption` per distinct image, in the file's order; the
+    caption goes into the tar beside the image) into `out_dir` as tars beside their ledger (LEDGER_FILE),
+    through the pool's guarded img2dataset; returns the ledger.
+
+    Every held-out set (the evaluation set, the labelled classification set) comes through here, so each is
+    fetched under the same guard and accounted for row by row in the same way."""
     raw = schemas.conform(
-        images.with_row_index(schemas.ROW_INDEX).with_columns(
+        images.select(UID, URL, CAPTION)
+        .with_row_index(schemas.ROW_INDEX)
+        .with_columns(
             pl.lit(EVALUATION_SHARD).alias(schemas.SHARD), pl.lit(None, dtype=pl.String).alias(schemas.SKIP_REASON)
         ),
         schemas.RAW_SHARD,
@@ -78,8 +87,25 @@ def download_evaluation_set(path: Path, out_dir: Path, settings: DownloadSetting
         tar.rename(out_dir / name)
     shutil.rmtree(out_dir / "download")  # img2dataset's own bookkeeping; the ledger says it all
     result.rows.write_parquet(out_dir / LEDGER_FILE)
-    frame.select(UID, CAPTION).write_parquet(out_dir / REFERENCES_FILE)
     return result.rows
+
+
+def download_evaluation_set(path: Path, out_dir: Path, settings: DownloadSettings) -> pl.DataFrame:
+    """Download each distinct image of the file into `out_dir` (tars + ledger) beside the references;
+    returns the ledger (one row per distinct image)."""
+    frame = read_evaluation_file(path)
+    ledger = download_images(frame.unique(UID, keep="first", maintain_order=True), out_dir, settings)
+    frame.select(UID, CAPTION).write_parquet(out_dir / REFERENCES_FILE)
+    return ledger
+
+
+def downloaded_images(folder: Path) -> tuple[list[tuple[str, Image.Image]], int]:
+    """The (uid, image) pairs a `download_images` folder holds, in uid order, and how many of its images failed
+    to download (in the ledger with their reason)."""
+    ledger = pl.read_parquet(folder / LEDGER_FILE)
+    tars = sorted(folder / name for name in ledger.filter(pl.col(schemas.STATUS) == Status.SUCCESS)["tar"].unique())
+    pairs = sorted(((uid, image) for uid, image, _ in iter_pairs(tars)), key=lambda pair: pair[0])
+    return pairs, ledger.filter(pl.col(schemas.STATUS) != Status.SUCCESS).height
 
 
 @dataclass(frozen=True)
@@ -101,18 +127,16 @@ class EvaluationSet:
 
 def load_evaluation_set(folder: Path) -> EvaluationSet:
     """The downloaded images of a folder `download_evaluation_set` wrote, with their reference captions."""
-    ledger = pl.read_parquet(folder / LEDGER_FILE)
     references = pl.read_parquet(folder / REFERENCES_FILE).group_by(UID, maintain_order=True).agg(pl.col(CAPTION))
     by_uid = dict(zip(references[UID], references[CAPTION].to_list()))
-    tars = sorted(folder / name for name in ledger.filter(pl.col(schemas.STATUS) == Status.SUCCESS)["tar"].unique())
-    pairs = sorted(iter_pairs(tars), key=lambda pair: pair[0])
+    pairs, not_downloaded = downloaded_images(folder)
     if not pairs:
         raise EvaluationSetError(f"{folder}: no evaluation image was downloaded (see {folder / LEDGER_FILE})")
     return EvaluationSet(
-        uids=[uid for uid, _, _ in pairs],
-        images=[image for _, image, _ in pairs],
-        references=[by_uid[uid] for uid, _, _ in pairs],
-        not_downloaded=ledger.filter(pl.col(schemas.STATUS) != Status.SUCCESS).height,
+        uids=[uid for uid, _ in pairs],
+        images=[image for _, image in pairs],
+        references=[by_uid[uid] for uid, _ in pairs],
+        not_downloaded=not_downloaded,
     )
 
 
@@ -137,14 +161,34 @@ def stage_evaluation_set(
 
     A file downloaded before is reused as it is (its ledger is published last, so it marks a complete set).
     """
+    return stage_held_out_set(
+        store,
+        path,
+        scratch,
+        layout.evaluation_prefix,
+        layout.CURRENT_EVALUATION_KEY,
+        lambda folder: download_evaluation_set(path, folder, settings),
+    )
+
+
+def stage_held_out_set(
+    store: DataStore,
+    path: Path,
+    scratch: Path,
+    prefix: Callable[[str], str],
+    current_key: str,
+    download: Callable[[Path], pl.DataFrame],
+) -> StagedEvaluationSet:
+    """Publish what `download` writes into a folder under `prefix(content hash of the file)` and point
+    `current_key` at it; a file staged before is reused as it is (its ledger, published last, marks it complete)."""
     version = evaluation_version(path)
-    ledger_key = f"{layout.evaluation_prefix(version)}/{LEDGER_FILE}"
+    ledger_key = f"{prefix(version)}/{LEDGER_FILE}"
     if store.exists(ledger_key):
         ledger = pl.read_parquet(fetch_to_local(store, ledger_key, scratch))
     else:
-        ledger = download_evaluation_set(path, scratch / "set", settings)
-        publish_folder(store, scratch / "set", layout.evaluation_prefix(version), index_name=LEDGER_FILE)
-    write_json(store, layout.CURRENT_EVALUATION_KEY, {"version": version, "source": str(path)}, scratch)
+        ledger = download(scratch / "set")
+        publish_folder(store, scratch / "set", prefix(version), index_name=LEDGER_FILE)
+    write_json(store, current_key, {"version": version, "source": str(path)}, scratch)
     return StagedEvaluationSet(version, ledger)
 
 

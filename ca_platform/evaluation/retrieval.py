@@ -60,10 +60,12 @@ def cosine_similarity_matrix(image_embeddings: ArrayLike, text_embeddings: Array
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"embedding widths differ: images {images.shape[1]}, texts {texts.shape[1]}")
     dtype = np.result_type(images.dtype, texts.dtype, np.float32)
-    return _unit_rows(images.astype(dtype), "image_embeddings") @ _unit_rows(texts.astype(dtype), "text_embeddings").T
+    return unit_rows(images.astype(dtype), "image_embeddings") @ unit_rows(texts.astype(dtype), "text_embeddings").T
 
 
-def _unit_rows(array: np.ndarray, name: str) -> np.ndarray:
+def unit_rows(array: np.ndarray, name: str) -> np.ndarray:
+    """Each row L2-normalised; a row of zero or non-finite norm (no direction to compare) is an error naming
+    `name` and the rows."""
     norms = np.linalg.norm(array, axis=1, keepdims=True)
     bad = np.flatnonzero(~(np.isfinite(norms[:, 0]) & (norms[:, 0] > 0)))
     if bad.size:
@@ -71,14 +73,42 @@ def _unit_rows(array: np.ndarray, name: str) -> np.ndarray:
     return array / norms
 
 
-def retrieval_recall(similarity: ArrayLike, caption_image: ArrayLike) -> RetrievalRecall:
-    """Recall@1/5/10 both ways; `caption_image[j]` is the index of the image caption j describes."""
+@dataclass(frozen=True)
+class RetrievalHits:
+    """Per image, what the recall figures are made of, so an interval can resample images: whether it found one
+    of its captions within K (image->text), and how many of its captions found it within K (text->image).
+
+    Text->image hits are counted per image rather than per caption because an image's captions share the image
+    and its embedding: resampling captions one by one would treat them as independent and narrow the interval.
+    """
+
+    i2t: dict[int, np.ndarray]  # K -> bool per image
+    t2i: dict[int, np.ndarray]  # K -> per image, its captions that ranked it within K
+    captions: np.ndarray  # per image, its caption count
+
+    def recall(self) -> RetrievalRecall:
+        i2t = [float(np.mean(self.i2t[k])) for k in RECALL_AT]
+        t2i = [float(self.t2i[k].sum() / self.captions.sum()) for k in RECALL_AT]
+        return RetrievalRecall(*i2t, *t2i, num_images=self.captions.size, num_captions=int(self.captions.sum()))
+
+
+def retrieval_hits(similarity: ArrayLike, caption_image: ArrayLike) -> RetrievalHits:
+    """Each image's hits at K = 1, 5, 10 both ways; `caption_image[j]` is the index of the image caption j
+    describes."""
     scores, owners = _checked(similarity, caption_image)
     i2t = _image_to_text_ranks(scores, owners)
     t2i = _text_to_image_ranks(scores, owners)
-    i2t_recall = [float(np.mean(i2t < k)) for k in RECALL_AT]
-    t2i_recall = [float(np.mean(t2i < k)) for k in RECALL_AT]
-    return RetrievalRecall(*i2t_recall, *t2i_recall, num_images=scores.shape[0], num_captions=scores.shape[1])
+    images = scores.shape[0]
+    return RetrievalHits(
+        i2t={k: i2t < k for k in RECALL_AT},
+        t2i={k: np.bincount(owners, weights=t2i < k, minlength=images).astype(np.int64) for k in RECALL_AT},
+        captions=np.bincount(owners, minlength=images),
+    )
+
+
+def retrieval_recall(similarity: ArrayLike, caption_image: ArrayLike) -> RetrievalRecall:
+    """Recall@1/5/10 both ways; `caption_image[j]` is the index of the image caption j describes."""
+    return retrieval_hits(similarity, caption_image).recall()
 
 
 def _checked(similarity: ArrayLike, caption_image: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

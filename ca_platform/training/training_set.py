@@ -1,9 +1,10 @@
-"""A training-set variant and the CLIP/BLIP trained on it, once per recipe, at a budget equal across variants.
+"""A training set and the CLIP/BLIP trained on it, once per recipe, at a budget equal across training sets.
 
-The training set is read from one source, the variant's tars themselves: every downloaded shard's tars for
-`full`, its compressed subsets' tars otherwise. One walk over them, images left undecoded, gives both the
-fingerprint of the pairs (what decides whether a model must be trained again) and their count (which the
-trainer is handed, so it does not walk the tars again to count them).
+A training set is `full` or one cut of a subset variant, at one keep fraction k of the compression curve for
+the variants that drop pairs (`reward_topk@0.3`; layout.training_set_key). It is read from one source, its
+tars themselves: every downloaded shard's tars for `full`, its compressed subsets' tars otherwise. One walk
+over them, images left undecoded, gives both the fingerprint of the pairs (what decides whether a model must be
+trained again) and their count (which the trainer is handed, so it does not walk the tars again to count them).
 
 The trainers (torch, transformers) are imported where a model is trained, not with the module: every Dagster
 process loads the definitions, and most train nothing.
@@ -37,24 +38,32 @@ class NoTrainingDataError(LookupError):
 
 @dataclass(frozen=True)
 class TrainingSet:
-    variant: str
+    variant: str  # the training-set key: `full`, `reward_topk@0.3`, `recap_all`, ...
     tars: list[Path]  # local paths of the variant's webdataset tars
     fingerprint: str  # of the pairs themselves (shard, uid, image sha256, caption): the same after a re-pack
     pairs: int
-    pool_pairs: int  # downloaded pairs of the whole pool, what the samples-seen budget is counted in
+    pool_pairs: int  # downloaded pairs of the whole pool, what the samples-seen budget is counted in, whatever k
     synthetic_caption_probability: float | None = None  # recap_mix_p: training draws the synthetic caption so often
     excluded_uids: frozenset[str] = frozenset()  # full: the downloaded pairs dedup removed, which training skips
 
 
 def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
-    """The variant's tars fetched under `scratch` (a local data root's files are used in place), walked once.
+    """The tars of the training set `variant` (a training-set key) fetched under `scratch` (a local data root's
+    files are used in place), walked once.
 
-    Every variant, `full` included, covers the same pool: the downloaded shards but those the published cut
-    left out (quarantined), so the variants stay comparable."""
+    Every training set, `full` included, covers the same pool: the downloaded shards but those the published cut
+    left out (quarantined), so the variants stay comparable. A key the published cut did not make (another k)
+    is an error that says so, rather than training on an older cut's subsets."""
+    layout.parse_training_set_key(variant)
     digest = hashlib.sha256()
     tars: list[Path] = []
     pairs = pool_pairs = 0
     cuts = _published_cuts(store, scratch)
+    if cuts and variant != schemas.FULL and variant not in cuts:
+        raise NoTrainingDataError(
+            f"the published cut has no training set {variant} (it has {', '.join(cuts)}): add its keep fraction to "
+            "the compression curve (--keep, CA_KEEP_FRACTION) and materialize score_threshold and compressed_subset"
+        )
     left_out = {shard for cut in cuts.values() for shard in cut.excluded}
     mix = cuts[variant].synthetic_caption_probability if variant in cuts else None
     shards = [shard for shard in downloaded_shards(store) if shard not in left_out]
@@ -80,9 +89,9 @@ def training_set(store: DataStore, variant: str, scratch: Path) -> TrainingSet:
 
 
 def _published_cuts(store: DataStore, scratch: Path) -> dict[str, ScoreThreshold]:
-    """The published cut of each subset variant (none before there is a cut)."""
+    """The published cut of each training set but `full` (none before there is a cut)."""
     try:
-        return {threshold.variant: threshold for threshold in published_thresholds(store, scratch)}
+        return {threshold.key: threshold for threshold in published_thresholds(store, scratch)}
     except LookupError:
         return {}
 
@@ -134,7 +143,9 @@ class TrainingSettings:
 
 
 def budget_for(settings: TrainingSettings, full_pairs: int) -> TrainingBudget:
-    """Equal samples seen across variants (DataComp's rule), or equal epochs when configured."""
+    """Equal samples seen across training sets (DataComp's rule), counted in passes over the full pool's
+    `full_pairs` whatever a set's k, so every point of the compression curve costs the same; or equal epochs when
+    configured."""
     from ca_platform.training.tars import TrainingBudget
 
     if settings.budget == "epochs":
@@ -172,8 +183,9 @@ def _variant_model(model: str) -> _VariantModel:
 def train_on_variant(
     store: DataStore, model: str, variant: str, settings: TrainingSettings, seed: int, scratch: Path
 ) -> tuple[dict[str, Any], bool]:
-    """The current document of `model` (CLIP_CHECKPOINT or BLIP_CHECKPOINT) trained on `variant` with `seed`,
-    and whether it was trained now: not while the variant's pairs and the settings are unchanged."""
+    """The current document of `model` (CLIP_CHECKPOINT or BLIP_CHECKPOINT) trained on the training set `variant`
+    (a training-set key) with `seed`, and whether it was trained now: not while its pairs and the settings are
+    unchanged."""
     spec = _variant_model(model)
     dataset = training_set(store, variant, scratch)
     settings = dataclasses.replace(settings, seed=seed, seeds=1)  # this model's own recipe, whatever else trains

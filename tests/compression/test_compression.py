@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from ca_platform.compression.subsets import SubsetError, write_shard_subsets
 from ca_platform.compression.threshold import (
     ScoreHistogram,
     ScoreThreshold,
-    _cut_near_uniform_rank,
+    _cuts_near_uniform_rank,
     keep_count,
     kept_condition,
     random_version,
     ranked_pairs,
     score_histogram,
     score_threshold,
+    score_thresholds,
     shard_membership,
 )
 from ca_platform.ingest.quality import check_subsets
@@ -220,6 +222,30 @@ def test_random_cut_matches_a_full_sort(tmp_path: Path, keep_fraction: float) ->
     assert (histogram.kept, histogram.dropped) == _histogram_reference(tmp_path, threshold, 5)
 
 
+CURVE = [0.1, 0.2, 0.3, 0.5, 1.0]
+
+
+def test_every_k_of_the_curve_in_one_call_is_the_exact_cut_of_that_k(tmp_path: Path) -> None:
+    """The compression curve's cuts, one selection pass for all k: each keeps exactly round(k*N), the same
+    pairs a full sort keeps and the same cut as that k alone."""
+    pairs = _tied_pairs(tmp_path / "scored", 7)
+    cuts = score_thresholds(tmp_path / "scored", "reward_topk", "v1", CURVE)
+    assert [t.keep_fraction for t in cuts] == CURVE
+    for threshold in cuts:
+        kept, last, members = _expected(pairs, threshold.keep_fraction)
+        assert (threshold.total, threshold.kept) == (len(pairs), kept) and kept == round(threshold.keep_fraction * 360)
+        assert (threshold.score, threshold.uid, threshold.shard) == last
+        assert set(_kept(tmp_path / "scored", threshold)) == members
+        assert threshold == score_threshold(tmp_path / "scored", "reward_topk", "v1", threshold.keep_fraction)
+        assert threshold.key == f"reward_topk@{threshold.keep_fraction}"
+    _write_ledgers(tmp_path / "random", {"part-00": [(f"u{i:04d}", Status.SUCCESS) for i in range(997)]})
+    random_pairs = _random_pairs(tmp_path / "random", 5)
+    for threshold in score_thresholds(tmp_path / "random", "random_topk", random_version(5), CURVE):
+        kept, last, _ = _expected(random_pairs, threshold.keep_fraction)
+        assert threshold.kept == kept == math.floor(threshold.keep_fraction * 997 + 0.5)
+        assert (threshold.score, threshold.uid, threshold.shard) == last
+
+
 def test_random_cut_outside_the_expected_band_falls_back_to_selection(tmp_path: Path) -> None:
     """One uid in every shard: every key is the same, far from where uniform keys would put the cut."""
     _write_ledgers(tmp_path, {f"part-{i:04d}": [("same", Status.SUCCESS)] for i in range(2000)})
@@ -228,7 +254,7 @@ def test_random_cut_outside_the_expected_band_falls_back_to_selection(tmp_path: 
     assert abs(key - 0.7) > 0.1, "pick another uid: the band around 0.7 must miss the common key"
     relation, params = ranked_pairs(tmp_path, "random_topk", random_version(0))
     with duckdb.connect() as con:
-        assert _cut_near_uniform_rank(con, relation, params, 2000, 600) is None
+        assert _cuts_near_uniform_rank(con, relation, params, 2000, [600]) == {600: None}
     threshold = score_threshold(tmp_path, "random_topk", random_version(0), 0.3)
     assert (threshold.score, threshold.uid, threshold.shard) == (key, "same", "part-0599")
 

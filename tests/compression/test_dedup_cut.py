@@ -1,6 +1,7 @@
 """Dedup and decontamination before the cut, through the assets: a pool served on 127.0.0.1 with planted copies
-(same bytes, a JPEG re-encode, a larger rendering) and two images of the evaluation set; the copies are grouped,
-the evaluation images removed, every downloaded pair accounted for in the subsets with its reason."""
+(same bytes, a JPEG re-encode, a larger rendering), two images of the evaluation set and one of the labelled
+classification set; the copies are grouped, the held-out images removed, every downloaded pair accounted for in
+the subsets with its reason."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dagster import DagsterInstance, materialize
 
 from ca_platform import analytics, layout, schemas
 from ca_platform.assets import ALL_ASSETS
+from ca_platform.compression.threshold import keep_count
 from ca_platform.runner import build_resources, run_lineage
 from tests.conftest import RoutesServer, fast_reward_stage, write_pool
 from tests.dedup.photos import encoded, photo, resized
@@ -45,6 +47,11 @@ def test_copies_and_evaluation_images_leave_before_the_cut_and_every_pair_is_acc
     clean = [server.add(f"/eval/{i}.png", encoded(photo(100 + i)), Content_Type="image/png") for i in range(2)]
     evaluation = tmp_path / "eval.parquet"
     pl.DataFrame({"url": [*leaked, *clean], "caption": ["an image"] * 4}).write_parquet(evaluation)
+    leaked_labelled = server.add("/classes/leaked.png", encoded(images[5]), Content_Type="image/png")
+    others = [server.add(f"/classes/{i}.png", encoded(photo(200 + i)), Content_Type="image/png") for i in range(2)]
+    classes = tmp_path / "classes.parquet"
+    pl.DataFrame({"url": [leaked_labelled, *others], "label": ["a", "b", "a"]}).write_parquet(classes)
+    leaked[leaked_labelled] = 5
     data = tmp_path / "data"
     resources = build_resources(
         str(pool),
@@ -52,13 +59,14 @@ def test_copies_and_evaluation_images_leave_before_the_cut_and_every_pair_is_acc
         ["127.0.0.1"],
         download_options={"thread_count": 4, "image_size": 64},
         evaluation_uri=str(evaluation),
+        classes_uri=str(classes),
         keep_fraction=0.5,
         **fast_reward_stage(tmp_path / "prefs"),
     )
     instance = DagsterInstance.ephemeral()
     assert run_lineage(resources, instance).success  # downloads, the models, scores and fingerprints
     for selection, partition in (
-        (["evaluation_set", "duplicate_groups", "score_threshold"], None),
+        (["evaluation_set", "classification_set", "duplicate_groups", "score_threshold"], None),
         (["compressed_subset"], "part-a"),
         (["compressed_subset"], "part-b"),
     ):
@@ -71,7 +79,8 @@ def test_copies_and_evaluation_images_leave_before_the_cut_and_every_pair_is_acc
     uid_of = dict(zip(ledger["url"], ledger[schemas.UID]))
     removals = dict(pl.read_parquet(data / layout.DEDUP_REMOVALS_KEY).select(schemas.UID, "reason").iter_rows())
     evaluation_uid = {url: f"eval_contamination:{uid}" for url, uid in _evaluation_uids(data).items()}
-    # the two pool photos in the evaluation set are removed, naming the evaluation image they match
+    # the two pool photos in the evaluation set and the one in the labelled set are removed, naming the held-out
+    # image they match
     for url, index in leaked.items():
         assert removals.pop(uid_of[urls[index]]) == evaluation_uid[url]
     # each planted copy and its original form a group; one of the two stays, the other names it
@@ -101,11 +110,14 @@ def test_copies_and_evaluation_images_leave_before_the_cut_and_every_pair_is_acc
     left = downloaded - len(copies) - len(leaked)
     for variant, rows, distinct, kept, duplicates, contaminated in per_variant:
         assert (rows, distinct, duplicates, contaminated) == (downloaded, downloaded, len(copies), len(leaked)), variant
-        assert kept == round(0.5 * left), variant
+        assert kept == keep_count(0.5, left), variant  # halves rounded up
     assert analytics.query(db, "SELECT images FROM largest_duplicate_groups()").rows == [(2,)] * len(copies)
 
 
 def _evaluation_uids(data: Path) -> dict[str, str]:
-    """The evaluation set's image uid by url, from its download ledger."""
-    ledger = pl.read_parquet(data / layout.EVALUATION_DIR / "*" / layout.ROWS_FILE)
+    """The held-out sets' image uids by url, from the evaluation set's and the labelled set's download ledgers."""
+    ledger = pl.concat(
+        pl.read_parquet(data / folder / "*" / layout.ROWS_FILE)
+        for folder in (layout.EVALUATION_DIR, layout.CLASSIFICATION_DIR)
+    )
     return dict(zip(ledger["url"], ledger[schemas.UID]))

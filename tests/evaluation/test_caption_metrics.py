@@ -95,6 +95,8 @@ def test_bleu4_worked_example() -> None:
     assert result.per_item == pytest.approx({1: BLEU_ITEM_1, 2: BLEU_ITEM_2}, rel=1e-8)
     assert result.score == pytest.approx(0.6675775, abs=1e-7)
     assert result.score != pytest.approx(sum(result.per_item.values()) / 2, abs=1e-3)  # pooled, not averaged
+    # what each image adds to the pool: matched and guessed n-grams of orders 1..4, its length, the closest reference's
+    assert result.statistics == {1: (5, 4, 2, 1, 5, 4, 3, 2, 5, 6), 2: (6, 5, 3, 1, 6, 5, 4, 3, 6, 6)}
 
 
 def test_bleu4_of_a_perfect_match_is_one() -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ca_platform.evaluation.retrieval import RetrievalRecall, cosine_similarity_matrix, retrieval_recall
+from ca_platform.evaluation.retrieval import RetrievalRecall, cosine_similarity_matrix, retrieval_hits, retrieval_recall
 
 # 4 images, 6 captions; caption j describes image CAPTION_IMAGE[j].
 CAPTION_IMAGE = [0, 0, 1, 2, 2, 3]
@@ -31,6 +31,15 @@ EXPECTED = RetrievalRecall(
 
 def test_several_captions_per_image_and_ties_ranked_pessimistically() -> None:
     assert retrieval_recall(SIMILARITY, CAPTION_IMAGE) == EXPECTED
+
+
+def test_hits_per_image_are_what_the_recall_is_made_of() -> None:
+    # i2t ranks [0, 2, 1, 5]; t2i ranks [0, 3, 1, 3, 0, 1] for captions of images [0, 0, 1, 2, 2, 3].
+    hits = retrieval_hits(SIMILARITY, CAPTION_IMAGE)
+    assert hits.i2t[1].tolist() == [True, False, False, False] and hits.i2t[5].tolist() == [True, True, True, False]
+    assert hits.t2i[1].tolist() == [1, 0, 1, 0] and hits.t2i[5].tolist() == [2, 1, 2, 1]  # captions within K
+    assert hits.captions.tolist() == [2, 1, 2, 1]
+    assert hits.recall() == EXPECTED
 
 
 def test_torch_tensors_in_any_float_dtype_give_the_same_recall() -> None:

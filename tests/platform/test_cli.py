@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from ca_platform import analytics, layout
+from ca_platform.compression import DEMO_KEEP_FRACTIONS
 from ca_platform.resources import DEFAULT_KEEP_FRACTION, build_resources
 from ca_platform.runner import report, run_lineage
 from tests.conftest import BIN, RoutesServer, cli_env
@@ -26,7 +28,14 @@ def _workspace_module() -> tuple[str, str]:
     return entry["module_name"], str(REPO / entry.get("working_directory", "."))
 
 
-OPTIONAL_ENV = ("CA_ALLOW_HOSTS", "CA_ANALYTICS_DIR", "CA_PREFERENCES_URI", "CA_KEEP_FRACTION", "CA_EVAL_URI")
+OPTIONAL_ENV = (
+    "CA_ALLOW_HOSTS",
+    "CA_ANALYTICS_DIR",
+    "CA_PREFERENCES_URI",
+    "CA_KEEP_FRACTION",
+    "CA_EVAL_URI",
+    "CA_EVAL_CLASSES_URI",
+)
 
 
 def test_dagster_and_ca_platform_run_build_the_same_resources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -43,6 +52,7 @@ def test_dagster_and_ca_platform_run_build_the_same_resources(monkeypatch: pytes
         "CA_PREFERENCES_URI": str(tmp_path / "prefs.jsonl"),
         "CA_KEEP_FRACTION": "0.12",
         "CA_EVAL_URI": str(tmp_path / "eval.parquet"),
+        "CA_EVAL_CLASSES_URI": str(tmp_path / "classes.parquet"),
         "CA_CLIP_DIR": str(tmp_path / "clip"),
         "CA_BLIP_DIR": str(tmp_path / "blip"),
     }
@@ -58,6 +68,7 @@ def test_dagster_and_ca_platform_run_build_the_same_resources(monkeypatch: pytes
         baselines=BaselineConfig(clip_pretrained_dir=env["CA_CLIP_DIR"], blip_pretrained_dir=env["CA_BLIP_DIR"]),
         keep_fraction=0.12,
         evaluation_uri=env["CA_EVAL_URI"],
+        classes_uri=env["CA_EVAL_CLASSES_URI"],
     )
     asked_for = {key for asset in ALL_ASSETS for key in asset.required_resource_keys} - {"io_manager"}  # Dagster's own
     assert asked_for <= set(from_env) and set(from_env) == set(in_process)
@@ -78,12 +89,61 @@ def test_unset_settings_take_the_defaults_ca_platform_uses(monkeypatch: pytest.M
         monkeypatch.delenv(name, raising=False)
     resources = resources_from_env()
     demo = build_parser().parse_args(["demo"])
-    assert resources["compression"].keep_fraction == demo.keep == DEFAULT_KEEP_FRACTION
+    assert resources["compression"].keep_fractions == [DEFAULT_KEEP_FRACTION]
+    assert demo.keep == DEMO_KEEP_FRACTIONS and len(DEMO_KEEP_FRACTIONS) >= 2  # the demo draws a curve
     assert resources["downloader"].settings().policy.allow_hosts == frozenset()  # public addresses only
     assert resources["preferences"].uri is None and resources["evaluation"].uri is None
+    assert resources["evaluation"].classes_uri is None  # no zero-shot classification unless asked
 
     monkeypatch.setenv("CA_KEEP_FRACTION", "a third")
-    with pytest.raises(ValueError, match="CA_KEEP_FRACTION must be a number"):
+    with pytest.raises(ValueError, match="CA_KEEP_FRACTION: keep fractions must be numbers .* 'a third'"):
+        resources_from_env()
+
+
+@pytest.mark.parametrize(
+    ("text", "curve"),
+    [
+        ("0.3", [0.3]),  # one value keeps working: a curve of one point
+        ("0.1,0.2,0.3,0.5", [0.1, 0.2, 0.3, 0.5]),
+        (" 0.5, 0.1 ,0.3,0.1", [0.1, 0.3, 0.5]),  # ascending, each once
+        ("1", [1.0]),
+    ],
+)
+def test_keep_takes_one_fraction_or_the_curves_comma_list_from_the_cli_and_the_environment(
+    monkeypatch: pytest.MonkeyPatch, text: str, curve: list[float]
+) -> None:
+    from ca_platform.cli import build_parser
+    from ca_platform.resources import resources_from_env
+
+    args = build_parser().parse_args(["run", "--pool", "p", "--data", "d", "--keep", text])
+    assert list(args.keep) == curve
+    assert build_resources("p", "d", keep_fraction=args.keep)["compression"].curve() == tuple(curve)
+    monkeypatch.setenv("CA_KEEP_FRACTION", text)
+    assert resources_from_env()["compression"].keep_fractions == curve
+    assert build_resources("p", "d", keep_fraction=curve[0])["compression"].keep_fractions == [curve[0]]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("0.1,,0.3", "'' of '0.1,,0.3' is not a number"),
+        ("0.1;0.3", "'0.1;0.3' of '0.1;0.3' is not a number"),
+        ("0.3,0", "keep fraction 0.0 is outside \\(0, 1\\]"),
+        ("1.5", "keep fraction 1.5 is outside"),
+        ("nan", "keep fraction nan is outside"),
+    ],
+)
+def test_a_bad_keep_list_is_refused_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text: str, reason: str
+) -> None:
+    from ca_platform.cli import build_parser
+    from ca_platform.resources import resources_from_env
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--pool", "p", "--data", "d", "--keep", text])
+    assert re.search(f"argument --keep: .*{reason}", capsys.readouterr().err)
+    monkeypatch.setenv("CA_KEEP_FRACTION", text)
+    with pytest.raises(ValueError, match=f"CA_KEEP_FRACTION: .*{reason}"):
         resources_from_env()
 
 
@@ -162,6 +222,28 @@ def test_run_command_accounts_for_every_input_row_on_its_embedded_ray(
 
     statuses = analytics.query(db, "SELECT DISTINCT status FROM downloads ORDER BY status").rows
     assert [status for (status,) in statuses] == ["failed_to_decode", "failed_to_download", "success"]
+
+
+def test_a_bad_labelled_set_or_template_stops_the_run_before_anything_is_downloaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ca_platform.cli import main
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pl.DataFrame({"url": ["http://x/1.png"], "caption": ["c"]}).write_parquet(pool / "part.parquet")
+    classes = tmp_path / "classes.parquet"
+    pl.DataFrame({"url": ["http://x/a.png", "http://x/b.png"], "label": ["cat", None]}).write_parquet(classes)
+    command = ["run", "--pool", str(pool), "--data", str(tmp_path / "data"), "--engine", "inline"]
+    command += ["--eval", str(tmp_path / "eval.parquet"), "--eval-classes", str(classes)]
+    assert main(command) == 1
+    assert f"error: {classes}: empty label at rows [2]" in capsys.readouterr().err
+    pl.DataFrame({"url": ["http://x/a.png", "http://x/b.png"], "label": ["cat", "dog"]}).write_parquet(classes)
+    assert main([*command, "--eval-template", "a photo"]) == 1
+    assert "prompt templates ['a photo'] must each hold '{}'" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # nothing ran
+    assert main(command[:-4] + ["--eval-classes", str(classes)]) == 2  # without --eval no model is trained
+    assert "need --eval" in capsys.readouterr().err
 
 
 @pytest.mark.slow

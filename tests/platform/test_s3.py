@@ -92,11 +92,12 @@ def test_subsets_models_and_report_on_s3(
     pages = client.get_paginator("list_objects_v2").paginate(Bucket="platform", Prefix="ca/")
     keys = {o["Key"] for page in pages for o in page["Contents"]}
     for variant in FILTER_VARIANTS:  # no recaptioning here: the pairs as they are
+        training_set = layout.training_set_key(variant, 0.5)
         for shard in ("part-00000", "part-00001"):
-            prefix = f"ca/{layout.subset_prefix(variant, shard)}/"
+            prefix = f"ca/{layout.subset_prefix(training_set, shard)}/"
             assert len([k for k in keys if k.startswith(prefix) and k.endswith(".tar")]) == 1
-            assert f"ca/{layout.subset_membership_key(variant, shard)}" in keys
-            assert f"ca/{layout.subset_manifest_key(variant, shard)}" in keys
+            assert f"ca/{layout.subset_membership_key(training_set, shard)}" in keys
+            assert f"ca/{layout.subset_manifest_key(training_set, shard)}" in keys
     assert "ca/reports/curation_report.json" in keys
     subsets = analytics.query(tmp_path / "analytics" / layout.ANALYTICS_DB, "SELECT count(*) FROM subsets").rows
     downloaded = analytics.query(

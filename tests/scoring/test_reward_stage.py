@@ -45,9 +45,9 @@ def _resources(pool: Path, data: Path, preferences: Path, scoring: ScoringConfig
     )
 
 
-def _subset_tar_uids(data: Path, variant: str) -> list[str]:
-    """The uids in a variant's subset tars, read with webdataset itself as a training job would."""
-    tars = sorted(str(p) for p in (data / layout.SUBSETS_DIR / variant).glob("*/*.tar"))
+def _subset_tar_uids(data: Path, training_set: str) -> list[str]:
+    """The uids in a training set's subset tars, read with webdataset itself as a training job would."""
+    tars = sorted(str(p) for p in (data / layout.SUBSETS_DIR / training_set).glob("*/*.tar"))
     dataset = (
         wds.WebDataset(tars, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg;png", "txt", "json")
     )
@@ -74,7 +74,7 @@ def test_scores_every_downloaded_pair_per_model_version(
     instance = DagsterInstance.ephemeral()
 
     resources = _resources(pool, data, preferences, ScoringConfig(num_workers=2, batch_size=4))
-    resources["compression"] = CompressionConfig(keep_fraction=0.3)
+    resources["compression"] = CompressionConfig(keep_fractions=[0.3])
     first = run_lineage(resources, instance, compress=True)
     assert first.success, [r for r in first.runs if not r.success]
     coverage = [r.checks["reward_scores:uid_coverage"] for r in first.runs if "reward_scores:uid_coverage" in r.checks]
@@ -96,14 +96,15 @@ def test_scores_every_downloaded_pair_per_model_version(
         assert 0.0 <= accuracy[kind] <= 1.0 and 0.0 <= accuracy["cross_image"][kind] <= 1.0
     assert "held-out preference accuracy" in report(first)
     thresholds = json.loads((data / layout.REPORTS_DIR / "score_threshold.json").read_text())
-    assert set(thresholds) == {"reward_topk", "clipscore_topk", "random_topk"}
-    for variant, threshold in thresholds.items():
-        assert (threshold["total"], threshold["kept"]) == (downloaded, keep_count(0.3, downloaded)), variant
-        kept_uids = _subset_tar_uids(data, variant)
+    assert set(thresholds) == {"reward_topk@0.3", "clipscore_topk@0.3", "random_topk@0.3"}
+    for key, threshold in thresholds.items():
+        assert (threshold["total"], threshold["kept"]) == (downloaded, keep_count(0.3, downloaded)), key
+        kept_uids = _subset_tar_uids(data, key)
+        variant = threshold["variant"]
         expected = analytics.query(db, "SELECT uid FROM subsets WHERE variant = ? AND kept", [variant]).rows
         assert sorted(kept_uids) == sorted(uid for (uid,) in expected) and len(kept_uids) == threshold["kept"]
     assert analytics.query(db, "SELECT count(*) FROM subsets").rows == [(3 * downloaded,)]
-    assert f"kept {thresholds['reward_topk']['kept']} of {downloaded}" in report(first)
+    assert f"kept {thresholds['reward_topk@0.3']['kept']} of {downloaded}" in report(first)
 
     # the UI opened after `run` on the same pool and data root (another instance), the image host now down:
     # the sensor requests nothing (every shard is done from the same files), and a re-download the user forces
