@@ -38,15 +38,13 @@ def evaluation_set(
     path = Path(evaluation.uri)
     with storage.staging_dir("evaluation-set") as staging:
         staged = stage_evaluation_set(storage.data_store(), path, downloader.settings(), staging)
-    return MaterializeResult(
-        metadata={
-            "version": staged.version,
-            "images": staged.ledger.height,
-            "downloaded": staged.downloaded,
-            "source": str(path),
-        },
-        data_version=DataVersion(staged.version),
-    )
+    return _staged_set_result(staged.version, staged.ledger.height, staged.downloaded, path)
+
+
+def _staged_set_result(version: str, images: int, downloaded: int, source: Path) -> MaterializeResult:
+    """A staged held-out set's materialization, versioned by the file's content hash."""
+    metadata = {"version": version, "images": images, "downloaded": downloaded, "source": str(source)}
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(version))
 
 
 @asset(
@@ -104,15 +102,7 @@ def classification_set(
     path = Path(evaluation.classes_uri)
     with storage.staging_dir("classification-set") as staging:
         staged = stage_classification_set(storage.data_store(), path, downloader.settings(), staging)
-    return MaterializeResult(
-        metadata={
-            "version": staged.version,
-            "images": staged.ledger.height,
-            "downloaded": staged.downloaded,
-            "source": str(path),
-        },
-        data_version=DataVersion(staged.version),
-    )
+    return _staged_set_result(staged.version, staged.ledger.height, staged.downloaded, path)
 
 
 @asset(

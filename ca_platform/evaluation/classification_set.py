@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
 from PIL import Image
 
 from ca_platform import layout, schemas
@@ -23,6 +22,7 @@ from ca_platform.evaluation.evaluation_set import (
     StagedEvaluationSet,
     download_images,
     downloaded_images,
+    read_held_out_columns,
     stage_held_out_set,
     url_uids,
 )
@@ -45,16 +45,8 @@ def _rows(frame: pl.DataFrame) -> list[int]:
 
 def read_classification_file(path: Path) -> pl.DataFrame:
     """`uid, url, label, name` per distinct image (schemas.CLASSIFICATION_LABELS), in the file's order."""
-    try:
-        table = pq.read_table(path)
-    except Exception as error:  # pyarrow raises several types for a file that is not parquet
-        raise ClassificationSetError(f"{path}: not a readable parquet file ({error})") from error
-    missing = [c for c in (URL, LABEL) if c not in table.schema.names]
-    if missing:
-        raise ClassificationSetError(f"{path}: missing column(s) {missing} (columns: {table.schema.names})")
-    has_names = CLASS_NAME in table.schema.names
-    frame = pl.from_arrow(table.select([URL, LABEL, *([CLASS_NAME] if has_names else [])]))
-    assert isinstance(frame, pl.DataFrame)
+    frame = read_held_out_columns(path, (URL, LABEL), (CLASS_NAME,), ClassificationSetError)
+    has_names = CLASS_NAME in frame.columns
     try:
         frame = frame.with_columns(
             pl.col(URL).cast(pl.String).str.strip_chars(),

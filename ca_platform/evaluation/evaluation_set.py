@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,17 +37,26 @@ def evaluation_version(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def read_evaluation_file(path: Path) -> pl.DataFrame:
-    """`uid, url, caption` per row; the uid names the image (sha1 of its URL)."""
+def read_held_out_columns(
+    path: Path, required: Sequence[str], optional: Sequence[str], error: type[ValueError]
+) -> pl.DataFrame:
+    """The `required` columns (and those of `optional` the file has) of a held-out set's parquet file; `error`
+    names the file when it is not parquet or lacks a required column."""
     try:
         table = pq.read_table(path)
-    except Exception as error:  # pyarrow raises several types for a file that is not parquet
-        raise EvaluationSetError(f"{path}: not a readable parquet file ({error})") from error
-    missing = [c for c in (URL, CAPTION) if c not in table.schema.names]
+    except Exception as cause:  # pyarrow raises several types for a file that is not parquet
+        raise error(f"{path}: not a readable parquet file ({cause})") from cause
+    missing = [c for c in required if c not in table.schema.names]
     if missing:
-        raise EvaluationSetError(f"{path}: missing column(s) {missing} (columns: {table.schema.names})")
-    frame = pl.from_arrow(table.select([URL, CAPTION]))
+        raise error(f"{path}: missing column(s) {missing} (columns: {table.schema.names})")
+    frame = pl.from_arrow(table.select([*required, *(c for c in optional if c in table.schema.names)]))
     assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def read_evaluation_file(path: Path) -> pl.DataFrame:
+    """`uid, url, caption` per row; the uid names the image (sha1 of its URL)."""
+    frame = read_held_out_columns(path, (URL, CAPTION), (), EvaluationSetError)
     frame = frame.with_columns(pl.col(URL).cast(pl.String).str.strip_chars(), pl.col(CAPTION).cast(pl.String))
     bad = frame.with_row_index("row").filter(
         pl.col(URL).is_null()
