@@ -393,7 +393,8 @@ def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
 
 def curation_curve_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     """The compression curve: each of CURVE_METRICS against the keep fraction k, one line per ranking, its
-    spread over seeds as a band (mean ± sample standard deviation) when several were trained; full (and each
+    spread over seeds as a band (mean ± sample standard deviation) when several were trained and each point's
+    bootstrap interval over evaluation items as a bar (what the paired verdicts of the tables test); full (and each
     variant keeping every image) as a horizontal reference line. x is the k a set was cut at (raw_topk_plus_recap
     keeps its recaptions on top: the tables give the kept fraction)."""
     plt = pyplot()
@@ -419,6 +420,12 @@ def curation_curve_plot(rows: Sequence[CurationRow], path: Path) -> Path:
             values = np.array([getattr(r, metric) for r in points])
             colour = colours[index % len(colours)]
             axes.plot(ks, values, marker="o", color=colour, label=ranking)
+            intervals_at = [r.interval.get(metric) for r in points]
+            if all(intervals_at):
+                low, high = np.array(intervals_at, dtype=np.float64).T
+                dodge = 0.006 * (index - (len(lines) - 1) / 2)  # side by side, so the bars of one k stay apart
+                yerr = np.clip([values - low, high - values], 0.0, None)
+                axes.errorbar(ks + dodge, values, yerr=yerr, fmt="none", ecolor=colour, capsize=2, linewidth=1)
             if banded:
                 spread = np.array([r.spread.get(metric, 0.0) for r in points])
                 axes.fill_between(ks, values - spread, values + spread, color=colour, alpha=0.18, linewidth=0)
@@ -429,7 +436,9 @@ def curation_curve_plot(rows: Sequence[CurationRow], path: Path) -> Path:
         axes.set_ylim(bottom=0.0)
     handles, labels = panels[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    note = " (bands: ± sample standard deviation over seeds)" if banded else ""
+    confidence = rows[0].bootstrap.get("confidence") if rows else None
+    bars = f"bars: the {confidence:.0%} bootstrap interval over evaluation items" if confidence else "bars: none"
+    note = f" (bands: ± sample standard deviation over seeds; {bars})" if banded else f" ({bars})"
     figure.suptitle(f"the compression curve{note}", fontsize=10)
     figure.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
