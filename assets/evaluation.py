@@ -14,7 +14,8 @@ from ca_platform.assets.reward import preference_accuracy
 from ca_platform.assets.training import blip_checkpoint, clip_checkpoint
 from ca_platform.evaluation.classification_set import stage_classification_set
 from ca_platform.evaluation.evaluation_set import stage_evaluation_set
-from ca_platform.evaluation.report import measured_by_k, outside_noise, write_curation_report
+from ca_platform.evaluation.report import write_curation_report
+from ca_platform.evaluation.report_text import measured_by_k, outside_noise
 from ca_platform.evaluation.variants import (
     RETRIEVAL_METRICS,
     evaluate_captioning,

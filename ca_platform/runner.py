@@ -44,7 +44,8 @@ from ca_platform.assets import (
 from ca_platform.assets.partitions import POOL_SHARDS, register_training_sets
 from ca_platform.engine import Engine, EngineSettings, InlineEngine, Work, WorkerLost, current_placement, open_engine
 from ca_platform.evaluation.classification_set import read_classification_file
-from ca_platform.evaluation.report import CurationRow, curation_text, curve_fractions, curve_text, per_k_tables
+from ca_platform.evaluation.report_rows import CurationRow, curve_fractions
+from ca_platform.evaluation.report_text import curation_text, curve_text, per_k_tables
 from ca_platform.ingest.download import done_shards, is_done
 from ca_platform.ingest.pool import PoolShard, discover_shards
 from ca_platform.preferences.files import validate_preference_file

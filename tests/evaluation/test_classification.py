@@ -30,7 +30,8 @@ from ca_platform.evaluation.classification_set import (
     read_classification_file,
     stage_classification_set,
 )
-from ca_platform.evaluation.report import NotEvaluatedError, curation_markdown, curation_rows, write_curation_report
+from ca_platform.evaluation.report import NotEvaluatedError, curation_rows, write_curation_report
+from ca_platform.evaluation.report_text import curation_markdown
 from ca_platform.ingest.download import DownloadSettings
 from ca_platform.ingest.download_guard import GuardPolicy
 from ca_platform.resources import ModelTrainingConfig, build_resources

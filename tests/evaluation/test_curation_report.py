@@ -17,14 +17,9 @@ from ca_platform import layout
 from ca_platform.assets.evaluation import curation_report
 from ca_platform.evaluation.captions import bleu4
 from ca_platform.evaluation.intervals import BLEU4, RATIO, BootstrapSettings
-from ca_platform.evaluation.report import (
-    CurationRow,
-    NotEvaluatedError,
-    curation_text,
-    per_k_tables,
-    variant_item_results,
-    with_intervals,
-)
+from ca_platform.evaluation.report import NotEvaluatedError, variant_item_results, with_intervals
+from ca_platform.evaluation.report_rows import CurationRow
+from ca_platform.evaluation.report_text import curation_text, per_k_tables
 from ca_platform.resources import EvaluationConfig, PlatformStorage
 from ca_platform.schemas import CLIP_SCORE, REWARD_MODEL
 
