@@ -3,6 +3,7 @@
 baselines order held-out preferences (preference_accuracy)."""
 
 import functools
+from math import nan
 
 from dagster import (
     AssetExecutionContext,
@@ -119,7 +120,9 @@ def reward_model(
             "source": current.get("registered_from") or f"trained on preferences {current.get('preferences')}",
             "heldout_accuracy": float(metrics.get("heldout_accuracy", float("nan"))),
             "heldout_pairs": int(metrics.get("heldout_pairs", 0)),
-            "heldout_cross_image_accuracy": float(metrics.get("heldout_cross_image_accuracy") or float("nan")),
+            "heldout_cross_image_accuracy": float(
+                nan if (across := metrics.get("heldout_cross_image_accuracy")) is None else across
+            ),
             # checkpoints from before calibration existed were trained within images only
             "calibration": str(metrics.get("calibration", "within_image")),
             "metrics": MetadataValue.json(metrics),

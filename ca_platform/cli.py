@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -328,8 +327,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         run = runner.run_lineage(resources, log_level=log_level, compress=True, engine=_engine(args))
     print(runner.report(run))
     if run.success:
-        with tempfile.TemporaryDirectory(prefix="ca-demo-truth-") as scratch:
-            audit = write_truth_audit(root / "data", world.truth_dir, Path(scratch))
+        storage = resources["storage"]
+        with storage.staging_dir("demo-truth") as scratch:
+            audit = write_truth_audit(storage.data_store(), storage.analytics_db(), world.truth_dir, scratch)
         print("\n" + "\n".join(audit.lines()))
     return 0 if run.success else 1
 

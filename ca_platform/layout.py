@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from ca_platform.schemas import TRAINING_VARIANTS, UNCUT_VARIANTS
 
@@ -213,6 +214,17 @@ def parse_training_set_key(key: str) -> tuple[str, float | None]:
             f"`<variant>{KEEP_FRACTION_SEPARATOR}<k>` with k in (0, 1], e.g. reward_topk@0.3"
         )
     return variant, keep_fraction
+
+
+def in_training_set_order(keys: Iterable[str]) -> list[str]:
+    """Training-set keys in the report's order: by variant as TRAINING_VARIANTS lists them (full first, the
+    method next), then by k. Published JSON is written with sorted keys, so readers order keys with this."""
+
+    def order(key: str) -> tuple[int, float]:
+        variant, keep_fraction = parse_training_set_key(key)
+        return TRAINING_VARIANTS.index(variant), keep_fraction or 0.0
+
+    return sorted(keys, key=order)
 
 
 SUBSETS_DIR = "subsets"

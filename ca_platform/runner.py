@@ -442,6 +442,7 @@ def report(run: LineageRun) -> str:
     if thresholds:
         lines += ["", "compressed subsets (DuckDB view `subsets`; every cut comes after dedup):"]
         width = max(map(len, thresholds))
+        thresholds = {key: thresholds[key] for key in layout.in_training_set_order(thresholds)}
         for key, threshold in thresholds.items():
             kept, total = threshold["kept"], threshold["total"]
             ratio = total / kept if kept else float("inf")
@@ -488,7 +489,7 @@ def report(run: LineageRun) -> str:
     lines.append(f'\nDuckDB: {db}  (try: ca-platform sql --data {run.storage.data_uri} "SELECT ...")')
     curation = _read_report(run.storage, layout.CURATION_REPORT_KEY)
     if curation:
-        rows = [CurationRow(variant=key, **figures) for key, figures in curation.items()]
+        rows = [CurationRow(variant=key, **curation[key]) for key in layout.in_training_set_order(curation)]
         lines += [
             "",
             f"curation report ({layout.CURATION_TABLE_KEY}; models trained on each training set, equal samples seen; "

@@ -162,9 +162,8 @@ def compress_shard(
     refresh: Callable[[list[str]], None],
 ) -> ShardSubsets:
     """Apply every published cut (each variant at each k) to one shard, audit the result and publish its subsets
-    if it passes
-    (AuditFailed otherwise, the attempt kept under rejected/); `refresh(keys)` makes the memberships visible
-    to the DuckDB views.
+    if it passes (AuditFailed otherwise, the attempt kept under rejected/); `refresh(keys)` makes the memberships
+    visible to the DuckDB views.
 
     The audit proves nothing is lost: each variant's membership is the shard's downloaded pairs once each, and
     its tar exactly the kept ones. A variant's tar carries the run's token and its manifest, which names the

@@ -527,7 +527,7 @@ def require_scored(
 
 @dataclass(frozen=True)
 class VariantCuts:
-    thresholds: dict[str, ScoreThreshold]  # training-set key -> its cut, in the variants' order, then by k
+    thresholds: dict[str, ScoreThreshold]  # training-set key -> its cut, in layout.in_training_set_order
     plot: Path  # the reward model's score histogram with its cuts
     held: dict[str, list[quarantine.QuarantinedShard]]  # the quarantined shards the cut left out, with why
 
@@ -580,9 +580,8 @@ def cut_variants(
         dataclasses.replace(t, synthetic_caption_probability=mix_probability) if t.variant == RECAP_MIX else t
         for t in cuts
     ]
-    order = {variant: index for index, variant in enumerate(schemas.SUBSET_VARIANTS)}
-    cuts.sort(key=lambda t: (order[t.variant], t.keep_fraction))
-    thresholds = {t.key: t for t in cuts}
+    by_key = {t.key: t for t in cuts}
+    thresholds = {key: by_key[key] for key in layout.in_training_set_order(by_key)}
     write_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, {key: t.as_json() for key, t in thresholds.items()}, scratch)
     reward = histogram_cut(cuts)
     histogram = score_histogram(files_root, reward)
@@ -599,8 +598,9 @@ def cut_variants(
 
 
 def published_thresholds(store: DataStore, scratch: Path) -> list[ScoreThreshold]:
-    """The cuts of the score-threshold report, in its order (each one training set: `ScoreThreshold.key`)."""
+    """The cuts of the score-threshold report, in the training sets' order (`layout.in_training_set_order`; each
+    one training set: `ScoreThreshold.key`)."""
     document = read_json(store, layout.SCORE_THRESHOLD_REPORT_KEY, scratch)
     if document is None:
         raise LookupError("no score threshold yet: materialize score_threshold first")
-    return [ScoreThreshold.from_json(t) for t in document.values()]
+    return [ScoreThreshold.from_json(document[key]) for key in layout.in_training_set_order(document)]

@@ -9,6 +9,7 @@ the simulated annotators give the kept captions (`caption_utility`, the quantity
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,13 @@ import numpy as np
 import polars as pl
 
 from ca_platform import analytics, layout, schemas
+from ca_platform.compression.threshold import published_thresholds
 from ca_platform.demo.annotators import caption_utility
 from ca_platform.demo.shapes_pool import read_truth
 from ca_platform.demo.shapes_world import scene_from_json
+from ca_platform.schemas import CLIP_SCORE, REWARD_MODEL
 from ca_platform.scoring.registry import current_model
-from ca_platform.storage import open_store, write_json
+from ca_platform.storage import DataStore, write_json
 
 CLEAN = "clean"
 ANY_NOISE = "any noise"
@@ -86,10 +89,19 @@ def pool_truth(db: Path, truth_dir: Path) -> pl.DataFrame:
     return pairs.with_columns(pl.Series("utility", utilities, dtype=pl.Float64)).drop("scene_json")
 
 
-def audit_against_truth(data_root: Path, truth_dir: Path, versions: dict[str, str]) -> TruthAudit:
+@dataclass(frozen=True)
+class AuditedCut:
+    """One raw-caption cut of the current score threshold: what the subsets view holds for it."""
+
+    variant: str
+    keep_fraction: float
+    model_version: str
+
+
+def audit_against_truth(db: Path, truth_dir: Path, versions: dict[str, str], cuts: Sequence[AuditedCut]) -> TruthAudit:
     """Separation of each scorer's version in `versions` (scorer -> model version) over the downloaded raw pairs,
-    and what every raw-caption cut (and the full pool) kept, from the data root's DuckDB views (a local root)."""
-    db = data_root / layout.ANALYTICS_DB
+    and what each of `cuts` and the full training set (the downloads dedup kept) kept, from the DuckDB views of
+    `db`. Only the given cuts are read: subsets of an earlier k list or model version stay on the data root."""
     pairs = pool_truth(db, truth_dir)
     separation = {}
     for scorer, version in versions.items():
@@ -100,17 +112,17 @@ def audit_against_truth(data_root: Path, truth_dir: Path, versions: dict[str, st
             [scorer, version, schemas.RAW_CAPTION, schemas.RAW_CAPTION],
         )
         separation[scorer] = separation_by_kind(pairs.join(scores, on=[schemas.UID, schemas.SHARD], how="inner"))
-    filters = ", ".join("?" * len(schemas.FILTER_VARIANTS))
-    subsets = _frame(
-        db,
-        f"SELECT variant, keep_fraction, {schemas.UID}, {schemas.SHARD} FROM subsets "
-        f"WHERE kept AND variant IN ({filters})",
-        list(schemas.FILTER_VARIANTS),
-    )
-    kept = {schemas.FULL: kept_summary(pairs)}
-    for (variant, keep_fraction), rows in sorted(subsets.group_by(["variant", "keep_fraction"]), key=lambda g: g[0]):
+    removed = _frame(db, f"SELECT {schemas.UID}, {schemas.SHARD} FROM dedup_removals", [])
+    kept = {schemas.FULL: kept_summary(pairs.join(removed, on=[schemas.UID, schemas.SHARD], how="anti"))}
+    for cut in cuts:
+        rows = _frame(
+            db,
+            f"SELECT {schemas.UID}, {schemas.SHARD} FROM subsets "
+            "WHERE kept AND variant = ? AND keep_fraction = ? AND model_version = ?",
+            [cut.variant, cut.keep_fraction, cut.model_version],
+        )
         kept_pairs = pairs.join(rows, on=[schemas.UID, schemas.SHARD], how="semi")
-        kept[layout.training_set_key(variant, keep_fraction)] = kept_summary(kept_pairs)
+        kept[layout.training_set_key(cut.variant, cut.keep_fraction)] = kept_summary(kept_pairs)
     return TruthAudit(separation, kept)
 
 
@@ -135,12 +147,15 @@ def kept_summary(kept: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def write_truth_audit(data_root: Path, truth_dir: Path, scratch: Path) -> TruthAudit:
-    """The audit of the current reward model and CLIP score, written to the demo's truth report."""
-    store = open_store(str(data_root))
-    versions = {
-        kind: current_model(store, kind, scratch)["version"] for kind in (schemas.REWARD_MODEL, schemas.CLIP_SCORE)
-    }
-    audit = audit_against_truth(data_root, truth_dir, versions)
+def write_truth_audit(store: DataStore, db: Path, truth_dir: Path, scratch: Path) -> TruthAudit:
+    """The audit of the current reward model and CLIP score and of the current score threshold's raw-caption
+    cuts (over the analytics database `db` of `store`), written to the demo's truth report."""
+    versions = {kind: current_model(store, kind, scratch)["version"] for kind in (REWARD_MODEL, CLIP_SCORE)}
+    cuts = [
+        AuditedCut(t.variant, t.keep_fraction, t.model_version)
+        for t in published_thresholds(store, scratch)
+        if t.variant in schemas.FILTER_VARIANTS
+    ]
+    audit = audit_against_truth(db, truth_dir, versions, cuts)
     write_json(store, layout.DEMO_TRUTH_REPORT_KEY, {"versions": versions, **audit.as_json()}, scratch)
     return audit

@@ -47,7 +47,7 @@ def curation_rows(
     accuracy = read_json(store, layout.PREFERENCE_ACCURACY_REPORT_KEY, scratch) or {}
     labelled = read_json(store, layout.CURRENT_CLASSIFICATION_KEY, scratch) if classification else None
     rows, per_item = [], {}
-    for key in (FULL, *thresholds):
+    for key in layout.in_training_set_order({FULL, *thresholds}):
         retrieval = read_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, key), scratch)
         captioning = read_json(store, layout.variant_report_key(layout.CAPTIONING_REPORT, key), scratch)
         if retrieval is None or captioning is None:
@@ -89,9 +89,11 @@ def curation_rows(
 
 @dataclass(frozen=True)
 class ItemResults:
-    """One metric of one variant as evaluated item by item: the item ids, in the order of the table's items."""
+    """One metric of one variant as evaluated item by item: the item ids, in the order of the table's items, and
+    the training seeds of its rows, in order."""
 
     items: tuple[str, ...]
+    seeds: tuple[str, ...]
     table: ItemTable
 
 
@@ -105,8 +107,9 @@ def variant_item_results(variant: str, documents: Mapping[str, Mapping[str, Any]
                 f"the {asset} report of training set {variant} has no per-item results (written by an older version): "
                 f"materialize {asset} for partition {variant} again"
             )
-        items = tuple(document["items"])
-        results.update({metric: ItemResults(items, table) for metric, table in intervals.item_tables(document).items()})
+        items, seeds = tuple(document["items"]), tuple(sorted(document["per_item"], key=int))
+        tables = intervals.item_tables(document)
+        results.update({metric: ItemResults(items, seeds, table) for metric, table in tables.items()})
     return results
 
 
@@ -143,6 +146,11 @@ def with_intervals(
                     raise ValueError(
                         f"{metric} of {row.variant} and of {reference} cover different evaluation items: evaluate "
                         "both on the current evaluation set"
+                    )
+                if base.seeds != result.seeds:  # a paired difference pairs seed i with seed i
+                    raise NotEvaluatedError(
+                        f"{metric} of {row.variant} was evaluated for seeds {list(result.seeds)}, of {reference} for "
+                        f"{list(base.seeds)}: evaluate both with the same training seeds"
                     )
                 versus[reference][metric] = intervals.difference(result.table, base.table, settings).as_json()
         evaluated = [result.items for metric, result in results.items() if metric not in CLASSIFICATION_METRICS]

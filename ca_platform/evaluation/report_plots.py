@@ -12,6 +12,12 @@ from ca_platform.evaluation.report_rows import CurationRow, classified, curve_fr
 from ca_platform.schemas import FULL, TRAINING_VARIANTS
 
 
+def interval_error(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """matplotlib's yerr ([below, above]) for intervals [low, high] around `values`; a percentile interval of a
+    ratio can leave its mean outside, and a bar then has no length on that side rather than a flipped one."""
+    return np.clip(np.stack([values - low, high - values]), 0.0, None)
+
+
 def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
     """Retrieval recall (left), captioning scores and, with a labelled set, zero-shot classification accuracy per
     training set, bars side by side, with the bootstrap interval over the evaluation (or labelled) images as error
@@ -40,7 +46,7 @@ def curation_plot(rows: Sequence[CurationRow], path: Path) -> Path:
             values = np.array([getattr(r, metric) for r in rows])
             if all(metric in r.interval for r in rows):
                 bounds = np.array([r.interval[metric] for r in rows])
-                error: np.ndarray | None = np.abs(np.stack([values - bounds[:, 0], bounds[:, 1] - values]))
+                error: np.ndarray | None = interval_error(values, bounds[:, 0], bounds[:, 1])
             else:
                 error = np.array([r.spread.get(metric, 0.0) for r in rows]) if any(r.seeds > 1 for r in rows) else None
             position = x + (offset - (len(metrics) - 1) / 2) * width
@@ -91,7 +97,7 @@ def curation_curve_plot(rows: Sequence[CurationRow], path: Path) -> Path:
             if all(intervals_at):
                 low, high = np.array(intervals_at, dtype=np.float64).T
                 dodge = 0.006 * (index - (len(lines) - 1) / 2)  # side by side, so the bars of one k stay apart
-                yerr = np.clip([values - low, high - values], 0.0, None)
+                yerr = interval_error(values, low, high)
                 axes.errorbar(ks + dodge, values, yerr=yerr, fmt="none", ecolor=colour, capsize=2, linewidth=1)
             if banded:
                 spread = np.array([r.spread.get(metric, 0.0) for r in points])

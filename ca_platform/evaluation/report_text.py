@@ -78,7 +78,7 @@ def curation_markdown(rows: Sequence[CurationRow], keep_fraction: float | None =
 def per_k_tables(
     rows: Sequence[CurationRow], table: Callable[[Sequence[CurationRow], float | None], str], heading: str
 ) -> str:
-    """One `table` per keep fraction (given the rows at k and k), each under `heading` (formatted with k); the
+    """One `table` per keep fraction (called with the rows at k, and k), each under `heading` (formatted with k); the
     rows as one table when none was cut."""
     fractions = curve_fractions(rows)
     if not fractions:

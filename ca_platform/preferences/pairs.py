@@ -79,6 +79,15 @@ def pairwise_accuracy(items: Sequence[PreferenceItem], scores: Sequence[Sequence
     return (agreed / total if total else float("nan")), total
 
 
+def top_and_bottom(ranking: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Indices of a ranking's top-ranked and bottom-ranked captions (ties all included); both empty when every
+    caption ties, as such a ranking orders nothing."""
+    best, worst = min(ranking), max(ranking)
+    if best == worst:
+        return [], []
+    return [i for i, rank in enumerate(ranking) if rank == best], [i for i, rank in enumerate(ranking) if rank == worst]
+
+
 def cross_image_accuracy(items: Sequence[PreferenceItem], scores: Sequence[Sequence[float]]) -> tuple[float, int]:
     """Share of (top-ranked caption of image A, bottom-ranked caption of image B), A != B, pairs the scores order
     with A's caption first; a score tie counts half. Returns (accuracy, number of pairs).
@@ -92,11 +101,9 @@ def cross_image_accuracy(items: Sequence[PreferenceItem], scores: Sequence[Seque
     for image, (item, item_scores) in enumerate(zip(items, scores, strict=True)):
         if len(item_scores) != len(item.captions):
             raise ValueError(f"row {item.row}: {len(item_scores)} scores for {len(item.captions)} captions")
-        best, worst = min(item.ranking), max(item.ranking)
-        if best == worst:
-            continue
-        tops += [(item_scores[i], image) for i, rank in enumerate(item.ranking) if rank == best]
-        bottoms += [(item_scores[i], image) for i, rank in enumerate(item.ranking) if rank == worst]
+        top, bottom = top_and_bottom(item.ranking)
+        tops += [(item_scores[i], image) for i in top]
+        bottoms += [(item_scores[i], image) for i in bottom]
     if not tops:
         return float("nan"), 0
     top_scores = np.array([score for score, _ in tops], dtype=np.float64)

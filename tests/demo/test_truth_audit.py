@@ -14,7 +14,7 @@ from ca_platform import analytics, layout, schemas
 from ca_platform.demo import annotators
 from ca_platform.demo.shapes_pool import ShapesWorldConfig, generate_pool, read_truth
 from ca_platform.demo.shapes_world import NOISE_KINDS, make_noisy_caption, sample_scene, scene_from_json
-from ca_platform.demo.truth_audit import ANY_NOISE, audit_against_truth, auroc
+from ca_platform.demo.truth_audit import ANY_NOISE, AuditedCut, audit_against_truth, auroc
 
 
 def test_claims_read_back_from_every_caption_the_grammar_writes() -> None:
@@ -98,20 +98,32 @@ def test_audit_joins_scores_and_cuts_with_the_truth(tmp_path: Path) -> None:
     subset_file = data / layout.SUBSETS_DIR / schemas.REWARD_TOPK / "shard-00000" / layout.SUBSET_MEMBERSHIP_FILE
     subset_file.parent.mkdir(parents=True)
     schemas.conform(membership, schemas.SUBSETS).write_parquet(subset_file)
+    # an earlier k list's cut by an older model stays on the data root: everything "kept"
+    stale = membership.with_columns(pl.lit(0.5).alias("keep_fraction"), pl.lit("v0").alias("model_version"), kept=True)
+    stale_file = (
+        data / layout.SUBSETS_DIR / f"{schemas.REWARD_TOPK}@0.5" / "shard-00000" / layout.SUBSET_MEMBERSHIP_FILE
+    )
+    stale_file.parent.mkdir(parents=True)
+    schemas.conform(stale, schemas.SUBSETS).write_parquet(stale_file)
+    removal = downloads.head(1).select(schemas.UID, schemas.SHARD, pl.lit("duplicate_of:uid-x").alias("reason"))
+    (data / layout.DEDUP_REMOVALS_KEY).parent.mkdir(parents=True, exist_ok=True)
+    schemas.conform(removal, schemas.DEDUP_REMOVALS).write_parquet(data / layout.DEDUP_REMOVALS_KEY)
     analytics.ensure_views(data / layout.ANALYTICS_DB, data)
 
-    audit = audit_against_truth(data, world.truth_dir, {schemas.REWARD_MODEL: "v1"})
+    cuts = [AuditedCut(schemas.REWARD_TOPK, 0.3, "v1")]
+    audit = audit_against_truth(data / layout.ANALYTICS_DB, world.truth_dir, {schemas.REWARD_MODEL: "v1"}, cuts)
 
     separation = audit.separation[schemas.REWARD_MODEL]
     assert set(separation) == {*(k for k in NOISE_KINDS if k != "clean"), ANY_NOISE}
     assert all(value == 1.0 for value in separation.values())
-    assert audit.kept[schemas.FULL]["kept"] == rows.height
+    assert set(audit.kept) == {schemas.FULL, f"{schemas.REWARD_TOPK}@0.3"}  # the stale cut is not read
+    assert audit.kept[schemas.FULL]["kept"] == rows.height - 1  # the full training set: what dedup kept
     reward = audit.kept[f"{schemas.REWARD_TOPK}@0.3"]
     assert reward["kept"] == int(clean.sum()) and reward["clean_share"] == 1.0
     assert reward["by_kind"] == {"clean": int(clean.sum())}
     assert reward["mean_utility"] == pytest.approx(1.0)
     full_utility = np.mean(
-        [annotators.caption_utility(c, scene_from_json(s)) for c, s in zip(rows["caption"], rows["scene_json"])]
+        [annotators.caption_utility(c, scene_from_json(s)) for c, s in zip(rows["caption"], rows["scene_json"])][1:]
     )
     assert audit.kept[schemas.FULL]["mean_utility"] == pytest.approx(full_utility)
     assert "reward_topk@0.3" in "\n".join(audit.lines())

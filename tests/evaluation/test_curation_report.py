@@ -201,3 +201,10 @@ def test_reports_without_per_item_results_or_on_other_items_are_named() -> None:
         with_intervals(rows, {"full": full, "clipscore_topk@0.3": moved}, BootstrapSettings(resamples=10))
     with pytest.raises(ValueError, match="the per-item results give i2t_r1"):
         with_intervals([replace(rows[0], i2t_r1=0.9)], {"full": full}, BootstrapSettings(resamples=10))
+    per_item = retrieval["per_item"]
+    reseeded = {**retrieval, "per_item": {**{s: per_item[s] for s in list(per_item)[:-1]}, "7": per_item["0"]}}
+    other_seeds = variant_item_results("clipscore_topk@0.3", {"retrieval_eval": reseeded})
+    with pytest.raises(
+        NotEvaluatedError, match=r"seeds \['0', '1', '2'\], of clipscore_topk@0.3 for \['0', '1', '7'\]"
+    ):
+        with_intervals(rows, {"full": full, "clipscore_topk@0.3": other_seeds}, BootstrapSettings(resamples=10))

@@ -34,6 +34,7 @@ from ca_platform.preferences.pairs import (
     cross_image_accuracy,
     pairwise_accuracy,
     preference_pairs,
+    top_and_bottom,
 )
 from ca_platform.scoring.reward.model import RewardModel, RewardModelSpec, build_reward_model
 
@@ -66,13 +67,9 @@ def cross_image_pairs(rankings: Sequence[Sequence[int]]) -> list[PreferencePair]
     """
     tops, bottoms, offset = [], [], 0
     for ranking in rankings:
-        best, worst = min(ranking), max(ranking)
-        if best != worst:
-            tops.append([offset + i for i, rank in enumerate(ranking) if rank == best])
-            bottoms.append([offset + i for i, rank in enumerate(ranking) if rank == worst])
-        else:
-            tops.append([])
-            bottoms.append([])
+        top, bottom = top_and_bottom(ranking)
+        tops.append([offset + i for i in top])
+        bottoms.append([offset + i for i in bottom])
         offset += len(ranking)
     return [
         PreferencePair(top, bottom, 1.0)
