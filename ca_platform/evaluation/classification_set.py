@@ -34,6 +34,9 @@ LABELS_FILE = "labels.parquet"
 MIN_CLASSES = 2
 
 
+CLASSIFICATION_SHARD = "classification"  # the labelled set's rows in its download ledger
+
+
 class ClassificationSetError(ValueError):
     """An unusable labelled classification file; the message names the file and the rows."""
 
@@ -85,7 +88,9 @@ def download_classification_set(path: Path, out_dir: Path, settings: DownloadSet
     """Download each distinct image of the file into `out_dir` (tars + ledger, the class name as each image's
     caption) beside its labels; returns the ledger."""
     frame = read_classification_file(path)
-    ledger = download_images(frame.with_columns(pl.col(CLASS_NAME).alias(CAPTION)), out_dir, settings)
+    ledger = download_images(
+        frame.with_columns(pl.col(CLASS_NAME).alias(CAPTION)), out_dir, settings, CLASSIFICATION_SHARD
+    )
     frame.write_parquet(out_dir / LABELS_FILE)
     return ledger
 

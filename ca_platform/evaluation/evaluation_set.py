@@ -76,19 +76,17 @@ def url_uids(urls: pl.Series) -> pl.Series:
     return pl.Series(UID, [hashlib.sha1(url.encode("utf-8")).hexdigest()[:24] for url in urls], dtype=pl.String)
 
 
-def download_images(images: pl.DataFrame, out_dir: Path, settings: DownloadSettings) -> pl.DataFrame:
+def download_images(images: pl.DataFrame, out_dir: Path, settings: DownloadSettings, shard: str) -> pl.DataFrame:
     """Download the images of a held-out set (`uid, url, caption` per distinct image, in the file's order; the
-    caption goes into the tar beside the image) into `out_dir` as tars beside their ledger (LEDGER_FILE),
-    through the pool's guarded img2dataset; returns the ledger.
+    caption goes into the tar beside the image) into `out_dir` as tars beside their ledger (LEDGER_FILE, its rows
+    under the set's name `shard`), through the pool's guarded img2dataset; returns the ledger.
 
     Every held-out set (the evaluation set, the labelled classification set) comes through here, so each is
     fetched under the same guard and accounted for row by row in the same way."""
     raw = schemas.conform(
         images.select(UID, URL, CAPTION)
         .with_row_index(schemas.ROW_INDEX)
-        .with_columns(
-            pl.lit(EVALUATION_SHARD).alias(schemas.SHARD), pl.lit(None, dtype=pl.String).alias(schemas.SKIP_REASON)
-        ),
+        .with_columns(pl.lit(shard).alias(schemas.SHARD), pl.lit(None, dtype=pl.String).alias(schemas.SKIP_REASON)),
         schemas.RAW_SHARD,
     )
     result = download_shard(raw, out_dir / "download", settings)
@@ -103,7 +101,7 @@ def download_evaluation_set(path: Path, out_dir: Path, settings: DownloadSetting
     """Download each distinct image of the file into `out_dir` (tars + ledger) beside the references;
     returns the ledger (one row per distinct image)."""
     frame = read_evaluation_file(path)
-    ledger = download_images(frame.unique(UID, keep="first", maintain_order=True), out_dir, settings)
+    ledger = download_images(frame.unique(UID, keep="first", maintain_order=True), out_dir, settings, EVALUATION_SHARD)
     frame.select(UID, CAPTION).write_parquet(out_dir / REFERENCES_FILE)
     return ledger
 
