@@ -2,7 +2,9 @@
 models on it), with a labelled set classification_set and classification_eval (every variant's CLIP, zero-shot),
 and curation_report (did compression pay off?)."""
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from dagster import AssetExecutionContext, DataVersion, Failure, MaterializeResult, MetadataValue, asset
 
@@ -25,6 +27,12 @@ from ca_platform.evaluation.variants import (
 from ca_platform.resources import DownloadConfig, EvaluationConfig, ModelTrainingConfig, PlatformStorage
 
 GROUP = "evaluation"
+
+
+def _seed_cell(document: Mapping[str, Any], name: str) -> str:
+    """A variant report's figure for a metadata table: its mean, ± its spread when several seeds were trained."""
+    value = f"{document[name]:.3f}"
+    return f"{value} ± {document['spread'][name]:.3f}" if len(document["per_seed"]) > 1 else value
 
 
 @asset(group_name=GROUP, kinds={"webdataset"})
@@ -69,10 +77,7 @@ def retrieval_eval(
         result = evaluate_retrieval(
             storage.data_store(), variant, seeds, evaluation.batch_size, evaluation.device, storage.cache_dir(), staging
         )
-    document, spread = result.document, result.document["spread"]
-
-    def cell(name: str) -> str:
-        return f"{document[name]:.3f} ± {spread[name]:.3f}" if len(seeds) > 1 else f"{document[name]:.3f}"
+    document = result.document
 
     return MaterializeResult(
         metadata={
@@ -83,8 +88,8 @@ def retrieval_eval(
                 markdown_table(
                     ["direction", "R@1", "R@5", "R@10"],
                     [
-                        ["image -> text", cell("i2t_r1"), cell("i2t_r5"), cell("i2t_r10")],
-                        ["text -> image", cell("t2i_r1"), cell("t2i_r5"), cell("t2i_r10")],
+                        [label, *(_seed_cell(document, f"{prefix}_r{k}") for k in (1, 5, 10))]
+                        for label, prefix in (("image -> text", "i2t"), ("text -> image", "t2i"))
                     ],
                 )
             ),
@@ -136,10 +141,7 @@ def classification_eval(
             storage.cache_dir(),
             staging,
         )
-    document, spread = result.document, result.document["spread"]
-
-    def cell(name: str) -> str:
-        return f"{document[name]:.3f} ± {spread[name]:.3f}" if len(seeds) > 1 else f"{document[name]:.3f}"
+    document = result.document
 
     per_class = sorted(document["per_class"].items(), key=lambda item: -item[1]["top1"])
     return MaterializeResult(
@@ -151,7 +153,9 @@ def classification_eval(
             "images_not_downloaded": document["images_not_downloaded"],
             "seeds": len(seeds),
             "model_versions": MetadataValue.json(document["model_versions"]),
-            "table": MetadataValue.md(markdown_table(["top-1", "top-5"], [[cell("top1"), cell("top5")]])),
+            "table": MetadataValue.md(
+                markdown_table(["top-1", "top-5"], [[_seed_cell(document, m) for m in ("top1", "top5")]])
+            ),
             "per_class": MetadataValue.md(
                 markdown_table(
                     ["class", "images", "top-1"], [[name, c["images"], f"{c['top1']:.3f}"] for name, c in per_class]

@@ -44,6 +44,29 @@ def across_seeds(per_seed: Mapping[int, Mapping[str, float]]) -> tuple[dict[str,
     return mean, spread
 
 
+def _seeded_document(
+    variant: str,
+    versions: Mapping[int, str],
+    per_seed: Mapping[int, Mapping[str, float]],
+    items: Sequence[str],
+    per_item: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """What every variant report holds: the models evaluated (one per seed), each figure's mean over seeds with
+    its spread and every seed's figures, and each item's outcome per seed in `items` order."""
+    mean, spread = across_seeds(per_seed)
+    first = next(iter(versions))
+    return {
+        "variant": variant,
+        "model_version": versions[first],
+        "model_versions": {str(seed): version for seed, version in versions.items()},
+        **mean,
+        "spread": spread,
+        "per_seed": {str(seed): metrics for seed, metrics in per_seed.items()},
+        "items": list(items),
+        "per_item": per_item,
+    }
+
+
 @dataclass(frozen=True)
 class RetrievalEvaluation:
     model_versions: dict[int, str]  # seed -> the CLIP evaluated
@@ -93,21 +116,13 @@ def evaluate_retrieval(
         hits = retrieval_hits(cosine_similarity_matrix(images, texts), owner)
         recalls[seed], per_item[str(seed)] = hits.recall(), _retrieval_per_item(hits)
     per_seed = {seed: {name: getattr(r, name) for name in RETRIEVAL_METRICS} for seed, r in recalls.items()}
-    mean, spread = across_seeds(per_seed)
     first = recalls[seeds[0]]
     document = {
-        "variant": variant,
-        "model_version": versions[seeds[0]],
-        "model_versions": {str(seed): version for seed, version in versions.items()},
+        **_seeded_document(variant, versions, per_seed, dataset.uids, per_item),
         "evaluation_version": evaluation_version,
         "images_not_downloaded": dataset.not_downloaded,
         "num_images": first.num_images,
         "num_captions": first.num_captions,
-        **mean,
-        "spread": spread,
-        "per_seed": {str(seed): metrics for seed, metrics in per_seed.items()},
-        "items": dataset.uids,  # the images, in the order of every per-item list
-        "per_item": per_item,
         "item_statistics": RETRIEVAL_ITEM_STATISTICS,
     }
     write_json(store, layout.variant_report_key(layout.RETRIEVAL_REPORT, variant), document, scratch)
@@ -156,25 +171,17 @@ def evaluate_captioning(
             "cider": [cider.per_item[uid] for uid in dataset.uids],  # CIDEr-D is the mean of these
             "bleu4": [list(bleu.statistics[uid]) for uid in dataset.uids],
         }
-    mean, spread = across_seeds(per_seed)
     first = captions[seeds[0]]
     document = {
-        "variant": variant,
-        "model_version": versions[seeds[0]],
-        "model_versions": {str(seed): version for seed, version in versions.items()},
+        **_seeded_document(variant, versions, per_seed, dataset.uids, per_item),
         "evaluation_version": evaluation_version,
         "images_not_downloaded": dataset.not_downloaded,
-        **mean,
-        "spread": spread,
-        "per_seed": {str(seed): metrics for seed, metrics in per_seed.items()},
-        "items": dataset.uids,
-        "per_item": per_item,
         "item_statistics": CAPTIONING_ITEM_STATISTICS,
         "captions": first,
     }
     write_json(store, layout.variant_report_key(layout.CAPTIONING_REPORT, variant), document, scratch)
     examples = [(refs[0], first[uid]) for uid, refs in list(references.items())[:5]]
-    return CaptioningEvaluation(versions, mean["cider"], mean["bleu4"], examples, document)
+    return CaptioningEvaluation(versions, document["cider"], document["bleu4"], examples, document)
 
 
 @dataclass(frozen=True)
@@ -213,28 +220,20 @@ def evaluate_classification(
         per_seed[seed] = {"top1": accuracy.top1, "top5": accuracy.top5}
         per_item[str(seed)] = {f"top{k}": correct.astype(int).tolist() for k, correct in accuracy.correct.items()}
         right[seed] = accuracy.correct[1]
-    mean, spread = across_seeds(per_seed)
     classes = np.asarray(dataset.classes)
     top1 = np.mean([right[seed] for seed in seeds], axis=0)  # per image, over seeds
     document = {
-        "variant": variant,
-        "model_version": versions[seeds[0]],
-        "model_versions": {str(seed): version for seed, version in versions.items()},
+        **_seeded_document(variant, versions, per_seed, dataset.uids, per_item),
         "classification_version": classification_version,
         "images_not_downloaded": dataset.not_downloaded,
         "num_images": len(dataset.uids),
         "num_classes": len(dataset.class_names),
         "templates": list(templates),
-        **mean,
-        "spread": spread,
-        "per_seed": {str(seed): metrics for seed, metrics in per_seed.items()},
         "per_class": {
             name: {"images": int((classes == c).sum()), "top1": float(top1[classes == c].mean())}
             for c, name in enumerate(dataset.class_names)
             if (classes == c).any()
         },
-        "items": dataset.uids,
-        "per_item": per_item,
     }
     write_json(store, layout.variant_report_key(layout.CLASSIFICATION_REPORT, variant), document, scratch)
     return ClassificationEvaluation(versions, document)
